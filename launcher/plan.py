@@ -1,0 +1,210 @@
+"""Resolve a Recipe and the resources it runs on into a Plan: layout, strategy, per-rank command, checks.
+
+A Plan is plain data (it is written to RUN_DIR/plan.json and read back by every rank), so it is a frozen dataclass of
+JSON types. Planning imports no torch: it must answer on a login node in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.recipe import LoadedRecipe, Problem, RecipeError
+from launcher.schema import Recipe
+
+PLAN_VERSION = 1
+
+# Strategies whose rank-side implementation exists. The others are accepted by the schema so recipes can be planned,
+# and refused here with a clear message rather than failing after a job has queued for hours.
+IMPLEMENTED_STRATEGIES = ("ddp",)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the job runs on."""
+
+    nodes: int = 1
+    """Number of nodes (1 = this machine)."""
+
+    gpus_per_node: int = 0
+    """GPUs per node; 0 trains on CPU."""
+
+    procs_per_node: int = 1
+    """Ranks per node: one per GPU, or `--procs` on CPU."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_node > 0 else "cpu"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a rank needs to run, resolved. Serialised to RUN_DIR/plan.json."""
+
+    run_dir: str
+    """Absolute run directory."""
+
+    recipe_file: str
+    """The recipe file that was loaded."""
+
+    overrides: list[str]
+    """Command-line overrides applied to it."""
+
+    recipe: dict[str, Any]
+    """The resolved recipe (all defaults filled in, paths absolute)."""
+
+    nodes: int
+    gpus_per_node: int
+    procs_per_node: int
+    world_size: int
+    device: str
+    """`cpu` or `cuda`."""
+
+    backend: str
+    """torch.distributed backend: gloo on CPU, nccl on GPUs."""
+
+    strategy: str
+    """The resolved strategy (never `auto`)."""
+
+    strategy_reason: str
+    """Why this strategy was chosen."""
+
+    command: list[str]
+    """The command that starts the job on this machine (torchrun for several local ranks)."""
+
+    rank_command: list[str]
+    """The command each rank runs (what srun starts on a cluster)."""
+
+    warnings: list[str] = field(default_factory=list)
+    """Things worth knowing that do not stop the run."""
+
+    version: int = PLAN_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "Plan":
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan.json version {data.get('version')} != {PLAN_VERSION}: re-plan this run")
+        return Plan(**data)
+
+    def typed_recipe(self) -> Recipe:
+        return Recipe.model_validate(self.recipe)
+
+
+def local_gpu_count() -> int:
+    """GPUs visible on this machine, without importing torch (nvidia-smi, honouring CUDA_VISIBLE_DEVICES)."""
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def resolve_strategy(recipe: Recipe, resources: Resources) -> tuple[str, str]:
+    """The concrete strategy and the reason for it."""
+    requested = recipe.strategy.name
+    if requested != "auto":
+        return requested, f"set in the recipe (strategy.name: {requested})"
+    if resources.world_size == 1:
+        return "ddp", "auto: one rank, nothing to shard (DDP with world size 1 is plain training)"
+    return "ddp", (f"auto: {resources.world_size} ranks; sharded strategies are not implemented yet, so DDP "
+                   "(each rank holds a full copy of weights, gradients and optimizer states)")
+
+
+def check(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
+    """Compatibility checks that would otherwise fail hours into a job. Each names what to change."""
+    problems: list[Problem] = []
+    optim = recipe.optim
+    if strategy not in IMPLEMENTED_STRATEGIES:
+        problems.append(Problem("strategy.name", f"strategy {strategy!r} is not implemented in this version",
+                                hint=f"use one of {', '.join(IMPLEMENTED_STRATEGIES)} or `auto`"))
+    if recipe.method.name == "qlora":
+        problems.append(Problem("method.name", "qlora can be planned but not trained yet in this version",
+                                hint="use `lora` to train, or `launch plan` to size a QLoRA job"))
+    if optim.global_batch is not None:
+        actual = optim.micro_batch * optim.grad_accum * resources.world_size
+        if actual != optim.global_batch:
+            problems.append(Problem(
+                "optim.global_batch",
+                f"micro_batch({optim.micro_batch}) * grad_accum({optim.grad_accum}) * world_size"
+                f"({resources.world_size}) = {actual} != global_batch({optim.global_batch})",
+                hint=f"set optim.grad_accum={max(1, optim.global_batch // (optim.micro_batch * resources.world_size))}"
+                     " or change micro_batch"))
+    if recipe.early_stopping is not None and recipe.eval.every_steps is None:
+        problems.append(Problem("early_stopping", "early stopping needs periodic evaluation",
+                                hint="set eval.every_steps"))
+    if recipe.early_stopping is not None and recipe.early_stopping.metric == "eval_exact_match" and not recipe.eval.exact_match:
+        problems.append(Problem("early_stopping.metric", "eval_exact_match is watched but eval.exact_match is off",
+                                hint="set eval.exact_match: true"))
+    if recipe.eval.exact_match and not recipe.data.eval and recipe.data.eval_fraction == 0:
+        problems.append(Problem("eval.exact_match", "exact match needs held-out data",
+                                hint="add data.eval sources or set data.eval_fraction"))
+    if resources.device == "cpu" and recipe.model.dtype == "float16":
+        problems.append(Problem("model.dtype", "float16 training is not supported on CPU",
+                                hint="use float32 (or bfloat16) on CPU"))
+    if recipe.model.attn_implementation == "flash_attention_2" and resources.device == "cpu":
+        problems.append(Problem("model.attn_implementation", "flash_attention_2 needs a GPU",
+                                hint="use sdpa on CPU"))
+    return problems
+
+
+def rank_command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "launcher.job", str(run_dir)]
+
+
+def local_command(run_dir: Path, resources: Resources) -> list[str]:
+    if resources.procs_per_node == 1 and resources.nodes == 1:
+        return rank_command(run_dir)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={resources.procs_per_node}", "-m", "launcher.job", str(run_dir)]
+
+
+def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan:
+    """Resolve a loaded recipe on the given resources. Raises RecipeError when a check fails."""
+    recipe = loaded.recipe
+    strategy, reason = resolve_strategy(recipe, resources)
+    problems = check(recipe, resources, strategy)
+    if problems:
+        raise RecipeError(problems, source=f"{loaded.source} (plan)")
+    warnings: list[str] = []
+    if recipe.data.packing and recipe.model.attn_implementation != "flash_attention_2":
+        warnings.append("packing: examples are kept apart with a block-diagonal attention mask (see launcher/data.py)")
+    return Plan(
+        run_dir=str(run_dir.resolve()),
+        recipe_file=str(loaded.source),
+        overrides=list(loaded.overrides),
+        recipe=loaded.resolved(),
+        nodes=resources.nodes,
+        gpus_per_node=resources.gpus_per_node,
+        procs_per_node=resources.procs_per_node,
+        world_size=resources.world_size,
+        device=resources.device,
+        backend="nccl" if resources.device == "cuda" else "gloo",
+        strategy=strategy,
+        strategy_reason=reason,
+        command=local_command(run_dir.resolve(), resources),
+        rank_command=rank_command(run_dir.resolve()),
+        warnings=warnings,
+    )
+
+
+def dumps(plan: Plan) -> str:
+    return json.dumps(plan.to_json(), indent=2)

@@ -1,0 +1,109 @@
+"""The run directory: the contract between planning and the job (ARCHITECTURE.md).
+
+    RUN_DIR/plan.json         resolved recipe + plan (written by `launch plan` and `launch`)
+    RUN_DIR/ds_config.json    DeepSpeed config, where DeepSpeed is used
+    RUN_DIR/job.sbatch        the Slurm job, where submitted to Slurm
+    RUN_DIR/logs/             one log per rank
+    RUN_DIR/checkpoints/      step-NNNNNNNN/ directories and the `latest` pointer
+    RUN_DIR/metrics.jsonl     one JSON object per logged step / evaluation
+    RUN_DIR/adapter|model|merged/   final outputs
+
+A run directory is never overwritten: a new run of the same recipe gets a suffix (`demo-2`). A directory holding only
+a `plan.json` is a planned, not-yet-started run and is reused by the next `launch` of the same run name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PLAN_FILE = "plan.json"
+STARTED_MARKER = "logs"  # a run has started once its logs/ directory exists
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a text file atomically (sbatch files, pointers)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_fresh(run_dir: Path) -> bool:
+    """True for a directory holding nothing but a plan (planned, never started)."""
+    return run_dir.is_dir() and all(p.name == PLAN_FILE or p.name.startswith(f".{PLAN_FILE}.") for p in run_dir.iterdir())
+
+
+def next_run_dir(root: Path, name: str) -> Path:
+    """The directory the next run of `name` goes to: `root/name`, or the first free `root/name-N`.
+
+    A fresh (planned only) directory is returned as is, so `launch plan` then `launch` use the same run directory.
+    """
+    for index in range(1, 10_000):
+        candidate = root / (name if index == 1 else f"{name}-{index}")
+        if not candidate.exists() or is_fresh(candidate):
+            return candidate
+    raise RuntimeError(f"more than 10000 runs named {name!r} under {root}")
+
+
+def claim_run_dir(root: Path, name: str) -> Path:
+    """Create and return the next run directory; safe against two launches racing for the same name."""
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = next_run_dir(root, name)
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            if is_fresh(candidate):
+                return candidate
+            continue  # another launch took it between our look and our mkdir
+        return candidate
+
+
+def runs_of(root: Path, name: str) -> list[Path]:
+    """Existing run directories of a run name, oldest first (by plan.json time)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and (p.name == name or _is_suffixed(p.name, name))
+             and (p / PLAN_FILE).is_file()]
+    return sorted(found, key=lambda p: (p / PLAN_FILE).stat().st_mtime)
+
+
+def _is_suffixed(candidate: str, name: str) -> bool:
+    head, sep, tail = candidate.rpartition("-")
+    return bool(sep) and head == name and tail.isdigit()
+
+
+def read_plan(run_dir: Path) -> dict[str, Any]:
+    """The plan.json of a run directory, with a clear error when it is missing."""
+    path = run_dir / PLAN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {PLAN_FILE} is missing")
+    return json.loads(path.read_text())

@@ -1,0 +1,367 @@
+"""The recipe schema: typed, strict, one docstring per field.
+
+Every model forbids unknown keys, so a typo fails with its key path instead of being silently ignored (the most common
+way a fine-tuning job wastes a day). Field docstrings double as the reference documentation
+(`use_attribute_docstrings`), torchtitan style.
+
+This module imports pydantic only: it is on the planning side and must load without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: strict keys, docstrings as field descriptions, frozen after validation."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+# --------------------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    path: str | None = None
+    """A local Hugging Face model directory (config.json + safetensors). Relative paths are resolved against the
+    recipe file. A directory holding only config.json is enough for `launch plan`."""
+
+    gguf: str | None = None
+    """A GGUF file: a path, or `package:relative/file.gguf` inside an installed Python package. It is converted once
+    to a cached safetensors directory, then loaded from there."""
+
+    tokenizer: str | None = None
+    """Tokenizer directory when it differs from the model's."""
+
+    dtype: DType = "bfloat16"
+    """Dtype of the weights while training (float32 on CPU for exact resumes; bfloat16 on GPUs)."""
+
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model. Off by default: it executes whatever the checkpoint contains."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.path is None) == (self.gguf is None):
+            raise ValueError("set exactly one of model.path or model.gguf")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+DataFormat = Literal["alpaca", "messages", "prompt_completion", "text"]
+
+
+class DataSource(Section):
+    path: str
+    """A local .jsonl/.json/.parquet/.csv file, or a directory written by `datasets.save_to_disk`. Relative paths
+    are resolved against the recipe file."""
+
+    format: DataFormat = "messages"
+    """Row format. alpaca: instruction/input/output; messages: a list of {role, content} (OpenAI style; ShareGPT's
+    from/value is accepted too); prompt_completion: prompt/completion strings; text: a single text field."""
+
+    split: str | None = None
+    """Split to take from a `save_to_disk` DatasetDict (default: `train`)."""
+
+    max_rows: int | None = Field(default=None, ge=1)
+    """Take only the first N rows (smoke tests)."""
+
+
+class DataConfig(Section):
+    train: list[DataSource] = Field(min_length=1)
+    """Training sources, concatenated in order."""
+
+    eval: list[DataSource] = Field(default_factory=list)
+    """Held-out sources. When empty and `eval_fraction` > 0, a fraction of the training rows is held out."""
+
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Fraction of training rows held out for evaluation when no eval source is given."""
+
+    eval_seed: int = 0
+    """Seed of the train/eval split."""
+
+    chat_template: str | None = None
+    """Chat template override: a Jinja string, a path to a .jinja file, or the name of a shipped template
+    (`chatml`). Needed for assistant-only loss when the tokenizer's template lacks generation markers."""
+
+    system_prompt: str | None = None
+    """System message prepended to every conversation that has none."""
+
+    max_length: int = Field(default=1024, ge=8)
+    """Maximum tokens per example (or per packed sequence)."""
+
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """What to do with examples longer than max_length: cut them at the end, or drop them. Counts are logged."""
+
+    packing: bool = False
+    """Concatenate examples into sequences of max_length. Attention stays within each example (position ids restart
+    per example; the model's attention masks by sequence boundaries where the attention implementation supports
+    it)."""
+
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """Which tokens carry labels: only assistant/completion tokens, or every token."""
+
+
+# -------------------------------------------------------------------------------------------------------- method
+LORA_TARGET_ALL = "all-linear"
+
+
+class FullMethod(Section):
+    name: Literal["full"]
+    """Train every parameter."""
+
+
+class FreezeMethod(Section):
+    name: Literal["freeze"]
+    """Train only some parameters: the top `trainable_layers` decoder layers, and/or names matching patterns."""
+
+    trainable_layers: int | None = Field(default=None, ge=0)
+    """Number of top decoder layers left trainable."""
+
+    trainable_patterns: list[str] = Field(default_factory=list)
+    """Regular expressions; parameters whose names match stay trainable (e.g. `lm_head`, `norm`)."""
+
+    @model_validator(mode="after")
+    def _something_trainable(self) -> "FreezeMethod":
+        if not self.trainable_layers and not self.trainable_patterns:
+            raise ValueError("freeze needs trainable_layers > 0 or at least one trainable_patterns entry")
+        return self
+
+
+class LoraFields(Section):
+    r: int = Field(default=16, ge=1)
+    """LoRA rank."""
+
+    alpha: float = Field(default=32, gt=0)
+    """LoRA scaling numerator: updates are scaled by alpha / r."""
+
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+
+    target_modules: list[str] | Literal["all-linear"] = LORA_TARGET_ALL
+    """Module names to adapt (q_proj, v_proj, ...) or `all-linear`."""
+
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full next to the adapter (e.g. `lm_head` when new tokens were added)."""
+
+
+class LoraMethod(LoraFields):
+    name: Literal["lora"]
+    """Low-rank adapters (Hu et al. 2021) through PEFT."""
+
+
+class DoraMethod(LoraFields):
+    name: Literal["dora"]
+    """Weight-decomposed LoRA (Liu et al. 2024) through PEFT's `use_dora`."""
+
+
+class QuantFields(Section):
+    """Reserved for the quantization issue; accepted by the schema so recipes can be planned."""
+
+    bits: Literal[4, 8] = 4
+    """Weight bits: 4 (QLoRA, nf4/fp4) or 8 (LLM.int8)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+
+    double_quant: bool = True
+    """Quantize the quantization constants too (~0.37 bit/param saved)."""
+
+    compute_dtype: DType = "bfloat16"
+    """Dtype of the dequantized matmuls."""
+
+    quant_storage: DType | Literal["uint8", "auto"] = "auto"
+    """Storage dtype of packed 4-bit weights; `auto` matches the strategy (bf16 under FSDP/ZeRO-3 so they shard)."""
+
+
+class QLoraMethod(LoraFields, QuantFields):
+    name: Literal["qlora"]
+    """LoRA on a 4-bit (or 8-bit) quantized base model (Dettmers et al. 2023). Not trainable yet: planning only."""
+
+
+MethodConfig = Annotated[
+    Union[FullMethod, FreezeMethod, LoraMethod, DoraMethod, QLoraMethod], Field(discriminator="name")
+]
+
+
+# --------------------------------------------------------------------------------------------------------- optim
+class OptimConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    """Optimizer (torch AdamW; 8-bit and paged variants come with the quantization issue)."""
+
+    lr: float = Field(default=2e-4, gt=0)
+    """Peak learning rate."""
+
+    weight_decay: float = Field(default=0.0, ge=0)
+    """Decoupled weight decay (not applied to biases and norms)."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+
+    eps: float = Field(default=1e-8, gt=0)
+    """Adam epsilon."""
+
+    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warmup steps (optimizer steps)."""
+
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Warmup as a fraction of total steps; used when warmup_steps is 0."""
+
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Floor of the decay as a fraction of lr."""
+
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value; null disables clipping."""
+
+    micro_batch: int = Field(default=1, ge=1)
+    """Examples per rank per forward pass."""
+
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro batches accumulated per optimizer step."""
+
+    global_batch: int | None = Field(default=None, ge=1)
+    """Optional check: must equal micro_batch x grad_accum x world size."""
+
+    epochs: float = Field(default=1.0, gt=0)
+    """Passes over the training data; ignored when max_steps is set."""
+
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps."""
+
+    seed: int = 0
+    """Seed for weights init (adapters), dropout and data order."""
+
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Label smoothing of the cross-entropy."""
+
+
+# ------------------------------------------------------------------------------------------ eval, stop, save, log
+class EvalConfig(Section):
+    every_steps: int | None = Field(default=None, ge=1)
+    """Evaluate every N optimizer steps (and always at the end). Null: only at the end."""
+
+    at_start: bool = True
+    """Evaluate once before training, so the improvement is visible."""
+
+    max_batches: int | None = Field(default=None, ge=1)
+    """Cap on eval batches for loss/perplexity."""
+
+    exact_match: bool = False
+    """Greedy-generate the answer of each eval example and compare it (stripped) with the reference."""
+
+    max_new_tokens: int = Field(default=32, ge=1)
+    """Generation budget for exact match."""
+
+    generate_batch: int = Field(default=16, ge=1)
+    """Prompts per generation batch."""
+
+    max_examples: int | None = Field(default=None, ge=1)
+    """Cap on eval examples used for exact match."""
+
+
+class EarlyStoppingConfig(Section):
+    metric: Literal["eval_loss", "eval_perplexity", "eval_exact_match"] = "eval_loss"
+    """Metric watched after each evaluation."""
+
+    mode: Literal["min", "max"] = "min"
+    """Whether lower or higher is better."""
+
+    patience: int = Field(default=3, ge=1)
+    """Evaluations without improvement before training stops."""
+
+    min_delta: float = Field(default=0.0, ge=0.0)
+    """Smallest change that counts as an improvement."""
+
+
+class CheckpointConfig(Section):
+    every_steps: int | None = Field(default=None, ge=1)
+    """Save the full training state every N optimizer steps (and at the end). Null: only at the end."""
+
+    keep_last: int = Field(default=2, ge=1)
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+
+    on_interrupt: bool = True
+    """Write a checkpoint when interrupted (Ctrl-C, SIGTERM, SIGUSR1 before a Slurm time limit)."""
+
+
+class LoggingConfig(Section):
+    every_steps: int = Field(default=1, ge=1)
+    """Log train loss, lr and tokens/s every N optimizer steps."""
+
+    tensorboard: bool = True
+    """Write TensorBoard scalars under RUN_DIR/tensorboard."""
+
+    progress: bool = True
+    """Show a rich progress bar on rank 0."""
+
+
+class OutputConfig(Section):
+    root: str = "runs"
+    """Directory holding run directories; relative to the current working directory."""
+
+    name: str | None = None
+    """Run name; default: the recipe's `name`. An existing run is never overwritten: a suffix is added."""
+
+    merge: bool = False
+    """Also write a merged model (adapter folded into the base) under RUN_DIR/merged."""
+
+
+# ------------------------------------------------------------------------------------------------------ strategy
+class StrategyConfig(Section):
+    name: Literal["auto", "ddp", "fsdp", "zero1", "zero2", "zero3"] = "auto"
+    """How ranks share the work. `auto` chooses by a documented rule and says why in the plan."""
+
+
+# ---------------------------------------------------------------------------------------------------------- root
+KernelName = Literal["rmsnorm", "rope", "swiglu", "fused_ce"]
+
+
+class Recipe(Section):
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Recipe name: the default run name (letters, digits, `.`, `_`, `-`)."""
+
+    description: str = ""
+    """Free text shown by `launch plan`."""
+
+    model: ModelConfig
+    """The base model."""
+
+    data: DataConfig
+    """Training and evaluation data."""
+
+    method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
+    """What gets trained: full, freeze, lora, dora (qlora: planning only for now)."""
+
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer, schedule and batch."""
+
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation."""
+
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop when the metric stops improving; null disables."""
+
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpointing of the whole training state."""
+
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Logging."""
+
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    """Where runs are written."""
+
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    """Distribution strategy."""
+
+    kernels: list[KernelName] | Literal["all"] = Field(default_factory=list)
+    """Fused kernels to patch into the model: any of rmsnorm, rope, swiglu, fused_ce, or `all`."""

@@ -1,0 +1,115 @@
+"""Planning side: `launch plan` output, run directories, compatibility checks, and no torch on the login node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from launcher.plan import Plan, Resources, make_plan
+from launcher.recipe import RecipeError, load_recipe
+from launcher.rundir import claim_run_dir, is_fresh, next_run_dir, runs_of
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "datasets", "trl")
+
+
+def recipe_file(tmp_path: Path, **sections: object) -> Path:
+    data = {"name": "t", "model": {"path": "m"}, "data": {"train": {"path": "t.jsonl"}},
+            "output": {"root": str(tmp_path / "runs")}, **sections}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_plan_loads_no_heavy_modules() -> None:
+    code = ("import sys, launcher.cli, launcher.plan, launcher.recipe, launcher.report, launcher.rundir;"
+            "from launcher.cli import main;"
+            f"rc = main(['plan', '{REPO / 'recipes' / 'demo.yaml'}', 'output.root=/tmp/ftl-import-check', '--json']);"
+            f"heavy = [m for m in {HEAVY!r} if m in sys.modules];"
+            "print('HEAVY', heavy, file=sys.stderr); sys.exit(rc or (3 if heavy else 0))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+
+
+def test_plan_json_has_the_contract_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(recipe_file(tmp_path)), "--json", "--gpus-per-node", "0"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert {"run_dir", "world_size", "strategy", "recipe", "command"} <= set(plan)
+    assert plan["world_size"] == 1 and plan["strategy"] == "ddp" and plan["recipe"]["name"] == "t"
+    written = json.loads((Path(plan["run_dir"]) / "plan.json").read_text())
+    assert written == plan
+    assert Plan.from_json(written).typed_recipe().name == "t"
+
+
+def test_plan_then_launch_reuse_the_planned_directory_and_never_overwrite(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    first = claim_run_dir(root, "t")
+    (first / "plan.json").write_text("{}")
+    assert is_fresh(first) and next_run_dir(root, "t") == first  # planned only: reused
+    (first / "logs").mkdir()
+    assert next_run_dir(root, "t") == root / "t-2"  # started: never overwritten
+    second = claim_run_dir(root, "t")
+    (second / "plan.json").write_text("{}")
+    assert second.name == "t-2" and runs_of(root, "t") == [first, second]
+
+
+def test_multi_rank_local_command_uses_torchrun(tmp_path: Path) -> None:
+    loaded = load_recipe(recipe_file(tmp_path))
+    plan = make_plan(loaded, Resources(procs_per_node=2), tmp_path / "runs" / "t")
+    assert plan.world_size == 2 and plan.backend == "gloo"
+    assert plan.command[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in plan.command
+    assert plan.rank_command[-2:] == ["launcher.job", str((tmp_path / "runs" / "t").resolve())]
+
+
+def test_global_batch_mismatch_names_the_values(tmp_path: Path) -> None:
+    loaded = load_recipe(recipe_file(tmp_path, optim={"micro_batch": 2, "grad_accum": 3, "global_batch": 16}))
+    with pytest.raises(RecipeError) as info:
+        make_plan(loaded, Resources(procs_per_node=2), tmp_path / "runs" / "t")
+    assert "micro_batch(2) * grad_accum(3) * world_size(2) = 12 != global_batch(16)" in str(info.value)
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({"strategy": {"name": "zero3"}}, "strategy 'zero3' is not implemented"),
+    ({"early_stopping": {"patience": 2}}, "early stopping needs periodic evaluation"),
+    ({"eval": {"exact_match": True}}, "exact match needs held-out data"),
+    ({"model": {"path": "m", "dtype": "float16"}}, "float16 training is not supported on CPU"),
+])
+def test_compatibility_checks(tmp_path: Path, sections: dict, expected: str) -> None:
+    loaded = load_recipe(recipe_file(tmp_path, **sections))
+    with pytest.raises(RecipeError) as info:
+        make_plan(loaded, Resources(), tmp_path / "runs" / "t")
+    assert expected in str(info.value)
+
+
+def test_cli_reports_bad_recipe_without_traceback_and_writes_nothing(tmp_path: Path) -> None:
+    path = recipe_file(tmp_path, optim={"lrr": 1})
+    for argv in (["plan", str(path)], [str(path)]):
+        result = subprocess.run([sys.executable, "-m", "launcher", *argv], capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr and "did you mean `lr`" in result.stderr
+    assert not (tmp_path / "runs").exists()  # no half-written run directory
+
+
+def test_cli_missing_recipe_file(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "launcher", "plan", str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "recipe file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_without_runs_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "launcher", str(recipe_file(tmp_path)), "--resume"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "nothing to resume" in result.stderr
+
+
+def test_human_plan_output(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "launcher", "plan", str(recipe_file(tmp_path)), "--procs", "2",
+                             "--gpus-per-node", "0"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "world size 2" in result.stdout and "torch.distributed.run" in result.stdout
