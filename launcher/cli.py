@@ -20,6 +20,7 @@ from typing import Sequence
 from rich.console import Console
 
 from launcher.plan import Plan, Resources, local_gpu_count, make_plan
+from launcher.plan_memory import parse_size
 from launcher.recipe import LoadedRecipe, RecipeError, load_recipe
 from launcher.rundir import PLAN_FILE, claim_run_dir, next_run_dir, read_plan, runs_of, write_json_atomic
 
@@ -39,6 +40,8 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
                         help="GPUs per node (default: the GPUs visible here; 0 trains on CPU)")
     parser.add_argument("--procs", type=int, default=None,
                         help="ranks per node (default: one per GPU, or 1 on CPU)")
+    parser.add_argument("--gpu-mem", default=None, metavar="SIZE",
+                        help="memory of one GPU, e.g. 80GiB: enables fits/auto choices of the memory planner")
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -80,7 +83,13 @@ def _resources(args: argparse.Namespace) -> Resources:
         raise UsageError(f"--procs must be >= 1 (got {procs})")
     if gpus and procs > gpus:
         raise UsageError(f"--procs({procs}) > --gpus-per-node({gpus}): one rank per GPU at most")
-    return Resources(nodes=args.nodes, gpus_per_node=gpus, procs_per_node=procs)
+    gpu_mem = None
+    if args.gpu_mem is not None:
+        try:
+            gpu_mem = parse_size(args.gpu_mem)
+        except ValueError as err:
+            raise UsageError(f"--gpu-mem: {err}") from None
+    return Resources(nodes=args.nodes, gpus_per_node=gpus, procs_per_node=procs, gpu_mem_bytes=gpu_mem)
 
 
 def _plan_for(args: argparse.Namespace, run_dir: Path | None = None) -> tuple[LoadedRecipe, Plan]:
@@ -93,7 +102,7 @@ def _plan_for(args: argparse.Namespace, run_dir: Path | None = None) -> tuple[Lo
 
 # -------------------------------------------------------------------------------------------------------- plan
 def cmd_plan(argv: Sequence[str]) -> int:
-    args = _plan_parser().parse_args(argv)
+    args = _plan_parser().parse_intermixed_args(argv)
     loaded, plan = _plan_for(args)
     run_dir = Path(plan.run_dir)
     if not run_dir.exists():
@@ -104,7 +113,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
         return 0
     from launcher.report import print_plan  # rich tables; kept apart so --json stays lean
 
-    print_plan(plan, loaded, Console())
+    print_plan(plan, loaded, Console(width=max(Console().width, 132)))  # the memory table needs the room
     return 0
 
 
@@ -123,7 +132,10 @@ def _resume_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_run(argv: Sequence[str]) -> int:
-    args = _run_parser().parse_args(argv)
+    args = _run_parser().parse_intermixed_args(argv)
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).is_dir():
+        args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a run directory
+        args.resume = "latest"
     if args.resume is not None:
         run_dir = _resume_dir(args)
         if args.overrides:
@@ -132,6 +144,8 @@ def cmd_run(argv: Sequence[str]) -> int:
         console.print(f"[bold]resuming[/] {run_dir}")
     else:
         loaded, plan = _plan_for(args)  # validate and check everything before a directory exists
+        if not plan.runnable:
+            raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
         run_dir = claim_run_dir(Path(plan.run_dir).parent, Path(plan.run_dir).name)
         if str(run_dir) != plan.run_dir:  # lost a race for the name: re-plan into the directory we own
             loaded, plan = _plan_for(args, run_dir)

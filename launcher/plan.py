@@ -12,10 +12,13 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.recipe import LoadedRecipe, Problem, RecipeError
 from launcher.schema import Recipe
+
+if TYPE_CHECKING:
+    from launcher.plan_memory import MemoryPlan
 
 PLAN_VERSION = 1
 
@@ -36,6 +39,9 @@ class Resources:
 
     procs_per_node: int = 1
     """Ranks per node: one per GPU, or `--procs` on CPU."""
+
+    gpu_mem_bytes: int | None = None
+    """Memory of one GPU (`--gpu-mem 80GiB`); None when unknown (no fits/auto choice by memory)."""
 
     @property
     def world_size(self) -> int:
@@ -87,16 +93,26 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     """Things worth knowing that do not stop the run."""
 
+    unsupported: list[str] = field(default_factory=list)
+    """Why this version cannot run the plan (it can still be planned and sized). Empty = runnable."""
+
+    memory: dict[str, Any] | None = None
+    """Per-GPU memory estimate per strategy (launcher/memory.py), when the model's config.json is readable."""
+
+    @property
+    def runnable(self) -> bool:
+        return not self.unsupported
+
     version: int = PLAN_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "runnable": self.runnable}
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> "Plan":
         if data.get("version") != PLAN_VERSION:
             raise ValueError(f"plan.json version {data.get('version')} != {PLAN_VERSION}: re-plan this run")
-        return Plan(**data)
+        return Plan(**{k: v for k, v in data.items() if k != "runnable"})
 
     def typed_recipe(self) -> Recipe:
         return Recipe.model_validate(self.recipe)
@@ -118,28 +134,31 @@ def local_gpu_count() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-def resolve_strategy(recipe: Recipe, resources: Resources) -> tuple[str, str]:
-    """The concrete strategy and the reason for it."""
+def resolve_strategy(recipe: Recipe, resources: Resources, memory: "MemoryPlan | None") -> tuple[str, str]:
+    """The concrete strategy and the reason for it.
+
+    `auto` takes the memory planner's choice (fastest strategy that fits, in the order of
+    `launcher.memory.DEFAULT_STRATEGY_ORDER`) when the GPU memory and the model's dimensions are known; otherwise
+    DDP, which is correct on any world size and fastest whenever a full copy of the model states fits.
+    """
     requested = recipe.strategy.name
     if requested != "auto":
         return requested, f"set in the recipe (strategy.name: {requested})"
+    if memory is not None and memory.chosen is not None:
+        return memory.chosen_strategy, f"auto, by memory: {memory.reason}"
+    if memory is not None and resources.gpu_mem_bytes is not None:
+        return "ddp", f"auto: {memory.reason}"
     if resources.world_size == 1:
         return "ddp", "auto: one rank, nothing to shard (DDP with world size 1 is plain training)"
-    return "ddp", (f"auto: {resources.world_size} ranks; sharded strategies are not implemented yet, so DDP "
-                   "(each rank holds a full copy of weights, gradients and optimizer states)")
+    return "ddp", (f"auto: {resources.world_size} ranks and no GPU memory given (--gpu-mem): DDP, each rank holding "
+                   "full weights, gradients and optimizer states")
 
 
-def check(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
-    """Compatibility checks that would otherwise fail hours into a job. Each names what to change."""
+def check(recipe: Recipe, resources: Resources) -> list[Problem]:
+    """Recipe/resource combinations that can never work. Each names what to change."""
     problems: list[Problem] = []
     optim = recipe.optim
-    if strategy not in IMPLEMENTED_STRATEGIES:
-        problems.append(Problem("strategy.name", f"strategy {strategy!r} is not implemented in this version",
-                                hint=f"use one of {', '.join(IMPLEMENTED_STRATEGIES)} or `auto`"))
-    if recipe.method.name == "qlora":
-        problems.append(Problem("method.name", "qlora can be planned but not trained yet in this version",
-                                hint="use `lora` to train, or `launch plan` to size a QLoRA job"))
-    if optim.global_batch is not None:
+    if optim.global_batch is not None and isinstance(optim.micro_batch, int):
         actual = optim.micro_batch * optim.grad_accum * resources.world_size
         if actual != optim.global_batch:
             problems.append(Problem(
@@ -166,6 +185,17 @@ def check(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
     return problems
 
 
+def unsupported(recipe: Recipe, strategy: str) -> list[str]:
+    """What this version cannot run yet, although the recipe is valid (planning and sizing still work)."""
+    reasons = []
+    if strategy not in IMPLEMENTED_STRATEGIES:
+        reasons.append(f"strategy.name: strategy {strategy!r} is not implemented in this version "
+                       f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)}; `auto` without --gpu-mem picks ddp)")
+    if recipe.method.name == "qlora":
+        reasons.append("method.name: qlora can be planned and sized but not trained in this version; use lora")
+    return reasons
+
+
 def rank_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "launcher.job", str(run_dir)]
 
@@ -179,19 +209,25 @@ def local_command(run_dir: Path, resources: Resources) -> list[str]:
 
 def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan:
     """Resolve a loaded recipe on the given resources. Raises RecipeError when a check fails."""
+    from launcher.plan_memory import plan_memory  # stdlib-only planner
+
     recipe = loaded.recipe
-    strategy, reason = resolve_strategy(recipe, resources)
-    problems = check(recipe, resources, strategy)
+    memory, memory_problems = plan_memory(recipe, resources)
+    if memory is not None and memory.micro_batch is not None and recipe.optim.micro_batch == "auto":
+        recipe = recipe.model_copy(update={"optim": recipe.optim.model_copy(update={"micro_batch": memory.micro_batch})})
+    strategy, reason = resolve_strategy(recipe, resources, memory)
+    problems = memory_problems + check(recipe, resources)
     if problems:
         raise RecipeError(problems, source=f"{loaded.source} (plan)")
-    warnings: list[str] = []
-    if recipe.data.packing and recipe.model.attn_implementation != "flash_attention_2":
-        warnings.append("packing: examples are kept apart with a block-diagonal attention mask (see launcher/data.py)")
+    warnings: list[str] = list(memory.warnings) if memory is not None else []
+    if memory is None:
+        warnings.append("memory: no estimate (the model's config.json is not readable here; a GGUF model is sized "
+                        "after its first conversion)")
     return Plan(
         run_dir=str(run_dir.resolve()),
         recipe_file=str(loaded.source),
         overrides=list(loaded.overrides),
-        recipe=loaded.resolved(),
+        recipe=recipe.model_dump(mode="json"),
         nodes=resources.nodes,
         gpus_per_node=resources.gpus_per_node,
         procs_per_node=resources.procs_per_node,
@@ -203,6 +239,8 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
         command=local_command(run_dir.resolve(), resources),
         rank_command=rank_command(run_dir.resolve()),
         warnings=warnings,
+        unsupported=unsupported(recipe, strategy),
+        memory=memory.to_json() if memory is not None else None,
     )
 
 

@@ -27,5 +27,31 @@ def print_plan(plan: Plan, loaded: LoadedRecipe, console: Console) -> None:
     layout.add_row("launch command", shlex.join(plan.command))
     layout.add_row("per-rank command", shlex.join(plan.rank_command))
     console.print(layout)
+    if plan.memory is not None:
+        console.print(memory_table(plan))
     for warning in plan.warnings:
         console.print(f"[yellow]note:[/] {warning}")
+    for reason in plan.unsupported:
+        console.print(f"[bold red]cannot run in this version:[/] {reason}")
+
+
+def memory_table(plan: Plan) -> Table:
+    """Per-GPU estimate per strategy (GiB), and whether it fits the GPU memory given."""
+    memory = plan.memory or {}
+    gpu_mem = memory.get("gpu_mem_bytes")
+    title = (f"memory per GPU (GiB): {memory['params_total'] / 1e9:.2f}B params"
+             f" ({memory['params_active'] / 1e9:.2f}B active), {memory['trainable'] / 1e6:.1f}M trainable"
+             + (f", GPU {gpu_mem / 2**30:.0f} GiB" if gpu_mem else ""))
+    table = Table(title=title)
+    table.add_column("strategy", no_wrap=True)
+    for column in ("weights", "grads", "optim", "activ", "logits", "frame", "total", "host/node", "fits"):
+        table.add_column(column, justify="right")
+    for row in memory.get("strategies", []):
+        b = row["bytes"]
+        gib = [f"{b[k] / 2**30:.1f}" for k in ("weights", "grads", "optimizer", "activations", "logits",
+                                                 "framework", "total")]
+        fits = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[row["fits"]]
+        marker = " *" if row["name"] == memory.get("chosen") else ""
+        table.add_row(row["name"] + marker, *gib, f"{row['host_per_node'] / 2**30:.0f}", fits)
+    table.caption = f"* chosen: {memory.get('reason')}" if memory.get("chosen") else memory.get("reason")
+    return table

@@ -223,8 +223,9 @@ class OptimConfig(Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this value; null disables clipping."""
 
-    micro_batch: int = Field(default=1, ge=1)
-    """Examples per rank per forward pass."""
+    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    """Examples per rank per forward pass; `auto`: the largest power of two the memory planner fits in the GPU
+    (needs `launch ... --gpu-mem`)."""
 
     grad_accum: int = Field(default=1, ge=1)
     """Micro batches accumulated per optimizer step."""

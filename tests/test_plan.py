@@ -75,7 +75,6 @@ def test_global_batch_mismatch_names_the_values(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sections, expected", [
-    ({"strategy": {"name": "zero3"}}, "strategy 'zero3' is not implemented"),
     ({"early_stopping": {"patience": 2}}, "early stopping needs periodic evaluation"),
     ({"eval": {"exact_match": True}}, "exact match needs held-out data"),
     ({"model": {"path": "m", "dtype": "float16"}}, "float16 training is not supported on CPU"),
@@ -113,3 +112,36 @@ def test_human_plan_output(tmp_path: Path) -> None:
                              "--gpus-per-node", "0"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "world size 2" in result.stdout and "torch.distributed.run" in result.stdout
+
+
+def test_unimplemented_strategy_is_planned_but_not_run(tmp_path: Path) -> None:
+    path = recipe_file(tmp_path, strategy={"name": "zero3"})
+    plan = make_plan(load_recipe(path), Resources(), tmp_path / "runs" / "t")
+    assert not plan.runnable and "strategy 'zero3' is not implemented" in plan.unsupported[0]
+    assert plan.to_json()["runnable"] is False
+    result = subprocess.run([sys.executable, "-m", "launcher", str(path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "cannot run in this version" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_memory_table_and_auto_strategy_for_70b(tmp_path: Path) -> None:
+    path = recipe_file(tmp_path, model={"path": str(REPO / "recipes/models/llama-3.1-70b"),
+                                        "gradient_checkpointing": True},
+                       method={"name": "full"}, data={"train": {"path": "t"}, "max_length": 4096})
+    plan = make_plan(load_recipe(path), Resources(nodes=4, gpus_per_node=8, procs_per_node=8,
+                                                  gpu_mem_bytes=80 * 2**30), tmp_path / "runs" / "t")
+    memory = plan.memory
+    assert memory is not None and 70.0e9 < memory["params_total"] < 71.0e9
+    rows = {r["name"]: r for r in memory["strategies"]}
+    assert rows["ddp"]["fits"] is False and memory["chosen"] is not None and rows[memory["chosen"]]["fits"]
+    assert plan.strategy in ("fsdp", "zero3") and plan.strategy_reason.startswith("auto, by memory")
+
+
+def test_micro_batch_auto(tmp_path: Path) -> None:
+    path = recipe_file(tmp_path, model={"path": str(REPO / "recipes/models/llama-3.1-8b")},
+                       optim={"micro_batch": "auto"}, data={"train": {"path": "t"}, "max_length": 2048})
+    plan = make_plan(load_recipe(path), Resources(gpus_per_node=1, gpu_mem_bytes=80 * 2**30), tmp_path / "r" / "t")
+    batch = plan.recipe["optim"]["micro_batch"]
+    assert isinstance(batch, int) and batch >= 1 and batch & (batch - 1) == 0
+    with pytest.raises(RecipeError, match="needs the GPU memory"):
+        make_plan(load_recipe(path), Resources(gpus_per_node=1), tmp_path / "r" / "t")

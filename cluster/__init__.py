@@ -1,0 +1,1 @@
+"""Executors and the distributed environment: where and how a planned run executes."""

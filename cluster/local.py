@@ -1,0 +1,45 @@
+"""Local executor: run a plan on this machine (one process, or N ranks under torchrun).
+
+The job always runs in a child process, so the launcher stays torch-free and a Ctrl-C reaches the ranks, which write a
+checkpoint before exiting; the launcher waits for that instead of dying first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from typing import Any
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def rank_environment(plan: Any) -> dict[str, str]:
+    """The environment of the job's processes."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # the job reads local files only; never wait on a hub
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if plan.device == "cpu" and plan.world_size > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local ranks talk over loopback
+    return env
+
+
+def run_local(plan: Any) -> int:
+    """Run the plan's local command; return its exit code (0 done, 2 bad input, 3 interrupted and resumable)."""
+    process = subprocess.Popen(plan.command, env=rank_environment(plan))
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            # The child got the same SIGINT (same process group) and is checkpointing: wait for it.
+            console.print("[yellow]interrupt received: waiting for the job to write its checkpoint "
+                          "(press Ctrl-C again to abort)[/]")
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                process.send_signal(signal.SIGINT)
+                return process.wait()

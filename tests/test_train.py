@@ -1,0 +1,235 @@
+"""Local training on the tiny model: every data format and method learns, resume is exact, Ctrl-C is safe,
+outputs load with from_pretrained.
+
+Runs happen in this process through `launcher.job.run_job` (one import of torch for all of them); one test goes
+through the real `launch` command in a child process to check signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from launcher.plan import Resources, make_plan
+from launcher.recipe import load_recipe
+from launcher.rundir import claim_run_dir, write_json_atomic
+
+pytestmark = pytest.mark.slow
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
+
+
+def rows_for(fmt: str, n: int) -> list[dict[str, Any]]:
+    """A learnable toy task in each format: answer with the word reversed."""
+    out = []
+    for i in range(n):
+        word = WORDS[i % len(WORDS)]
+        question, answer = f"reverse {word}", word[::-1]
+        if fmt == "messages":
+            out.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+        elif fmt == "alpaca":
+            out.append({"instruction": "reverse the word", "input": word, "output": answer})
+        elif fmt == "prompt_completion":
+            out.append({"prompt": question + " =", "completion": " " + answer})
+        else:
+            out.append({"text": f"{question} = {answer}"})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_recipe(tmp_path: Path, model_dir: Path, fmt: str = "messages", **sections: Any) -> Path:
+    train = write_jsonl(tmp_path / f"train-{fmt}.jsonl", rows_for(fmt, 64))
+    evals = write_jsonl(tmp_path / f"eval-{fmt}.jsonl", rows_for(fmt, 10))
+    recipe: dict[str, Any] = {
+        "name": "tiny",
+        "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "eager"},
+        "data": {"train": {"path": str(train), "format": fmt}, "eval": [{"path": str(evals), "format": fmt}],
+                 "max_length": 64, "loss_on": "all" if fmt == "text" else "assistant"},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "optim": {"lr": 3e-3, "micro_batch": 4, "max_steps": 12, "warmup_steps": 2, "seed": 3},
+        "eval": {"at_start": True},
+        "logging": {"progress": False, "tensorboard": False},
+        "output": {"root": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        merge = isinstance(value, dict) and key != "method"  # a method replaces the default one whole
+        recipe[key] = {**recipe.get(key, {}), **value} if merge else value
+    path = tmp_path / f"{fmt}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def start_run(recipe: Path, overrides: list[str] | None = None) -> Path:
+    loaded = load_recipe(recipe, overrides or [])
+    run_dir = claim_run_dir(Path(loaded.recipe.output.root), loaded.recipe.name)
+    plan = make_plan(loaded, Resources(), run_dir)
+    write_json_atomic(run_dir / "plan.json", plan.to_json())
+    return run_dir
+
+
+def run(run_dir: Path) -> int:
+    from launcher.job import run_job
+
+    return run_job(run_dir)
+
+
+def metrics(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("fmt, method", [
+    # A random tiny model's frozen lm_head caps how sharp its logits can get, so adapters train it too.
+    ("messages", {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "modules_to_save": ["lm_head"]}),
+    ("alpaca", {"name": "dora", "r": 8, "alpha": 16, "dropout": 0.0, "modules_to_save": ["lm_head"]}),
+    ("prompt_completion", {"name": "full"}),
+    ("text", {"name": "freeze", "trainable_layers": 1, "trainable_patterns": ["lm_head"]}),
+])
+def test_each_format_and_method_learns(tmp_path: Path, tiny_model_dir: Path, fmt: str, method: dict) -> None:
+    lr = 3e-3 if method["name"] in ("full", "freeze") else 1e-2
+    run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, fmt, method=method,
+                                    optim={"lr": lr, "max_steps": 20, "schedule": "constant"}))
+    assert run(run_dir) == 0
+    evals = metrics(run_dir, "eval")
+    assert evals[0]["when"] == "start" and evals[-1]["when"] == "end"
+    print(fmt, method["name"], [round(e["eval_loss"], 3) for e in evals])
+    assert evals[-1]["eval_loss"] < 0.7 * evals[0]["eval_loss"], evals
+    train = [r["loss"] for r in metrics(run_dir, "train")]
+    assert len(train) == 20 and sum(train[-3:]) < sum(train[:3])
+    out = run_dir / ("adapter" if method["name"] in ("lora", "dora") else "model")
+    assert (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+    assert (run_dir / "loss.png").stat().st_size > 1000
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """2N steps == N steps + resume + N steps: same losses (fixed seed, CPU, fp32), dropout on to test RNG restore."""
+    recipe = make_recipe(tmp_path, tiny_model_dir, method={"name": "lora", "r": 8, "alpha": 16, "dropout": 0.1},
+                         optim={"max_steps": 10, "grad_accum": 2, "micro_batch": 2},
+                         checkpoint={"every_steps": 5, "keep_last": 5}, eval={"at_start": False})
+    run_dir = start_run(recipe)
+    assert run(run_dir) == 0
+    full = [r["loss"] for r in metrics(run_dir, "train")]
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000005", "step-00000010"]
+    # Cut the run back to its state after step 5, then resume it.
+    shutil.rmtree(ckpts / "step-00000010")
+    (ckpts / "latest").write_text("step-00000005\n")
+    kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train" and json.loads(line)["step"] <= 5]
+    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    assert run(run_dir) == 0
+    resumed = [r["loss"] for r in metrics(run_dir, "train")]
+    assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, 11))
+    assert resumed == pytest.approx(full, rel=0, abs=1e-6)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path: Path, tiny_model_dir: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    recipe = make_recipe(tmp_path, tiny_model_dir, optim={"max_steps": 6},
+                         checkpoint={"every_steps": 3, "keep_last": 3}, eval={"at_start": False})
+    run_dir = start_run(recipe)
+    assert run(run_dir) == 0
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "step-00000006" / "trainable.safetensors").write_bytes(b"garbage")
+    (ckpts / ".step-00000009.tmp").mkdir()  # a save that a killed rank never finished
+    from launcher.checkpoint import load_checkpoint, resumable_checkpoints
+
+    assert [p.name for p in resumable_checkpoints(run_dir)] == ["step-00000006", "step-00000003"]
+    from launcher.model import build_model
+    from launcher.strategies.ddp import DDPStrategy
+    from launcher.train import make_optimizer
+    import torch
+
+    plan = json.loads((run_dir / "plan.json").read_text())
+    recipe_obj = load_recipe(recipe).recipe
+    model = build_model(recipe_obj, torch.device("cpu"))
+    optimizer = make_optimizer(model, recipe_obj.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = load_checkpoint(run_dir, DDPStrategy(1, 0, torch.device("cpu")), model, optimizer, scheduler)
+    assert state is not None and state.step == 3
+    assert "step-00000006 is damaged" in caplog.text
+    assert plan["run_dir"] == str(run_dir)
+
+
+def test_outputs_load_with_from_pretrained_and_merge_matches(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, output={"merge": True}, optim={"max_steps": 4},
+                                    eval={"at_start": False}))
+    assert run(run_dir) == 0
+    adapter = AutoPeftModelForCausalLM.from_pretrained(run_dir / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
+    ids = torch.tensor([[1, 5, 9, 20, 33]])
+    with torch.no_grad():
+        a, m = adapter(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(a, m, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, m, atol=1e-4)  # training changed something
+
+
+def test_early_stopping_stops(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # lr 0: eval loss never improves, so patience 2 stops after the third periodic evaluation.
+    run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, optim={"max_steps": 40, "lr": 1e-12, "warmup_steps": 0},
+                                    eval={"every_steps": 2, "at_start": False},
+                                    early_stopping={"patience": 2, "min_delta": 0.01}))
+    assert run(run_dir) == 0
+    assert metrics(run_dir, "train")[-1]["step"] == 6
+
+
+def test_exact_match_metric(tmp_path: Path, tiny_model_dir: Path) -> None:
+    run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, optim={"max_steps": 2},
+                                    eval={"exact_match": True, "max_new_tokens": 4}))
+    assert run(run_dir) == 0
+    for row in metrics(run_dir, "eval"):
+        assert 0.0 <= row["eval_exact_match"] <= 1.0
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = make_recipe(tmp_path, tiny_model_dir, optim={"max_steps": 300, "micro_batch": 2},
+                         eval={"at_start": False}, logging={"progress": False, "tensorboard": False, "every_steps": 1})
+    env = {**os.environ, "FTLAUNCH_CACHE": str(tmp_path / "cache")}
+    child = subprocess.Popen([sys.executable, "-m", "launcher", str(recipe)], env=env, cwd=tmp_path,
+                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "runs" / "tiny"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and child.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir, "train")) >= 3:
+            break
+        time.sleep(0.2)
+    os.killpg(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    output, _ = child.communicate(timeout=240)
+    assert child.returncode == 3, output
+    assert "Traceback" not in output and "--resume" in output
+    stopped_at = metrics(run_dir, "train")[-1]["step"]
+    assert (run_dir / "checkpoints" / f"step-{stopped_at:08d}" / "COMPLETE").is_file()
+    refused = subprocess.run([sys.executable, "-m", "launcher", str(recipe), "--resume", "optim.max_steps=1"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode == 2 and "overrides cannot change a run" in refused.stderr
+    resumed = subprocess.run([sys.executable, "-m", "launcher", str(recipe), "--resume"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [r["step"] for r in metrics(run_dir, "train")]
+    assert steps == list(range(1, 301))  # every step exactly once: nothing lost, nothing repeated

@@ -1,0 +1,132 @@
+"""Tiny, fully offline test assets: a byte-level BPE tokenizer with a marked ChatML template, a 2-layer Llama, and
+small datasets in every format.
+
+Used by tests/conftest.py (session fixtures) and runnable as a script:
+
+    python tests/tiny.py OUT_DIR        # writes the tiny model directory (config, safetensors, tokenizer)
+
+Heavy imports (torch, transformers, tokenizers) happen inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
+"""Same roles as SmolLM2-Instruct (bos <|im_start|>, eos <|im_end|>), but with a distinct pad token so that code
+confusing padding with EOS fails in tests instead of passing by luck."""
+
+SPECIAL_TOKENS = [PAD, "<|endoftext|>", BOS, EOS]
+VOCAB_SIZE = 400
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "reverse", "the", "word",
+         "what", "is", "answer", "hello", "world", "yes", "no", "one", "two", "three", "sky", "sea"]
+
+# The shipped marked ChatML template (launcher/templates/chatml.jinja), read here rather than imported so that this
+# module works without the launcher package on sys.path.
+CHATML_TEMPLATE_FILE = Path(__file__).resolve().parents[1] / "launcher" / "templates" / "chatml.jinja"
+
+FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+
+
+def _corpus(seed: int = 0, n_lines: int = 400) -> list[str]:
+    """A few KB of text shaped like the test data (ChatML turns, reversed words), so BPE learns useful merges."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 8))]
+        sentence = " ".join(words)
+        lines.append(rng.choice([
+            sentence,
+            f"{BOS}user\n{sentence}{EOS}\n{BOS}assistant\n{sentence[::-1]}{EOS}\n",
+            f"reverse {words[0]} = {words[0][::-1]}",
+            sentence.capitalize() + ".",
+        ]))
+    return lines
+
+
+def build_tiny_tokenizer() -> Any:
+    """Byte-level BPE (vocab ~400) trained on generated text, wrapped as a PreTrainedTokenizerFast with ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # trim_offsets=False keeps character offsets exact, which assistant masks (char -> token mapping) rely on.
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   chat_template=CHATML_TEMPLATE_FILE.read_text(), model_max_length=512)
+
+
+def build_tiny_model_dir(out_dir: Path) -> Path:
+    """Write a tiny random LlamaForCausalLM (seed 0, fp32) and the tiny tokenizer into `out_dir`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+def sample_rows(fmt: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` rows of a toy task (reverse a word) in one format: alpaca, messages, sharegpt, prompt_completion, text."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        word = rng.choice(WORDS[:10])
+        question, answer = f"reverse {word}", word[::-1]
+        if fmt == "alpaca":
+            rows.append({"instruction": "reverse the word", "input": word, "output": answer})
+        elif fmt == "messages":
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": answer}]})
+        elif fmt == "sharegpt":
+            rows.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+        elif fmt == "prompt_completion":
+            rows.append({"prompt": question + " =", "completion": " " + answer})
+        elif fmt == "text":
+            rows.append({"text": f"{question} = {answer}"})
+        else:
+            raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows as JSON Lines (one object per line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_dataset(path: Path, fmt: str, n: int = 8, seed: int = 0) -> Path:
+    """A jsonl file of `n` sample rows in `fmt` (`sharegpt` is the messages format's from/value variant)."""
+    return write_jsonl(path, sample_rows(fmt, n, seed))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python tests/tiny.py OUT_DIR", file=sys.stderr)
+        raise SystemExit(2)
+    print(build_tiny_model_dir(Path(sys.argv[1])))
