@@ -179,9 +179,26 @@ def load_checkpoint(run_dir: Path, strategy: Strategy, model: torch.nn.Module, o
             log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", candidate.name,
                         type(err).__name__, err)
             continue
+        if state.world_size != strategy.world_size:
+            _rescale_data_position(state, strategy.world_size)
         log.info("resumed from %s (step %d)", candidate.name, state.step)
         return state
     return None
+
+
+def _rescale_data_position(state: TrainerState, world_size: int) -> None:
+    """Resume on another world size: keep the position in the epoch's example order (launcher.train.micro_batches).
+
+    A rank's micro batch j covers examples [j*B*W, (j+1)*B*W) of the epoch's permutation, so `batch_in_epoch`
+    micro batches per rank on W ranks are batch_in_epoch*W/W' on W' ranks. When that is not whole, the partial
+    micro batch is seen again.
+    """
+    consumed = state.batch_in_epoch * state.world_size
+    if consumed % world_size:
+        log.warning("resuming %d ranks' position on %d ranks: %d rank micro batches are repeated", state.world_size,
+                    world_size, consumed % world_size)
+    state.batch_in_epoch = consumed // world_size
+    state.world_size = world_size
 
 
 def export_run(run_dir: Path, merge: bool, out: Path | None) -> Path:

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from rich.console import Console
 
+from launcher.ds_config import write_strategy_files
 from launcher.plan import Plan, Resources, local_gpu_count, make_plan
 from launcher.plan_memory import parse_size
 from launcher.recipe import LoadedRecipe, RecipeError, load_recipe
@@ -108,6 +109,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     if not run_dir.exists():
         run_dir = claim_run_dir(run_dir.parent, run_dir.name)
     write_json_atomic(run_dir / PLAN_FILE, plan.to_json())
+    write_strategy_files(run_dir, plan.to_json())
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
         return 0
@@ -150,6 +152,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         if str(run_dir) != plan.run_dir:  # lost a race for the name: re-plan into the directory we own
             loaded, plan = _plan_for(args, run_dir)
         write_json_atomic(run_dir / PLAN_FILE, plan.to_json())
+        write_strategy_files(run_dir, plan.to_json())
         console.print(f"[bold]run directory[/] {run_dir}")
     from cluster.local import run_local  # imports torch only when training really starts
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 3
@@ -41,6 +42,12 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     root.setLevel(logging.INFO)
     for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes (CPUs with AVX512-BF16) tries to fetch an optional 4-bit GEMM from the HF hub through the `kernels`
+    # package at import and warns when it cannot; it then uses its own CPU path, which is what runs here anyway.
+    # peft calls a transformers property that transformers has deprecated; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 
 
 class _RankFilter(logging.Filter):
@@ -86,7 +93,7 @@ def run_job(run_dir: Path) -> int:
         recipe = plan.typed_recipe()
         from launcher.strategies import get_strategy
 
-        strategy = get_strategy(plan.strategy, env.world_size, env.rank, device)
+        strategy = get_strategy(plan.strategy, env.world_size, env.rank, device, plan.strategy_config)
         try:
             tokenizer, data = _prepare_data(recipe, strategy)
         except (DataError, FileNotFoundError) as err:
@@ -95,7 +102,8 @@ def run_job(run_dir: Path) -> int:
         from launcher.model import build_model
 
         torch.manual_seed(recipe.optim.seed)  # adapter init is identical on every rank and every run
-        model = build_model(recipe, device)
+        with strategy.model_init():  # ZeRO-3 partitions while loading; FSDP ranks > 0 build on meta
+            model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init)
         trainer = Trainer(plan, recipe, strategy, model, tokenizer, data, device)
         result = trainer.run()
         if result.stopped_by not in ("max_steps", "epochs", "early_stopping"):
@@ -104,7 +112,7 @@ def run_job(run_dir: Path) -> int:
                             result.stopped_by, result.state.step, plan.recipe_file, run_dir)
             return EXIT_INTERRUPTED
         if strategy.is_main:
-            _finish(trainer, run_dir, recipe.output.merge)
+            _finish(trainer, run_dir, recipe.output.merge, from_checkpoint=not strategy.holds_whole_model)
         return EXIT_OK
     finally:
         if dist.is_initialized():
@@ -128,11 +136,16 @@ def _prepare_data(recipe: "object", strategy: "object") -> tuple[object, object]
     return tokenizer, data
 
 
-def _finish(trainer: "object", run_dir: Path, merge: bool) -> None:
+def _finish(trainer: "object", run_dir: Path, merge: bool, from_checkpoint: bool) -> None:
     from launcher.model import unwrap
     from launcher.outputs import plot_losses, save_outputs
 
-    written = save_outputs(unwrap(trainer.model), trainer.tokenizer, run_dir, merge)  # type: ignore[attr-defined]
+    if from_checkpoint:  # sharded weights: consolidate the final checkpoint on this process, tensor by tensor
+        from launcher.export import write_outputs_from_checkpoint
+
+        written = write_outputs_from_checkpoint(run_dir, merge, run_dir)
+    else:
+        written = save_outputs(unwrap(trainer.model), trainer.tokenizer, run_dir, merge)  # type: ignore[attr-defined]
     plot = plot_losses(run_dir)
     history = trainer.state.history  # type: ignore[attr-defined]
     if history:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.recipe import LoadedRecipe, Problem, RecipeError
-from launcher.schema import Recipe
+from launcher.schema import LoraFields, Recipe
 
 if TYPE_CHECKING:
     from launcher.plan_memory import MemoryPlan
@@ -24,7 +24,7 @@ PLAN_VERSION = 1
 
 # Strategies whose rank-side implementation exists. The others are accepted by the schema so recipes can be planned,
 # and refused here with a clear message rather than failing after a job has queued for hours.
-IMPLEMENTED_STRATEGIES = ("ddp",)
+IMPLEMENTED_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,10 @@ class Plan:
 
     memory: dict[str, Any] | None = None
     """Per-GPU memory estimate per strategy (launcher/memory.py), when the model's config.json is readable."""
+
+    strategy_config: dict[str, Any] | None = None
+    """Resolved strategy settings (launcher/ds_config.py): the complete DeepSpeed JSON for zero1/2/3 (also written to
+    RUN_DIR/ds_config.json), the FSDP settings for fsdp, None for ddp."""
 
     @property
     def runnable(self) -> bool:
@@ -179,6 +183,14 @@ def check(recipe: Recipe, resources: Resources) -> list[Problem]:
     if resources.device == "cpu" and recipe.model.dtype == "float16":
         problems.append(Problem("model.dtype", "float16 training is not supported on CPU",
                                 hint="use float32 (or bfloat16) on CPU"))
+    fused_ce = recipe.kernels == "all" or "fused_ce" in recipe.kernels
+    lora_head = isinstance(recipe.method, LoraFields) and (
+        "lm_head" in recipe.method.modules_to_save
+        or (isinstance(recipe.method.target_modules, list) and "lm_head" in recipe.method.target_modules))
+    if fused_ce and lora_head:
+        problems.append(Problem("kernels", "fused_ce computes the loss from lm_head's plain weight, but the method "
+                                "wraps lm_head (modules_to_save or a LoRA target)",
+                                hint="drop fused_ce from kernels, or leave lm_head out of the adapter"))
     if recipe.model.attn_implementation == "flash_attention_2" and resources.device == "cpu":
         problems.append(Problem("model.attn_implementation", "flash_attention_2 needs a GPU",
                                 hint="use sdpa on CPU"))
@@ -191,8 +203,6 @@ def unsupported(recipe: Recipe, strategy: str) -> list[str]:
     if strategy not in IMPLEMENTED_STRATEGIES:
         reasons.append(f"strategy.name: strategy {strategy!r} is not implemented in this version "
                        f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)}; `auto` without --gpu-mem picks ddp)")
-    if recipe.method.name == "qlora":
-        reasons.append("method.name: qlora can be planned and sized but not trained in this version; use lora")
     return reasons
 
 
@@ -216,10 +226,17 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
     if memory is not None and memory.micro_batch is not None and recipe.optim.micro_batch == "auto":
         recipe = recipe.model_copy(update={"optim": recipe.optim.model_copy(update={"micro_batch": memory.micro_batch})})
     strategy, reason = resolve_strategy(recipe, resources, memory)
-    problems = memory_problems + check(recipe, resources)
+    from launcher.plan_quant import quant_problems, quant_warnings, resolve_quant_storage  # torch-free
+
+    recipe = resolve_quant_storage(recipe, strategy)  # plan.json holds the concrete packed-weight dtype
+    from launcher.ds_config import check_strategy, strategy_config  # torch-free
+
+    problems = memory_problems + check(recipe, resources) + check_strategy(recipe, resources, strategy)
+    problems += quant_problems(recipe, strategy)
     if problems:
         raise RecipeError(problems, source=f"{loaded.source} (plan)")
     warnings: list[str] = list(memory.warnings) if memory is not None else []
+    warnings += quant_warnings(recipe, resources, memory)
     if memory is None:
         warnings.append("memory: no estimate (the model's config.json is not readable here; a GGUF model is sized "
                         "after its first conversion)")
@@ -241,6 +258,7 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
         warnings=warnings,
         unsupported=unsupported(recipe, strategy),
         memory=memory.to_json() if memory is not None else None,
+        strategy_config=strategy_config(recipe, resources, strategy, memory.chosen if memory is not None else None),
     )
 
 

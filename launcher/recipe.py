@@ -100,14 +100,13 @@ def _compose(text: str, file: str, locs: dict[KeyPath, Location]) -> Any:
     """Parse YAML into plain Python, recording the line of every key in `locs`."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        # Constructing scalars can fail too (e.g. a bare `=` resolves to YAML's `value` tag, which SafeLoader lacks).
+        return {} if node is None else _to_python(node, (), file, locs)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         loc = Location(file, mark.line + 1) if mark else None
         problem = getattr(err, "problem", None) or str(err)
-        raise RecipeError([Problem("(file)", f"not valid YAML: {problem}", loc, "check indentation and quoting")])
-    if node is None:
-        return {}
-    return _to_python(node, (), file, locs)
+        raise RecipeError([Problem("(file)", f"not valid YAML: {problem}", loc, "check indentation and quoting")]) from None
 
 
 def _to_python(node: yaml.Node, path: KeyPath, file: str, locs: dict[KeyPath, Location]) -> Any:

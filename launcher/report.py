@@ -27,6 +27,11 @@ def print_plan(plan: Plan, loaded: LoadedRecipe, console: Console) -> None:
     layout.add_row("launch command", shlex.join(plan.command))
     layout.add_row("per-rank command", shlex.join(plan.rank_command))
     console.print(layout)
+    if plan.strategy_config is not None:
+        import json
+
+        title = "DeepSpeed config (RUN_DIR/ds_config.json)" if plan.strategy.startswith("zero") else "FSDP settings"
+        console.print(Panel(Syntax(json.dumps(plan.strategy_config, indent=2), "json"), title=title, expand=False))
     if plan.memory is not None:
         console.print(memory_table(plan))
     for warning in plan.warnings:

@@ -163,7 +163,7 @@ class DoraMethod(LoraFields):
 
 
 class QuantFields(Section):
-    """Reserved for the quantization issue; accepted by the schema so recipes can be planned."""
+    """How the frozen base is quantized (bitsandbytes through transformers' BitsAndBytesConfig)."""
 
     bits: Literal[4, 8] = 4
     """Weight bits: 4 (QLoRA, nf4/fp4) or 8 (LLM.int8)."""
@@ -175,15 +175,18 @@ class QuantFields(Section):
     """Quantize the quantization constants too (~0.37 bit/param saved)."""
 
     compute_dtype: DType = "bfloat16"
-    """Dtype of the dequantized matmuls."""
+    """Dtype of the dequantized matmuls (4-bit). float16 needs a GPU."""
 
     quant_storage: DType | Literal["uint8", "auto"] = "auto"
-    """Storage dtype of packed 4-bit weights; `auto` matches the strategy (bf16 under FSDP/ZeRO-3 so they shard)."""
+    """Storage dtype of packed 4-bit weights. `auto` is resolved at plan time (plan.json holds the result): the
+    model dtype under fsdp/zero3, whose sharding needs every parameter in one floating dtype, uint8 otherwise.
+    Not used by 8-bit weights."""
 
 
 class QLoraMethod(LoraFields, QuantFields):
     name: Literal["qlora"]
-    """LoRA on a 4-bit (or 8-bit) quantized base model (Dettmers et al. 2023). Not trainable yet: planning only."""
+    """LoRA on a 4-bit (or 8-bit) quantized base model (Dettmers et al. 2023). The adapter is saved in PEFT
+    format; `output.merge` folds it into an unquantized copy of the base loaded on the CPU."""
 
 
 MethodConfig = Annotated[
@@ -193,8 +196,10 @@ MethodConfig = Annotated[
 
 # --------------------------------------------------------------------------------------------------------- optim
 class OptimConfig(Section):
-    name: Literal["adamw"] = "adamw"
-    """Optimizer (torch AdamW; 8-bit and paged variants come with the quantization issue)."""
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """adamw: torch AdamW. adamw_8bit: bitsandbytes AdamW8bit (block-wise 8-bit moments, ~75% less optimizer
+    memory; tensors under 4096 elements keep fp32 moments). paged_adamw_8bit / paged_adamw_32bit: the same with
+    states in CUDA unified memory that can spill to host RAM under memory spikes (on CPU they run unpaged)."""
 
     lr: float = Field(default=2e-4, gt=0)
     """Peak learning rate."""
@@ -314,13 +319,88 @@ class OutputConfig(Section):
     """Run name; default: the recipe's `name`. An existing run is never overwritten: a suffix is added."""
 
     merge: bool = False
-    """Also write a merged model (adapter folded into the base) under RUN_DIR/merged."""
+    """Also write a merged model (adapter folded into the base) under RUN_DIR/merged. With a quantized base (qlora)
+    the adapter is folded into the base reloaded unquantized in model.dtype on the CPU (host RAM for one copy)."""
 
 
 # ------------------------------------------------------------------------------------------------------ strategy
+OffloadTarget = Literal["none", "cpu", "nvme"]
+
+
+class FsdpOptions(Section):
+    """FSDP2 (`fully_shard`) settings; used only when the strategy resolves to `fsdp`."""
+
+    reshard_after_forward: bool = True
+    """Free each layer's gathered parameters after its forward and gather them again in backward (ZeRO-3 like,
+    least memory). False keeps them gathered until backward (ZeRO-2 like: one all-gather less per layer)."""
+
+    param_dtype: DType | None = None
+    """Dtype parameters are gathered and computed in (mixed precision); null: the weights' dtype (model.dtype).
+    The sharded master copy stays in model.dtype."""
+
+    reduce_dtype: DType = "float32"
+    """Dtype gradients are reduce-scattered in. float32 keeps the sum over ranks exact enough for bf16 compute."""
+
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer states in CPU memory; the optimizer step runs on the CPU
+    (CPUOffloadPolicy). GPUs only."""
+
+    hybrid_shard_size: int | None = Field(default=None, ge=1)
+    """HSDP: shard within groups of this many ranks (usually GPUs per node) and replicate across groups; null shards
+    over the whole world. Must divide the world size."""
+
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (checkpoint applied per FSDP unit)."""
+
+
+class DeepSpeedOptions(Section):
+    """DeepSpeed ZeRO settings; used only when the strategy resolves to zero1, zero2 or zero3. Bucket sizes left
+    null are derived from the model's hidden size h the way DeepSpeed's Hugging Face integration does."""
+
+    offload_optimizer: OffloadTarget = "none"
+    """Where optimizer states (and the step) live: on the GPU, in CPU memory (ZeRO-Offload, stages 1-3) or on NVMe
+    (ZeRO-Infinity, stage 3 only)."""
+
+    offload_params: OffloadTarget = "none"
+    """Where partitioned parameters live between uses: GPU, CPU or NVMe. Stage 3 only (stages 1-2 keep a full copy of
+    the weights on every rank)."""
+
+    nvme_path: str | None = None
+    """Directory on a fast local NVMe disk for `nvme` offload (required then)."""
+
+    overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass (more memory for buckets, faster)."""
+
+    contiguous_gradients: bool = True
+    """Copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
+
+    reduce_bucket_size: int | None = Field(default=None, ge=1)
+    """Elements reduced at a time; null: h*h."""
+
+    allgather_bucket_size: int | None = Field(default=None, ge=1)
+    """Elements all-gathered at a time after the step (stages 1-2); null: h*h."""
+
+    stage3_prefetch_bucket_size: int | None = Field(default=None, ge=1)
+    """Elements of parameters prefetched ahead of use (stage 3); null: 0.9*h*h."""
+
+    stage3_param_persistence_threshold: int | None = Field(default=None, ge=0)
+    """Parameters smaller than this many elements are not partitioned (stage 3); null: 10*h."""
+
+    stage3_gather_16bit_weights_on_model_save: bool = True
+    """Gather the full 16-bit weights on rank 0 when the model is saved (stage 3), so a plain model file can be
+    written; turn off for very large models and export from the checkpoint instead."""
+
+
 class StrategyConfig(Section):
     name: Literal["auto", "ddp", "fsdp", "zero1", "zero2", "zero3"] = "auto"
     """How ranks share the work. `auto` chooses by a documented rule and says why in the plan."""
+
+    fsdp: FsdpOptions = Field(default_factory=FsdpOptions)
+    """FSDP2 options (strategy fsdp)."""
+
+    deepspeed: DeepSpeedOptions = Field(default_factory=DeepSpeedOptions)
+    """DeepSpeed ZeRO options (strategies zero1, zero2, zero3); the resolved JSON is in plan.json and
+    RUN_DIR/ds_config.json."""
 
 
 # ---------------------------------------------------------------------------------------------------------- root
@@ -341,7 +421,7 @@ class Recipe(Section):
     """Training and evaluation data."""
 
     method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
-    """What gets trained: full, freeze, lora, dora (qlora: planning only for now)."""
+    """What gets trained: full, freeze, lora, dora, qlora (LoRA on a 4/8-bit quantized base)."""
 
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer, schedule and batch."""

@@ -56,14 +56,36 @@ def lr_lambda(optim: OptimConfig, total_steps: int) -> Any:
     return factor
 
 
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The AdamW implementation for `optim.name`: torch's, or one of bitsandbytes' 8-bit / paged variants.
+
+    bitsandbytes is imported only when asked for, so full-precision runs do not depend on it.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes.optim as bnb_optim
+
+    classes: dict[str, type[torch.optim.Optimizer]] = {
+        "adamw_8bit": bnb_optim.AdamW8bit,
+        "paged_adamw_8bit": bnb_optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb_optim.PagedAdamW32bit,
+    }
+    if name not in classes:
+        raise ValueError(f"optim.name: unknown optimizer {name!r} (one of adamw, {', '.join(classes)})")
+    return classes[name]
+
+
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard."""
+    """AdamW (`optim.name` picks the implementation); no weight decay on biases and norm weights (1-D tensors)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    # Every class takes the same AdamW arguments; the groups' weight_decay overrides each class's own default
+    # (bitsandbytes' is 1e-2, torch's 1e-2 too), so the recipe's value is the only one that applies.
+    return optimizer_class(optim.name)([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas,
+                                       eps=optim.eps)
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -106,6 +128,9 @@ def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], lab
     """Summed loss of a micro batch. With the fused CE kernel the model computes it without materialising logits."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if fused_ce:
+        from kernels.patch import set_loss_options
+
+        set_loss_options(model, label_smoothing=label_smoothing)  # per call: training smooths, evaluation does not
         n_items = torch.tensor(max(1, count_label_tokens(batch["labels"])), device=batch["labels"].device)
         out = model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False)
         return out.loss * n_items  # the patched loss is sum / n_items
@@ -201,13 +226,12 @@ class Trainer:
         for i, batch in enumerate(batches):
             with self.strategy.no_sync(self.model, last_micro_batch=i == len(batches) - 1):
                 loss = forward_loss_sum(self.model, batch, optim.label_smoothing, self.fused_ce)
-                (loss * scale).backward()
+                self.strategy.backward(self.model, loss * scale)
             loss_sum += loss.detach().double()
-        grad_norm = self.strategy.clip_grad_norm(self.model, optim.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        # Clipping, the step and zeroing belong to the strategy: DeepSpeed's engine does all three itself.
+        grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, optim.max_grad_norm)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         total_loss = float(self.strategy.all_reduce_sum(loss_sum)) / max(1.0, n_label)
         self.state.step += 1
         self.state.tokens_seen += int(n_input)

@@ -91,6 +91,11 @@ def test_invalid_yaml_has_line(tmp_path: Path) -> None:
     assert "not valid YAML" in problem and str(path) in problem
 
 
+def test_yaml_value_tag_is_a_recipe_error(tmp_path: Path) -> None:
+    """Found by hypothesis: a bare `=` is YAML's `value` tag, which the safe loader cannot construct."""
+    assert "not valid YAML" in problems_of(write(tmp_path, "r.yaml", "="))[0]
+
+
 def test_duplicate_key(tmp_path: Path) -> None:
     path = write(tmp_path, "r.yaml", "model:\n  path: a\n  path: b\ndata: {train: {path: t}}\n")
     assert "written twice" in problems_of(path)[0]

@@ -233,3 +233,16 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path, tiny_mod
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [r["step"] for r in metrics(run_dir, "train")]
     assert steps == list(range(1, 301))  # every step exactly once: nothing lost, nothing repeated
+
+
+def test_kernels_all_trains_like_eager(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`kernels: all` (PyTorch paths on CPU: chunked CE never materialises logits) gives the eager run's losses."""
+    losses = {}
+    for kernels in ([], "all"):
+        case = tmp_path / ("kernels" if kernels else "eager")
+        case.mkdir()
+        run_dir = start_run(make_recipe(case, tiny_model_dir, kernels=kernels, optim={"max_steps": 4, "label_smoothing": 0.1},
+                                        eval={"at_start": False}))
+        assert run(run_dir) == 0
+        losses[bool(kernels)] = [r["loss"] for r in metrics(run_dir, "train")] + [metrics(run_dir, "eval")[-1]["eval_loss"]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

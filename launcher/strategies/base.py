@@ -1,11 +1,17 @@
-"""The interface every strategy implements."""
+"""The interface every strategy implements: build, wrap, backward, optimizer step, save, load.
+
+The trainer calls these hooks and never looks at a strategy's name. The hooks exist because the strategies differ in
+exactly these places: DeepSpeed's engine owns accumulation, clipping and the optimizer step; FSDP holds sharded
+DTensor parameters (clipping needs a global norm, the weights must be gathered to be saved); ranks of a sharded
+strategy may build the model without weights (meta device) and receive them from rank 0.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,23 +26,60 @@ class Strategy(ABC):
 
     name: str
 
-    def __init__(self, world_size: int, rank: int, device: torch.device) -> None:
+    holds_whole_model: bool = True
+    """Every rank holds the full, plain model after `wrap` (DDP). When False (FSDP, ZeRO) the final outputs are
+    written from the last checkpoint (launcher/export.py) instead of from rank 0's model."""
+
+    def __init__(self, world_size: int, rank: int, device: torch.device, config: dict[str, Any] | None = None) -> None:
         self.world_size = world_size
         self.rank = rank
         self.device = device
+        self.config = config or {}
+        """The plan's resolved `strategy_config` (DeepSpeed JSON, FSDP settings), empty for DDP."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # ------------------------------------------------------------------------------------------------ building
+    @property
+    def meta_init(self) -> bool:
+        """Build this rank's model on the meta device (no weights in memory); `wrap` fills it from rank 0."""
+        return False
+
+    def load_device(self) -> torch.device:
+        """Where this rank loads the pretrained weights (the training device unless the strategy moves them)."""
+        return self.device
+
+    def model_init(self) -> ContextManager[Any]:
+        """Context around model construction (ZeRO-3 partitions weights while `from_pretrained` loads them)."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def wrap(self, model: torch.nn.Module,
              make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """Distribute the model and build its optimizer over the (possibly sharded) trainable parameters."""
+        """Distribute the model and build its optimizer over the (possibly sharded) trainable parameters.
 
+        The optimizer returned is the torch optimizer whose param_groups carry the learning rate (the trainer's
+        LR scheduler drives it), even where an engine wraps it.
+        """
+
+    # ---------------------------------------------------------------------------------------------------- step
     def no_sync(self, model: torch.nn.Module, last_micro_batch: bool) -> ContextManager[None]:
-        """Context for a micro batch's backward: skip gradient communication unless it is the last one."""
+        """Context for a micro batch's forward and backward; `last_micro_batch`: the optimizer step follows it.
+        Strategies skip gradient communication, or mark the accumulation boundary, here."""
         return contextlib.nullcontext()
+
+    def backward(self, model: torch.nn.Module, loss: torch.Tensor) -> None:
+        """Backward of one micro batch's (already normalised) loss."""
+        loss.backward()
+
+    def optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> float:
+        """Clip, step, zero the gradients; return the global gradient norm before clipping."""
+        norm = self.clip_grad_norm(model, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> float:
         """Clip the global gradient norm (over every rank's gradients); return the norm before clipping."""
@@ -44,6 +87,7 @@ class Strategy(ABC):
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
         return float(norm)
 
+    # ---------------------------------------------------------------------------------------------- collectives
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks (label-token counts, eval sums)."""
         if self.world_size > 1:
@@ -54,13 +98,14 @@ class Strategy(ABC):
         if self.world_size > 1:
             dist.barrier()
 
+    # ----------------------------------------------------------------------------------------------- checkpoints
     @abstractmethod
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-        """Write this rank's part of the model and optimizer state into `directory`."""
+        """Write this rank's part of the model and optimizer state into `directory` (collective)."""
 
     @abstractmethod
     def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-        """Restore model and optimizer state written by `save` (possibly on another world size)."""
+        """Restore model and optimizer state written by `save`, possibly by another world size (collective)."""
 
     @abstractmethod
     def full_trainable_state(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

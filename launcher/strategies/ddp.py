@@ -62,3 +62,8 @@ class DDPStrategy(Strategy):
         for name, param in _inner(model).named_parameters():
             if param.requires_grad:
                 yield name, param
+
+
+def read_checkpoint(directory: Path, trainable_only: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The trainable tensors of a DDP checkpoint (DDP checkpoints hold nothing else)."""
+    yield from load_file(str(directory / WEIGHTS_FILE)).items()
