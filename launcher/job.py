@@ -130,8 +130,7 @@ def _prepare_data(recipe: "object", strategy: "object") -> tuple[object, object]
         strategy.barrier()  # type: ignore[attr-defined]
     data = tokenize_cached(recipe.data, tokenizer, cache)  # type: ignore[attr-defined]
     if strategy.is_main:  # type: ignore[attr-defined]
-        for key, value in data.stats.items():
-            log.info("data %s: %s", key, value)
+        log.info("data: %s", "  ".join(f"{key}={value}" for key, value in data.stats.items()))
         strategy.barrier()  # type: ignore[attr-defined]
     return tokenizer, data
 
