@@ -3,6 +3,8 @@
     launch RECIPE [key.path=value ...] [--procs N] [--resume [RUN_DIR]]     train on this machine
     launch plan RECIPE [key.path=value ...] [--nodes N] [--gpus-per-node G] [--procs N] [--json]
     launch export RUN_DIR [--merge] [--out DIR]
+    launch RECIPE --nodes N | --cluster NAME [--partition P] [--time T] [--gpus-per-node G]   submit to Slurm
+    launch runs [--root DIR] | status RUN | logs RUN [--rank R] [--follow] | cancel RUN        run management
 
 Planning side: this module imports no torch, transformers, peft or deepspeed (a test checks). Training starts in
 `launcher.job`, imported only when a run begins.
@@ -15,7 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from rich.console import Console
 
@@ -25,7 +27,10 @@ from launcher.plan_memory import parse_size
 from launcher.recipe import LoadedRecipe, RecipeError, load_recipe
 from launcher.rundir import PLAN_FILE, claim_run_dir, next_run_dir, read_plan, runs_of, write_json_atomic
 
-SUBCOMMANDS = ("plan", "export")
+if TYPE_CHECKING:
+    from cluster.slurm import SlurmSettings
+
+SUBCOMMANDS = ("plan", "export", "runs", "status", "logs", "cancel")
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -43,6 +48,11 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
                         help="ranks per node (default: one per GPU, or 1 on CPU)")
     parser.add_argument("--gpu-mem", default=None, metavar="SIZE",
                         help="memory of one GPU, e.g. 80GiB: enables fits/auto choices of the memory planner")
+    slurm = parser.add_argument_group("Slurm (used when --nodes > 1 or --cluster is given)")
+    slurm.add_argument("--cluster", default=None, metavar="NAME",
+                       help="cluster profile cluster/profiles/NAME.yaml (default: $FTLAUNCH_CLUSTER, else local)")
+    slurm.add_argument("--partition", default=None, help="Slurm partition (overrides profile and recipe)")
+    slurm.add_argument("--time", default=None, help="time limit, Slurm format: MM, HH:MM:SS, D-HH:MM:SS")
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -98,7 +108,83 @@ def _plan_for(args: argparse.Namespace, run_dir: Path | None = None) -> tuple[Lo
     recipe = loaded.recipe
     root = Path(recipe.output.root).resolve()
     target = run_dir or next_run_dir(root, recipe.output.name or recipe.name)
+    if _on_slurm(args):
+        return loaded, _slurm_plan(args, loaded, target)[0]
     return loaded, make_plan(loaded, _resources(args), target)
+
+
+# ------------------------------------------------------------------------------------------------------- slurm
+def _on_slurm(args: argparse.Namespace) -> bool:
+    """Slurm when asked for several nodes or a cluster profile; this machine otherwise."""
+    return args.nodes > 1 or args.cluster is not None
+
+
+def _slurm_plan(args: argparse.Namespace, loaded: LoadedRecipe, run_dir: Path) -> tuple[Plan, "SlurmSettings"]:
+    """The plan for a Slurm job: resources from profile < recipe `cluster:` < flags, plus the sbatch text."""
+    import dataclasses
+
+    from cluster.slurm import render_sbatch, resolve_settings
+
+    if args.nodes < 1:
+        raise UsageError(f"--nodes must be >= 1 (got {args.nodes})")
+    settings = resolve_settings(args.cluster, loaded.recipe.cluster, nodes=args.nodes,
+                                gpus_per_node=args.gpus_per_node, partition=args.partition, time_limit=args.time,
+                                procs=args.procs)
+    gpu_mem = _resources(argparse.Namespace(**{**vars(args), "gpus_per_node": settings.gpus_per_node,
+                                               "procs": settings.tasks_per_node})).gpu_mem_bytes
+    resources = Resources(nodes=settings.nodes, gpus_per_node=settings.gpus_per_node,
+                          procs_per_node=settings.tasks_per_node, gpu_mem_bytes=gpu_mem)
+    plan = make_plan(loaded, resources, run_dir)
+    sbatch = render_sbatch(settings, plan.run_dir, _job_name(loaded), recipe_file=plan.recipe_file)
+    return dataclasses.replace(plan, sbatch=sbatch), settings
+
+
+def _write_slurm_files(run_dir: Path, plan: Plan, settings: "SlurmSettings") -> None:
+    from cluster.slurm import CLUSTER_FILE, SBATCH_FILE
+    from launcher.rundir import write_text_atomic
+
+    write_text_atomic(run_dir / SBATCH_FILE, plan.sbatch or "", mode=0o755)
+    write_json_atomic(run_dir / CLUSTER_FILE, settings.to_json())
+
+
+def _submit_slurm(args: argparse.Namespace) -> int:
+    """Check, write the run directory (plan.json, job.sbatch, cluster.json) and submit through submitit."""
+    from cluster.slurm import load_profile, preflight, secret_values, submit
+
+    loaded, plan = _plan_for(args)  # validate everything before a directory exists
+    if not plan.runnable:
+        raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
+    run_dir = claim_run_dir(Path(plan.run_dir).parent, Path(plan.run_dir).name)
+    plan, settings = _slurm_plan(args, loaded, run_dir)
+    settings, warnings = preflight(settings, run_dir)
+    secrets, missing = secret_values(settings, loaded.recipe.cluster, load_profile(settings.profile))
+    if missing:
+        raise UsageError(f"cluster.env lists {', '.join(missing)}, to be passed from this environment, but "
+                         "they are not set here: export them before `launch`")
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {_escape(warning)}")
+    import dataclasses
+
+    from cluster.slurm import render_sbatch
+
+    # Re-rendered: preflight may have filled in the cluster's default partition.
+    plan = dataclasses.replace(plan, sbatch=render_sbatch(settings, plan.run_dir, _job_name(loaded),
+                                                          recipe_file=plan.recipe_file))
+    write_json_atomic(run_dir / PLAN_FILE, plan.to_json())
+    write_strategy_files(run_dir, plan.to_json())
+    _write_slurm_files(run_dir, plan, settings)
+    job_id = submit(run_dir, settings, secrets, _job_name(loaded))
+    console.print(f"[bold]run directory[/] {run_dir}")
+    console.print(f"[bold green]submitted[/] Slurm job {job_id}: {settings.nodes} node(s) x {settings.tasks_per_node} "
+                  f"rank(s), partition {settings.partition}, time {settings.time}")
+    console.print(f"  follow: launch logs {run_dir} --follow    state: launch status {run_dir}    "
+                  f"stop: launch cancel {run_dir}")
+    print(job_id)  # stdout: the job id alone, for scripts
+    return 0
+
+
+def _job_name(loaded: LoadedRecipe) -> str:
+    return f"ftlaunch-{loaded.recipe.output.name or loaded.recipe.name}"
 
 
 # -------------------------------------------------------------------------------------------------------- plan
@@ -110,6 +196,10 @@ def cmd_plan(argv: Sequence[str]) -> int:
         run_dir = claim_run_dir(run_dir.parent, run_dir.name)
     write_json_atomic(run_dir / PLAN_FILE, plan.to_json())
     write_strategy_files(run_dir, plan.to_json())
+    if plan.sbatch is not None:
+        _, settings = _slurm_plan(args, loaded, run_dir)
+        _write_slurm_files(run_dir, plan, settings)
+        _plan_slurm_checks(settings, run_dir)
     if args.json:
         print(json.dumps(plan.to_json(), indent=2))
         return 0
@@ -117,6 +207,19 @@ def cmd_plan(argv: Sequence[str]) -> int:
 
     print_plan(plan, loaded, Console(width=max(Console().width, 132)))  # the memory table needs the room
     return 0
+
+
+def _plan_slurm_checks(settings: "SlurmSettings", run_dir: Path) -> None:
+    """`launch plan` on a machine with Slurm checks the request as `launch` would; without Slurm it says so."""
+    import shutil
+
+    from cluster.slurm import preflight
+
+    if shutil.which("sinfo") is None:
+        console.print("[yellow]note:[/] Slurm is not on PATH here: partition and sizes not checked")
+        return
+    for warning in preflight(settings, run_dir, need_cluster=False)[1]:
+        console.print(f"[yellow]warning:[/] {_escape(warning)}")
 
 
 # --------------------------------------------------------------------------------------------------------- run
@@ -138,6 +241,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     if args.resume is not None and "=" in args.resume and not Path(args.resume).is_dir():
         args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a run directory
         args.resume = "latest"
+    if args.resume is None and _on_slurm(args):
+        return _submit_slurm(args)
     if args.resume is not None:
         run_dir = _resume_dir(args)
         if args.overrides:
@@ -169,10 +274,66 @@ def cmd_export(argv: Sequence[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- run management
+def _run_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run directory, or a run name under the output root (--root)")
+    parser.add_argument("--root", type=Path, default=Path("runs"), help="output root holding run directories")
+
+
+def cmd_runs(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="launch runs", description="Recent runs under an output root.")
+    parser.add_argument("--root", type=Path, default=Path("runs"), help="output root (default ./runs)")
+    parser.add_argument("--limit", type=int, default=20, help="most recent N runs (default 20)")
+    args = parser.parse_args(argv)
+    from cluster.runs import list_runs, runs_table
+
+    Console(width=max(Console().width, 132)).print(runs_table(list_runs(args.root.resolve(), args.limit)))
+    return 0
+
+
+def cmd_status(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="launch status", description="State of one run (Slurm or local).")
+    _run_arg(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    from cluster.runs import find_run, run_status, status_table
+
+    status = run_status(find_run(args.run, args.root))
+    if args.json:
+        print(json.dumps(status.to_json(), indent=2))
+    else:
+        Console(width=max(Console().width, 132)).print(status_table(status))
+    return 0
+
+
+def cmd_logs(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="launch logs", description="Print (or follow) one rank's log.")
+    _run_arg(parser)
+    parser.add_argument("--rank", type=int, default=0, help="rank whose log to show (default 0)")
+    parser.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends (Ctrl-C stops)")
+    parser.add_argument("--lines", "-n", type=int, default=None, help="only the last N lines")
+    args = parser.parse_args(argv)
+    from cluster.runs import find_run, show_log
+
+    return show_log(find_run(args.run, args.root), args.rank, follow=args.follow, lines=args.lines)
+
+
+def cmd_cancel(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="launch cancel", description="Cancel a run's Slurm job(s).")
+    _run_arg(parser)
+    args = parser.parse_args(argv)
+    from cluster.runs import cancel_run, find_run
+
+    for line in cancel_run(find_run(args.run, args.root)):
+        console.print(_escape(line))
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = {"plan": cmd_plan, "export": cmd_export}.get(argv[0] if argv else "", cmd_run)
+    command = {"plan": cmd_plan, "export": cmd_export, "runs": cmd_runs, "status": cmd_status, "logs": cmd_logs,
+               "cancel": cmd_cancel}.get(argv[0] if argv else "", cmd_run)
     if command is not cmd_run:
         argv = argv[1:]
     try:
@@ -181,6 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print("[bold red]error:[/] " + _escape(str(err)))
         return EXIT_BAD_INPUT
     except (UsageError, FileNotFoundError, FileExistsError) as err:
+        console.print("[bold red]error:[/] " + _escape(str(err)))
+        return EXIT_BAD_INPUT
+    except Exception as err:  # SlurmError, without importing cluster.slurm for every command
+        if type(err).__name__ != "SlurmError":
+            raise
         console.print("[bold red]error:[/] " + _escape(str(err)))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ writing a checkpoint (resumable; Slurm requeues on it).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -87,6 +88,7 @@ def run_job(run_dir: Path) -> int:
         device = torch.device("cpu")
         # N ranks share this node's cores: oversubscribing threads makes every rank slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
+    failed = False
     if env.world_size > 1:
         dist.init_process_group(backend=plan.backend, rank=env.rank, world_size=env.world_size)
     try:
@@ -114,8 +116,18 @@ def run_job(run_dir: Path) -> int:
         if strategy.is_main:
             _finish(trainer, run_dir, recipe.output.merge, from_checkpoint=not strategy.holds_whole_model)
         return EXIT_OK
+    except BaseException:
+        failed = True
+        raise
     finally:
+        # Free the wrapped model while the process group is still registered: otherwise DDP's reducer drops the last
+        # reference to the gloo group from its destructor at exit, holding the GIL while joining a gloo thread that
+        # waits for the GIL (a deadlock seen with 2 CPU ranks).
+        trainer = model = None  # noqa: F841
+        gc.collect()
         if dist.is_initialized():
+            if not failed:
+                dist.barrier()  # no rank tears its group down while another still uses it
             dist.destroy_process_group()
 
 

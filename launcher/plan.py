@@ -103,6 +103,10 @@ class Plan:
     """Resolved strategy settings (launcher/ds_config.py): the complete DeepSpeed JSON for zero1/2/3 (also written to
     RUN_DIR/ds_config.json), the FSDP settings for fsdp, None for ddp."""
 
+    sbatch: str | None = None
+    """The equivalent Slurm batch script (also RUN_DIR/job.sbatch) when the plan targets Slurm (`--nodes N > 1` or
+    `--cluster NAME`); rendered by cluster/slurm.py from the cluster profile + the recipe's `cluster:` section."""
+
     @property
     def runnable(self) -> bool:
         return not self.unsupported
@@ -197,9 +201,14 @@ def check(recipe: Recipe, resources: Resources) -> list[Problem]:
     return problems
 
 
-def unsupported(recipe: Recipe, strategy: str) -> list[str]:
+def unsupported(recipe: Recipe, strategy: str, world_size: int = 1) -> list[str]:
     """What this version cannot run yet, although the recipe is valid (planning and sizing still work)."""
     reasons = []
+    if recipe.method.name == "qlora" and strategy == "fsdp" and world_size > 1:
+        # FSDP ranks other than 0 start from an empty (meta) model and receive rank 0's weights; that broadcast does
+        # not carry bitsandbytes' quantization state yet, so their layers would not match rank 0's.
+        reasons.append("method.name: qlora under fsdp on more than one rank is not supported yet "
+                       "(use strategy ddp or zero2, or one rank)")
     if strategy not in IMPLEMENTED_STRATEGIES:
         reasons.append(f"strategy.name: strategy {strategy!r} is not implemented in this version "
                        f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)}; `auto` without --gpu-mem picks ddp)")
@@ -256,7 +265,7 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
         command=local_command(run_dir.resolve(), resources),
         rank_command=rank_command(run_dir.resolve()),
         warnings=warnings,
-        unsupported=unsupported(recipe, strategy),
+        unsupported=unsupported(recipe, strategy, resources.world_size),
         memory=memory.to_json() if memory is not None else None,
         strategy_config=strategy_config(recipe, resources, strategy, memory.chosen if memory is not None else None),
     )

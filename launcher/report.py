@@ -32,6 +32,9 @@ def print_plan(plan: Plan, loaded: LoadedRecipe, console: Console) -> None:
 
         title = "DeepSpeed config (RUN_DIR/ds_config.json)" if plan.strategy.startswith("zero") else "FSDP settings"
         console.print(Panel(Syntax(json.dumps(plan.strategy_config, indent=2), "json"), title=title, expand=False))
+    if plan.sbatch is not None:
+        console.print(Panel(Syntax(plan.sbatch, "bash", word_wrap=True),
+                            title="Slurm batch script (RUN_DIR/job.sbatch; `launch` submits the same job)", expand=False))
     if plan.memory is not None:
         console.print(memory_table(plan))
     for warning in plan.warnings:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -403,6 +403,100 @@ class StrategyConfig(Section):
     RUN_DIR/ds_config.json."""
 
 
+# ------------------------------------------------------------------------------------------------------- cluster
+# Slurm --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+SLURM_TIME_PATTERN = r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SECRET_NAME_PARTS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD")
+
+
+def is_secret_name(name: str) -> bool:
+    """True for environment variable names whose values must never be written to a file (HF_TOKEN, ...)."""
+    return any(part in name.upper() for part in SECRET_NAME_PARTS)
+
+
+class ClusterConfig(Section):
+    """Slurm settings. Every field left unset (null) comes from the cluster profile (`--cluster NAME`,
+    cluster/profiles/NAME.yaml); set fields override the profile; `--nodes/--gpus-per-node/--partition/--time`
+    override both. Values are shell-quoted wherever they are written; none may hold a newline."""
+
+    partition: str | None = None
+    """Slurm partition (`--partition`). Checked against `sinfo` before submitting."""
+
+    account: str | None = None
+    """Slurm account to charge (`--account`)."""
+
+    qos: str | None = None
+    """Quality of service (`--qos`)."""
+
+    time: str | None = Field(default=None, pattern=SLURM_TIME_PATTERN)
+    """Time limit in a Slurm format: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM` or `D-HH:MM:SS`."""
+
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    """GPUs per node (one rank each); 0 trains on CPU with `ranks_per_node` ranks."""
+
+    ranks_per_node: int | None = Field(default=None, ge=1)
+    """Ranks per node on CPU clusters (gpus_per_node 0); ignored when GPUs are used."""
+
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    """CPUs per rank (`--cpus-per-task`): data loading and host-side work."""
+
+    mem: str | None = Field(default=None, pattern=r"^\d+[KMGT]?$")
+    """Memory per node (`--mem`), e.g. `400G`; `0` asks for all of a node's memory."""
+
+    constraint: str | None = None
+    """Node features (`--constraint`), e.g. `h100&ib`."""
+
+    exclusive: bool | None = None
+    """Whole nodes only (`--exclusive`)."""
+
+    sbatch_options: list[str] = Field(default_factory=list)
+    """More sbatch options, one per item, e.g. `--reservation=big` (written as `#SBATCH` lines, quoted)."""
+
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run before the ranks start (`module load cuda/12.4`, `source /shared/venv/bin/activate`).
+    These are shell code by design and written verbatim: treat recipes that set them as code."""
+
+    container_image: str | None = None
+    """Run each rank in this container (pyxis/enroot: `srun --container-image=...`)."""
+
+    env: dict[str, str | None] = Field(default_factory=dict)
+    """Environment variables for the ranks (NCCL_*, ...). Names that look like secrets (containing TOKEN, KEY,
+    SECRET or PASSWORD) are never written to files: they are passed from the submitting environment, and a value
+    given here is redacted from plan.json. Null: take the submitting environment's value."""
+
+    max_requeues: int | None = Field(default=None, ge=0)
+    """How many times a job that reached its time limit is requeued from its last checkpoint (preemptions
+    are requeued without limit)."""
+
+    shared_roots: list[str] = Field(default_factory=list)
+    """Directories known to be on storage that every node sees (the run directory must be). Network file
+    systems (nfs, lustre, gpfs, ...) are recognised without this."""
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "ClusterConfig":
+        import re
+
+        strings = [self.partition, self.account, self.qos, self.constraint, self.container_image,
+                   *self.sbatch_options, *self.setup, *self.shared_roots,
+                   *self.env.keys(), *(v for v in self.env.values() if v is not None)]
+        for value in strings:
+            if value is not None and any(ch in value for ch in "\n\r\0"):
+                raise ValueError(f"cluster: {value!r} holds a newline or NUL, which no sbatch line can quote")
+        for name in self.env:
+            if not re.match(ENV_NAME_PATTERN, name):
+                raise ValueError(f"cluster.env: {name!r} is not a valid environment variable name")
+        for option in self.sbatch_options:
+            if not option.startswith("-"):
+                raise ValueError(f"cluster.sbatch_options: {option!r} is not an option (expected --name=value)")
+        return self
+
+    @field_serializer("env")
+    def _redact_secrets(self, env: dict[str, str | None]) -> dict[str, str | None]:
+        # Every dump (plan.json, `launch plan`) goes through here: a secret's value never leaves memory.
+        return {name: None if is_secret_name(name) else value for name, value in env.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------- root
 KernelName = Literal["rmsnorm", "rope", "swiglu", "fused_ce"]
 
@@ -446,3 +540,6 @@ class Recipe(Section):
 
     kernels: list[KernelName] | Literal["all"] = Field(default_factory=list)
     """Fused kernels to patch into the model: any of rmsnorm, rope, swiglu, fused_ce, or `all`."""
+
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Slurm settings overriding the cluster profile (used by `launch --nodes N` / `--cluster NAME`)."""

@@ -246,3 +246,17 @@ def test_kernels_all_trains_like_eager(tmp_path: Path, tiny_model_dir: Path) -> 
         assert run(run_dir) == 0
         losses[bool(kernels)] = [r["loss"] for r in metrics(run_dir, "train")] + [metrics(run_dir, "eval")[-1]["eval_loss"]]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_rank_batches_are_equal_in_number_and_cover_every_item_once() -> None:
+    from launcher.evaluate import rank_batches
+
+    class FakeStrategy:
+        def __init__(self, rank: int, world: int) -> None:
+            self.rank, self.world_size = rank, world
+
+    items = list(range(7))
+    per_rank = [rank_batches(items, FakeStrategy(r, 3), 2) for r in range(3)]  # type: ignore[arg-type]
+    assert {len(b) for b in per_rank} == {2}  # 7 items, 3 ranks, batch 2: every rank runs 2 batches
+    counted = sorted(i for batches in per_rank for chunk, counts in batches if counts for i in chunk)
+    assert counted == items

@@ -1,0 +1,299 @@
+"""The run registry behind `launch runs / status / logs / cancel`.
+
+A run is its directory (ARCHITECTURE.md). Slurm runs also hold RUN_DIR/jobs.jsonl (submissions, starts, requeues,
+appended by cluster/slurm.py, cluster/slurm_task.py and job.sbatch); their state comes from `sacct` (accounting keeps
+finished jobs) and, where accounting is missing, `squeue`. Local runs have no scheduler: their state is read from the
+run directory (outputs written = completed, metrics still growing = running, otherwise stopped).
+
+Planning side: standard library + rich, no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from cluster.slurm import CLUSTER_FILE, JOBS_FILE, SlurmError
+
+PLAN_FILE = "plan.json"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+OUTPUT_DIRS = ("adapter", "model", "merged")
+#: A local run whose metrics.jsonl changed this recently is taken to be running.
+LOCAL_RUNNING_WINDOW_S = 120
+
+
+@dataclass
+class RunStatus:
+    """One run, as `launch status` shows it."""
+
+    run: str
+    run_dir: str
+    kind: str
+    """`slurm` or `local`."""
+    state: str
+    """Slurm state (PENDING, RUNNING, COMPLETED, ...) or, for local runs, PLANNED/RUNNING/STOPPED/COMPLETED."""
+    job_id: str | None = None
+    nodes: int = 1
+    world_size: int = 1
+    step: int | None = None
+    total_steps: int | None = None
+    last_loss: float | None = None
+    elapsed: str | None = None
+    node_list: str | None = None
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    """jobs.jsonl events, oldest first."""
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL or (self.kind == "local" and self.state in ("COMPLETED", "STOPPED"))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_run(run: str, root: Path) -> Path:
+    """A run directory from a path or a run name under `root`; FileNotFoundError saying what was tried."""
+    for candidate in (Path(run), root / run):
+        if (candidate / PLAN_FILE).is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"no run {run!r}: neither {run} nor {root / run} holds a {PLAN_FILE}")
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """RUN_DIR/jobs.jsonl, skipping a torn last line."""
+    path = run_dir / JOBS_FILE
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def job_ids(run_dir: Path) -> list[str]:
+    """Slurm job ids of the run, in submission order, without repeats."""
+    seen: dict[str, None] = {}
+    for event in read_events(run_dir):
+        if event.get("job_id"):
+            seen.setdefault(str(event["job_id"]), None)
+    return list(seen)
+
+
+def slurm_state(job_id: str) -> tuple[str, str | None, str | None]:
+    """(state, elapsed, node list) from sacct, else squeue; ("UNKNOWN", None, None) when neither knows the job."""
+    if shutil.which("sacct"):
+        out = _quiet(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,Elapsed,NodeList"])
+        rows = [r.split("|") for r in out.splitlines() if r.split("|")[0] == job_id]
+        if rows:
+            _, state, elapsed, nodes = rows[-1]
+            return state.split()[0], elapsed, nodes  # "CANCELLED by 0" -> CANCELLED
+    if shutil.which("squeue"):
+        out = _quiet(["squeue", "-h", "-j", job_id, "-o", "%T|%M|%N"])
+        if out.strip():
+            state, elapsed, nodes = out.strip().splitlines()[0].split("|")
+            return state, elapsed, nodes or None
+    return "UNKNOWN", None, None
+
+
+def _quiet(cmd: list[str]) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _last_train_row(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("kind") == "train":
+            return row
+    return None
+
+
+def _local_state(run_dir: Path) -> tuple[str, str | None]:
+    """State and elapsed time of a run started on this machine, from its files."""
+    logs, metrics = run_dir / "logs", run_dir / "metrics.jsonl"
+    if not logs.is_dir():
+        return "PLANNED", None
+    last = max((p.stat().st_mtime for p in (metrics, *logs.glob("rank*.log")) if p.exists()), default=None)
+    elapsed = _clock(last - logs.stat().st_ctime) if last else None
+    if any((run_dir / d).is_dir() for d in OUTPUT_DIRS):
+        return "COMPLETED", elapsed
+    if last is not None and time.time() - last < LOCAL_RUNNING_WINDOW_S:
+        return "RUNNING", elapsed
+    return "STOPPED", elapsed
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def run_status(run_dir: Path) -> RunStatus:
+    """The state of one run (see the module docstring for where each part comes from)."""
+    plan = json.loads((run_dir / PLAN_FILE).read_text())
+    events = read_events(run_dir)
+    ids = job_ids(run_dir)
+    slurm = bool(ids) or (run_dir / CLUSTER_FILE).is_file()
+    row = _last_train_row(run_dir)
+    status = RunStatus(run=run_dir.name, run_dir=str(run_dir), kind="slurm" if slurm else "local", state="",
+                       nodes=plan.get("nodes", 1), world_size=plan.get("world_size", 1), jobs=events,
+                       step=row.get("step") if row else None, last_loss=row.get("loss") if row else None,
+                       total_steps=(plan.get("recipe", {}).get("optim", {}) or {}).get("max_steps"))
+    if slurm and ids:
+        status.job_id = ids[-1]
+        status.state, status.elapsed, status.node_list = slurm_state(ids[-1])
+    elif slurm:
+        status.state = "PLANNED"  # `launch plan --nodes N` wrote job.sbatch; nothing submitted yet
+    else:
+        status.state, status.elapsed = _local_state(run_dir)
+    return status
+
+
+def list_runs(root: Path, limit: int = 20) -> list[RunStatus]:
+    """The `limit` most recently active runs under an output root, newest first."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if (p / PLAN_FILE).is_file()]
+
+    def activity(p: Path) -> float:
+        return max((f.stat().st_mtime for f in (p / PLAN_FILE, p / "metrics.jsonl", p / JOBS_FILE) if f.exists()))
+
+    return [run_status(p) for p in sorted(dirs, key=activity, reverse=True)[:limit]]
+
+
+_STYLE = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
+          "FAILED": "red", "CANCELLED": "red", "TIMEOUT": "red", "STOPPED": "yellow", "NODE_FAIL": "red"}
+
+
+def _styled(state: str) -> str:
+    style = _STYLE.get(state)
+    return f"[{style}]{state}[/]" if style else state
+
+
+def runs_table(runs: list[RunStatus]) -> Table:
+    table = Table(title="runs")
+    for column in ("run", "job id", "state", "nodes", "step", "last loss", "elapsed"):
+        table.add_column(column, justify="right" if column in ("nodes", "step", "last loss") else "left")
+    for r in runs:
+        step = "-" if r.step is None else (f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step))
+        table.add_row(r.run, r.job_id or ("local" if r.kind == "local" else "-"), _styled(r.state), str(r.nodes),
+                      step, "-" if r.last_loss is None else f"{r.last_loss:.4f}", r.elapsed or "-")
+    if not runs:
+        table.caption = "no runs"
+    return table
+
+
+def status_table(status: RunStatus) -> Table:
+    table = Table(title=f"run {status.run}", show_header=False)
+    table.add_row("run directory", status.run_dir)
+    table.add_row("state", _styled(status.state) + ("" if status.kind == "slurm" else " (local run)"))
+    if status.job_id:
+        table.add_row("Slurm job", status.job_id + (f" on {status.node_list}" if status.node_list else ""))
+    table.add_row("layout", f"{status.nodes} node(s), world size {status.world_size}")
+    if status.step is not None:
+        table.add_row("step", f"{status.step}" + (f" of {status.total_steps}" if status.total_steps else ""))
+    if status.last_loss is not None:
+        table.add_row("last loss", f"{status.last_loss:.4f}")
+    if status.elapsed:
+        table.add_row("elapsed", status.elapsed)
+    history = [f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']} {e.get('job_id', '')}"
+               + (f" (restart {e['restart']})" if e.get("restart") else "") for e in status.jobs if "time" in e]
+    if history:
+        table.add_row("history", "\n".join(history[-10:]))
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------- logs
+def log_path(run_dir: Path, rank: int) -> Path | None:
+    """Where rank R's log is: RUN_DIR/logs/rankR.log (written by the rank itself); before the rank has set up
+    logging (or when it failed to start), the scheduler's output for that task."""
+    own = run_dir / "logs" / f"rank{rank}.log"
+    if own.is_file():
+        return own
+    ids = job_ids(run_dir)
+    if ids:
+        found = sorted(run_dir.glob(f"submitit/*/{ids[-1]}_{rank}_log.out"))
+        if found:
+            return found[-1]
+        sbatch_out = run_dir / f"slurm-{ids[-1]}.out"
+        if sbatch_out.is_file():
+            return sbatch_out
+    return None
+
+
+def show_log(run_dir: Path, rank: int, follow: bool = False, lines: int | None = None,
+             poll_s: float = 1.0) -> int:
+    """Print a rank's log; with follow, keep printing until the run reaches a final state."""
+    world = json.loads((run_dir / PLAN_FILE).read_text()).get("world_size", 1)
+    if not 0 <= rank < world:
+        raise FileNotFoundError(f"--rank {rank}: the run has ranks 0..{world - 1}")
+    offset = 0
+    path = log_path(run_dir, rank)
+    if path is not None and lines is not None:
+        text = path.read_text(errors="replace").splitlines(keepends=True)
+        sys.stdout.write("".join(text[-lines:]))
+        offset = path.stat().st_size
+    while True:
+        path = log_path(run_dir, rank)  # may appear (or switch to rankR.log) while following
+        if path is not None:
+            size = path.stat().st_size
+            if size < offset:
+                offset = 0
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+            offset += len(chunk)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if not follow:
+            if path is None:
+                raise FileNotFoundError(f"no log for rank {rank} in {run_dir} yet")
+            return 0
+        if run_status(run_dir).done:
+            return 0
+        time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------------------------------------- cancel
+def cancel_run(run_dir: Path) -> list[str]:
+    """scancel the run's jobs that have not ended; returns what was done, line by line."""
+    ids = job_ids(run_dir)
+    if not ids:
+        raise SlurmError(f"{run_dir} is not a Slurm run (no {JOBS_FILE}): stop a local run with Ctrl-C, which "
+                         "writes a checkpoint first")
+    if shutil.which("scancel") is None:
+        raise SlurmError("Slurm not found: scancel is not on PATH")
+    done = []
+    for job_id in ids:
+        state = slurm_state(job_id)[0]
+        if state in TERMINAL:
+            continue
+        proc = subprocess.run(["scancel", job_id], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise SlurmError(f"scancel {job_id} failed: {proc.stderr.strip()}")
+        done.append(f"cancelled Slurm job {job_id} (was {state})")
+    from cluster.slurm import record_event
+
+    if done:
+        record_event(run_dir, "cancelled", job_ids=[d.split()[3] for d in done])
+    return done or [f"nothing to cancel: jobs {', '.join(ids)} have ended"]

@@ -1,0 +1,308 @@
+"""`launch` on the real two-node Slurm cluster (slurm/local-cluster.sh): submission through submitit, the written
+job.sbatch with plain sbatch, preemption and requeue, status/logs/cancel, hostile recipe strings, clear errors.
+
+The cluster has 4 CPUs (2 nodes x 2), so one 4-rank job fills it and jobs run one after another. A local 4-rank run
+of the same recipe (the `reference` fixture, started once per module, beside the cluster's jobs) is what every Slurm
+run must reproduce: same world size, fixed seeds, so an uninterrupted, a preempted and a requeued run all end with
+its losses and weights. Each test stands alone. Timings go to the terminal summary (measured, not asserted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import pytest
+import yaml
+
+from cluster.runs import run_status
+
+if TYPE_CHECKING:
+    from conftest import SlurmCluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
+#: Losses of the Slurm run vs a local 4-rank run: measured identical (0.0) on this machine; gloo's all-reduce of
+#: 4 ranks sums in the same order whether the ranks are on one host or two.
+LOSS_TOLERANCE = 1e-6
+#: Long enough that a signal sent at step 3 lands mid-run: a step of the tiny model takes ~40 ms with 4 ranks, and
+#: scancel -> slurmd -> submitit -> trainer takes a few hundred ms (with 8 steps the run had ended when it arrived).
+STEPS = 40
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A directory with the tiny recipe (STEPS steps of 4 ranks x micro batch 2, checkpoint every 4 steps)."""
+    root = tmp_path_factory.mktemp("slurm-launch")
+    rows = [{"messages": [{"role": "user", "content": f"reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
+            for w in (WORDS[i % len(WORDS)] for i in range(64))]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {
+        "name": "tiny", "model": {"path": str(tiny_model_dir), "dtype": "float32", "attn_implementation": "eager"},
+        "data": {"train": {"path": str(root / "train.jsonl"), "format": "messages"}, "max_length": 64},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "optim": {"lr": 3e-3, "micro_batch": 2, "max_steps": STEPS, "warmup_steps": 2, "seed": 3},
+        "eval": {"at_start": False}, "checkpoint": {"every_steps": 4, "keep_last": STEPS},
+        "logging": {"progress": False, "tensorboard": False}, "output": {"root": str(root / "runs")},
+    }
+    (root / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(slurm_cluster: SlurmCluster, work: Path) -> dict[str, str]:
+    return {**slurm_cluster.env, "FTLAUNCH_CACHE": str(work / "cache")}
+
+
+@dataclass
+class LocalReference:
+    """A `launch tiny.yaml --procs 4` run in the background; `run_dir()` waits for it to end."""
+
+    proc: subprocess.Popen[str]
+    path: Path
+    stderr: str = ""
+
+    def run_dir(self) -> Path:
+        if self.proc.returncode is None:
+            self.stderr = self.proc.communicate(timeout=300)[1]
+        assert self.proc.returncode == 0, f"the local reference run failed:\n{self.stderr[-3000:]}"
+        return self.path
+
+
+@pytest.fixture(scope="module")
+def reference(env: dict[str, str], work: Path) -> Iterator[LocalReference]:
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", str(work / "tiny.yaml"), "--procs", "4",
+                             "output.name=local4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    yield LocalReference(proc, work / "runs" / "local4")
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def launch(env: dict[str, str], *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "launcher", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"launch {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def submit(env: dict[str, str], *args: str) -> tuple[str, Path]:
+    """`launch ...` to Slurm: (job id, run directory)."""
+    proc = launch(env, *args)
+    run_dir = Path(proc.stderr.split("run directory ", 1)[1].splitlines()[0])
+    return proc.stdout.strip().splitlines()[-1], run_dir
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 240, poll: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def train_rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("kind") == "train":
+            rows.append(row)
+    return rows
+
+
+def events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "jobs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_completed(run_dir: Path, timeout: float = 300) -> None:
+    def ended() -> str | None:
+        status = run_status(run_dir)
+        return status.state if status.state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+    state = wait_for(f"{run_dir.name} to end", ended, timeout, poll=1.0)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted(run_dir.glob("logs/rank0.log")))
+    assert state == "COMPLETED", f"{run_dir.name}: {state}\n{logs}"
+    wait_for("outputs", lambda: (run_dir / "adapter" / "adapter_model.safetensors").is_file(), 30)
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = train_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), [r["step"] for r in rows]
+    return [r["loss"] for r in rows]
+
+
+def assert_same_weights(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (a, b))
+    assert wa.keys() == wb.keys()
+    diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert diff <= 1e-6, f"final weights differ by {diff}"
+    return diff
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+def test_two_nodes_train_to_the_end_like_four_local_ranks(env: dict[str, str], work: Path,
+                                                          reference: LocalReference,
+                                                          slurm_timings: dict[str, str]) -> None:
+    """`launch recipe --nodes 2` trains to the end; its losses equal a local `--procs 4` run's. Meanwhile: a second
+    submission pends behind it and is cancelled with `launch cancel`; `launch status/logs/runs` read real jobs."""
+    recipe = str(work / "tiny.yaml")
+    t0 = time.time()
+    job_id, run_dir = submit(env, recipe, "--nodes", "2")
+    queued_id, queued_dir = submit(env, recipe, "--nodes", "2", "output.name=queued")
+    # The second job cannot start while the first holds all 4 CPUs: cancel it while it pends.
+    out = launch(env, "cancel", str(queued_dir)).stderr
+    assert f"cancelled Slurm job {queued_id}" in out
+    wait_for("the cancelled job's state", lambda: run_status(queued_dir).state == "CANCELLED", 60, poll=1)
+    assert "CANCELLED" in launch(env, "status", str(queued_dir)).stdout
+
+    wait_for("the first training step", lambda: train_rows(run_dir), 240, poll=0.2)
+    slurm_timings["launch --nodes 2 -> first training step"] = f"{time.time() - t0:.1f} s"
+    status = json.loads(launch(env, "status", str(run_dir), "--json").stdout)
+    assert status["job_id"] == job_id and status["kind"] == "slurm" and status["world_size"] == 4
+    assert status["state"] in ("RUNNING", "COMPLETING", "COMPLETED") and status["node_list"] == "node[1-2]"
+    assert " rank0 " in launch(env, "logs", str(run_dir)).stdout
+    launch(env, "logs", str(run_dir), "--rank", "3")  # rank 3 (on node2) logs only warnings: may be empty
+    assert "ranks 0..3" in launch(env, "logs", str(run_dir), "--rank", "4", check=False).stderr
+    wait_completed(run_dir)
+    slurm_timings[f"launch --nodes 2 -> done ({STEPS} steps, 4 ranks)"] = f"{time.time() - t0:.1f} s"
+    follow = launch(env, "logs", str(run_dir), "--follow", timeout=30).stdout  # returns: the run has ended
+    assert "outputs:" in follow
+    local_dir = reference.run_dir()
+    diff = max(abs(a - b) for a, b in zip(losses(run_dir), losses(local_dir)))
+    slurm_timings["loss |slurm 2x2 - local 4| max"] = f"{diff:.2e}"
+    assert diff <= LOSS_TOLERANCE
+    table = launch(env, "runs", "--root", str(work / "runs")).stdout
+    for name in ("tiny", "queued", "local4"):
+        assert name in table
+    assert job_id in table and "COMPLETED" in table and "CANCELLED" in table
+
+
+def test_preemption_checkpoints_requeues_and_resumes(env: dict[str, str], work: Path, reference: LocalReference,
+                                                      slurm_timings: dict[str, str]) -> None:
+    """SIGUSR1 (what Slurm sends before a time limit or preemption; submitit's signal here) mid-run: the ranks
+    checkpoint, submitit requeues, the requeued job resumes and ends with the uninterrupted run's weights."""
+    job_id, run_dir = submit(env, str(work / "tiny.yaml"), "--nodes", "2", "output.name=preempted")
+    wait_for("step 3", lambda: len(train_rows(run_dir)) >= 3, 240, poll=0.05)
+    t_signal = time.time()
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=30)
+    started = wait_for("the requeued start", lambda: [e for e in events(run_dir)
+                                                      if e["event"] == "started" and e.get("restart") == 1], 180)
+    requeued = [e for e in events(run_dir) if e["event"] == "requeued"]
+    assert requeued and requeued[0]["time"] <= started[0]["time"]
+    stopped_at = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
+                     if int(p.name.split("-")[1]) <= len(train_rows(run_dir)))
+    log0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert "stopped by SIGUSR1" in log0
+    # The checkpoint was complete before the requeue: the requeued job resumed from the step it stopped at.
+    wait_for("resume", lambda: "resumed from step-" in (run_dir / "logs" / "rank0.log").read_text(), 180)
+    resumed_line = [line for line in (run_dir / "logs" / "rank0.log").read_text().splitlines()
+                    if "resumed from step-" in line][-1]
+    assert 3 <= stopped_at < STEPS and f"(step {stopped_at})" in resumed_line, resumed_line
+    n_before = stopped_at
+    wait_for("a step after resuming", lambda: any(r["step"] > n_before for r in train_rows(run_dir)), 180, poll=0.2)
+    slurm_timings["preemption signal -> requeued job running"] = f"{started[0]['time'] - t_signal:.1f} s"
+    slurm_timings["preemption signal -> first step after resume"] = f"{time.time() - t_signal:.1f} s"
+    wait_completed(run_dir)
+    assert losses(run_dir) == pytest.approx(losses(reference.run_dir()), abs=1e-6)
+    assert_same_weights(run_dir, reference.run_dir())
+    assert json.loads(launch(env, "status", str(run_dir), "--json").stdout)["job_id"] == job_id
+
+
+def test_plain_sbatch_of_the_written_script_and_requeue_without_warning(
+        env: dict[str, str], work: Path, slurm_cluster: SlurmCluster, reference: LocalReference,
+        slurm_timings: dict[str, str]) -> None:
+    """`launch plan --nodes 2` writes RUN_DIR/job.sbatch; plain `sbatch` of it trains. `scontrol requeue` (no
+    warning signal) restarts it; it resumes from a checkpoint and ends with the reference weights."""
+    plan = launch(env, "plan", str(work / "tiny.yaml"), "--nodes", "2", "output.name=plain", "--json")
+    run_dir = Path(json.loads(plan.stdout)["run_dir"])
+    script = run_dir / "job.sbatch"
+    assert "#SBATCH --nodes=2" in script.read_text() and "#SBATCH --partition=debug" in script.read_text()
+    job_id = slurm_cluster.run("sbatch", "--parsable", str(script), cwd=work).strip()
+
+    def step3() -> bool:
+        if len(train_rows(run_dir)) >= 3:
+            return True
+        state = slurm_cluster.run("scontrol", "show", "job", "-o", job_id).split("JobState=", 1)[1].split()[0]
+        logs = "\n".join(p.read_text()[-3000:] for p in run_dir.glob("logs/*.log"))
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job {job_id} is {state} before step 3:\n{logs}"
+        return False
+
+    wait_for("step 3", step3, 240, poll=0.05)
+    t_requeue = time.time()
+    slurm_cluster.run("scontrol", "requeue", job_id)
+    wait_for("the restart", lambda: [e for e in events(run_dir) if e.get("restart") == 1], 180)
+    slurm_timings["scontrol requeue -> restarted"] = f"{time.time() - t_requeue:.1f} s"
+    assert json.loads(launch(env, "status", str(run_dir), "--json").stdout)["job_id"] == job_id
+    wait_completed(run_dir)
+    assert "resumed from step-" in (run_dir / "logs" / "rank0.log").read_text()
+    assert losses(run_dir) == pytest.approx(losses(reference.run_dir()), abs=1e-6)
+    assert_same_weights(run_dir, reference.run_dir())
+
+
+HOSTILE = "it's \"q\" $(touch {c}) `touch {c}` ; touch {c} && x' ; touch {c} ; '"
+
+
+def test_hostile_recipe_strings_run_nothing(env: dict[str, str], work: Path, slurm_cluster: SlurmCluster,
+                                            tmp_path: Path) -> None:
+    """Quotes, $(...), backticks and `;` in every string field that reaches Slurm: both the submitit submission and
+    plain sbatch of job.sbatch run the job (which fails: the model path does not exist) and nothing else."""
+    canary = tmp_path / "canary"
+    bad = HOSTILE.replace("{c}", str(canary))
+    root = tmp_path / f"root {bad}"
+    recipe = yaml.safe_load((work / "tiny.yaml").read_text())
+    recipe.update(description=bad, output={"root": str(root)})
+    recipe["model"]["path"] = str(tmp_path / f"model {bad}")
+    recipe["cluster"] = {"env": {"HOSTILE_VALUE": bad}, "sbatch_options": [f"--comment={bad}"]}
+    path = tmp_path / "hostile.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    job_id, run_dir = submit(env, str(path), "--cluster", "local", "--procs", "1")
+    assert run_dir.parent == root
+    plan = launch(env, "plan", str(path), "--cluster", "local", "--procs", "1", "output.name=plain")
+    assert "Slurm batch script" in plan.stdout
+    state = slurm_cluster.sbatch_and_wait(str(root / "plain" / "job.sbatch"), cwd=tmp_path)
+    assert state == "FAILED"  # exit 2: the model directory does not exist
+    wait_for("the submitit job to end", lambda: run_status(run_dir).state in ("FAILED", "COMPLETED"), 120, poll=1)
+    comment = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "Comment")
+    assert not canary.exists()
+    assert bad in comment or comment.strip() == ""  # sacct stores the comment only with AccountingStoreFlags
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--partition", "nope"], "unknown partition 'nope'; sinfo lists: debug"),
+    (["--nodes", "3"], "--nodes 3 but partition 'debug' has 2 node(s)"),
+    (["--gpus-per-node", "3"], "3 GPUs per node requested but nodes of partition 'debug' have 2"),
+    (["--time", "1h"], "bad time limit '1h'"),
+    (["--time", "2:00:00"], "exceeds partition 'debug'"),
+    (["--cluster", "nowhere"], "unknown cluster profile 'nowhere'"),
+])
+def test_clear_errors_before_submitting(env: dict[str, str], work: Path, args: list[str], message: str) -> None:
+    proc = launch(env, str(work / "tiny.yaml"), "--nodes", "2", *args, check=False)
+    assert proc.returncode == 2 and message in " ".join(proc.stderr.split()), proc.stderr
+
+
+def test_no_slurm_on_path(env: dict[str, str], work: Path) -> None:
+    no_slurm = {**env, "PATH": str(Path(sys.executable).parent)}
+    proc = launch(no_slurm, str(work / "tiny.yaml"), "--nodes", "2", check=False)
+    assert proc.returncode == 2 and "Slurm not found" in proc.stderr, proc.stderr

@@ -1,0 +1,162 @@
+"""cluster/slurm.py without a cluster: profiles, settings precedence, the job.sbatch golden file, shell quoting of
+hostile values (run with a stub srun), secrets, time limits, pre-flight errors. The same against a real Slurm is in
+tests/integration/test_slurm_launch.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.slurm import (SlurmError, SlurmSettings, check_resources, check_shared_storage, parse_time_minutes,
+                           PartitionInfo, render_sbatch, require_slurm, resolve_settings, secret_values)
+from launcher.schema import ClusterConfig
+
+GOLDEN = Path(__file__).parent / "golden" / "job.sbatch"
+HOSTILE = ["it's", 'say "hi"', "$(touch {canary})", "`touch {canary}`", "a; touch {canary}", "x' ; touch {canary} ; '",
+           "\\$(touch {canary})", "$HOME ${PATH} *", "a && touch {canary} || touch {canary}"]
+
+
+def golden_settings() -> SlurmSettings:
+    cluster = ClusterConfig(partition="gpu", account="proj-42", qos="high", time="1-12:00:00", gpus_per_node=8,
+                            cpus_per_task=12, mem="0", constraint="h100&ib", exclusive=True,
+                            sbatch_options=["--reservation=big run", "--hint=nomultithread"],
+                            setup=["module load cuda/12.4", "source /shared/venv/bin/activate"],
+                            container_image="nvcr.io#nvidia/pytorch:24.05-py3",
+                            env={"NCCL_DEBUG": "WARN", "NCCL_IB_HCA": "mlx5", "HF_TOKEN": "never-written"},
+                            max_requeues=5)
+    return resolve_settings("gpu-example", cluster, nodes=4)
+
+
+def test_job_sbatch_matches_golden_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTLAUNCH_PROFILES", str(GOLDEN.parent / "profiles"))  # a fixed profile, not a shipped one
+    text = render_sbatch(golden_settings(), "/shared/runs/llama-70b", "ftlaunch-llama-70b",
+                         python="/shared/venv/bin/python", recipe_file="/home/me/recipes/llama 70b.yaml")
+    if os.environ.get("FTLAUNCH_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text(), "job.sbatch changed; if intended: FTLAUNCH_UPDATE_GOLDEN=1 pytest this test"
+    assert "never-written" not in text and "HF_TOKEN:?" in text
+
+
+def test_precedence_profile_recipe_flags() -> None:
+    s = resolve_settings("local", ClusterConfig(time="00:05:00", env={"NCCL_DEBUG": "INFO"}), nodes=2)
+    assert (s.partition, s.time, s.tasks_per_node, s.env["GLOO_SOCKET_IFNAME"]) == ("debug", "00:05:00", 2, "lo")
+    assert s.env["NCCL_DEBUG"] == "INFO"
+    s = resolve_settings("local", ClusterConfig(time="00:05:00"), nodes=2, partition="other", time_limit="7",
+                         gpus_per_node=2)
+    assert (s.partition, s.time, s.gpus_per_node, s.tasks_per_node, s.timeout_min) == ("other", "7", 2, 2, 7)
+    with pytest.raises(SlurmError, match="unknown cluster profile 'nope'"):
+        resolve_settings("nope", ClusterConfig(), nodes=2)
+
+
+@pytest.mark.parametrize("text, minutes", [("30", 30), ("0:30", 1), ("02:00:00", 120), ("1-0", 1440),
+                                           ("1-02:30", 1590), ("2-00:00:01", 2881)])
+def test_time_formats(text: str, minutes: int) -> None:
+    assert parse_time_minutes(text) == minutes
+    ClusterConfig(time=text)
+
+
+@pytest.mark.parametrize("bad", ["1h", "90m", "1:2:3:4", "-5", "0", ""])
+def test_bad_time_limit_is_a_clear_error(bad: str) -> None:
+    with pytest.raises(SlurmError, match="bad time limit"):
+        parse_time_minutes(bad)
+    with pytest.raises(ValueError):
+        ClusterConfig(time=bad) if bad != "0" else (_ for _ in ()).throw(ValueError())
+
+
+def test_newlines_and_bad_env_names_are_rejected() -> None:
+    with pytest.raises(SlurmError, match="newline"):
+        render_sbatch(resolve_settings("local", ClusterConfig(), nodes=2), "/runs/a\ntouch x", "ftlaunch-a")
+    with pytest.raises(ValueError, match="newline"):
+        ClusterConfig(account="a\n#SBATCH --wrap=x")
+    with pytest.raises(ValueError, match="newline"):
+        ClusterConfig(env={"A": "x\ny"})
+    with pytest.raises(ValueError, match="not a valid environment variable name"):
+        ClusterConfig(env={"A;B": "x"})
+    with pytest.raises(ValueError, match="not an option"):
+        ClusterConfig(sbatch_options=["reservation=x"])
+
+
+def test_secrets_are_redacted_and_passed_through_the_environment() -> None:
+    cluster = ClusterConfig(env={"HF_TOKEN": "hf_abc", "WANDB_API_KEY": None, "NCCL_DEBUG": "INFO"})
+    assert "hf_abc" not in json.dumps(cluster.model_dump(mode="json"))
+    s = resolve_settings("local", cluster, nodes=2)
+    assert s.secret_env == ["HF_TOKEN", "WANDB_API_KEY"] and "HF_TOKEN" not in s.env
+    assert "hf_abc" not in json.dumps(s.to_json())
+    values, missing = secret_values(s, cluster, environ={"WANDB_API_KEY": "w"})
+    assert values == {"HF_TOKEN": "hf_abc", "WANDB_API_KEY": "w"} and missing == []
+    assert secret_values(s, cluster, environ={})[1] == ["WANDB_API_KEY"]
+
+
+def test_hostile_values_run_nothing_unintended(tmp_path: Path) -> None:
+    """Every value a recipe can put into job.sbatch, hostile; the script runs with a stub srun that records its
+    arguments and environment. Nothing may create the canary, and every value must arrive unchanged."""
+    canary = tmp_path / "canary"
+    hostile = [h.replace("{canary}", str(canary)) for h in HOSTILE]
+    one = " ".join(hostile)
+    cluster = ClusterConfig(partition=one, account=one, qos=one, constraint=one, mem="4G", container_image=one,
+                            sbatch_options=[f"--comment={one}"], env={f"V{i}": h for i, h in enumerate(hostile)})
+    run_dir = tmp_path / f"runs/{one}"
+    run_dir.mkdir(parents=True)
+    text = render_sbatch(resolve_settings("local", cluster, nodes=2, time_limit="10"), str(run_dir),
+                         "ftlaunch-x", python=f"/opt/{one}/python", recipe_file=str(tmp_path / one))
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun.json"
+    stub = bin_dir / "srun"
+    stub.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump({{'argv': sys.argv[1:], 'env': dict(os.environ)}}, open({str(record)!r}, 'w'))\n")
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not canary.exists()
+    got = json.loads(record.read_text())
+    assert got["argv"] == [f"--container-image={one}", f"/opt/{one}/python", "-m", "launcher.job", str(run_dir)]
+    for i, h in enumerate(hostile):
+        assert got["env"][f"V{i}"] == h
+    assert json.loads((run_dir / "jobs.jsonl").read_text())["job_id"] == "7"
+
+
+def test_no_slurm_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    with pytest.raises(SlurmError, match="Slurm not found: sbatch, sinfo, squeue, scancel not on PATH"):
+        require_slurm()
+
+
+def test_resource_checks_against_a_partition() -> None:
+    parts = {"debug": PartitionInfo("debug", nodes=2, cpus_per_node=2, gpus_per_node=2, max_minutes=60)}
+    ok = resolve_settings("local", ClusterConfig(), nodes=2)
+    check_resources(ok, parts, "debug")
+    with pytest.raises(SlurmError, match="unknown partition 'gpu'; sinfo lists: debug"):
+        check_resources(ok, parts, "gpu")
+    with pytest.raises(SlurmError, match="--nodes 3 but partition 'debug' has 2 node"):
+        check_resources(resolve_settings("local", ClusterConfig(), nodes=3), parts, "debug")
+    with pytest.raises(SlurmError, match="4 GPUs per node requested but nodes of partition 'debug' have 2"):
+        check_resources(resolve_settings("local", ClusterConfig(), nodes=1, gpus_per_node=4), parts, "debug")
+    with pytest.raises(SlurmError, match="3 ranks x 1 CPUs"):
+        check_resources(resolve_settings("local", ClusterConfig(), nodes=1, procs=3), parts, "debug")
+    with pytest.raises(SlurmError, match="exceeds partition 'debug'"):
+        check_resources(resolve_settings("local", ClusterConfig(), nodes=1, time_limit="2:00:00"), parts, "debug")
+
+
+def test_shared_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cluster.slurm as slurm
+
+    settings = resolve_settings("local", ClusterConfig(), nodes=2)
+    assert check_shared_storage(tmp_path, settings) is None  # the local profile: shared_roots ["/"]
+    bare = SlurmSettings(profile="x", nodes=2, gpus_per_node=0, ranks_per_node=2, cpus_per_task=1, time="10")
+    monkeypatch.setattr(slurm, "filesystem_type", lambda path: "ext4")
+    with pytest.raises(SlurmError, match="node-local ext4 file system"):
+        check_shared_storage(tmp_path, bare)
+    monkeypatch.setattr(slurm, "filesystem_type", lambda path: "lustre")
+    assert check_shared_storage(tmp_path, bare) is None
+    monkeypatch.setattr(slurm, "filesystem_type", lambda path: None)
+    assert "could not tell" in (check_shared_storage(tmp_path, bare) or "")
