@@ -26,6 +26,9 @@ from cluster.slurm import CLUSTER_FILE, JOBS_FILE, SlurmError
 PLAN_FILE = "plan.json"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
+#: Slurm states of a job that still holds or waits for resources: a run with one is not resubmitted.
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
 OUTPUT_DIRS = ("adapter", "model", "merged")
 #: A local run whose metrics.jsonl changed this recently is taken to be running.
 LOCAL_RUNNING_WINDOW_S = 120

@@ -1,6 +1,7 @@
 """The `launch` command.
 
-    launch RECIPE [key.path=value ...] [--procs N] [--resume [RUN_DIR]]     train on this machine
+    launch RECIPE [key.path=value ...] [--procs N]                            train on this machine
+    launch --resume RUN_DIR [--procs N | --nodes N ...]   continue a run, on the same or other resources
     launch plan RECIPE [key.path=value ...] [--nodes N] [--gpus-per-node G] [--procs N] [--json]
     launch export RUN_DIR [--merge] [--out DIR]
     launch RECIPE --nodes N | --cluster NAME [--partition P] [--time T] [--gpus-per-node G]   submit to Slurm
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 from rich.console import Console
 
 from launcher.ds_config import write_strategy_files
-from launcher.plan import Plan, Resources, local_gpu_count, make_plan
+from launcher.plan import Plan, Resources, local_gpu_count, make_plan, replan_for_resume
 from launcher.plan_memory import parse_size
 from launcher.recipe import LoadedRecipe, RecipeError, load_recipe
 from launcher.rundir import PLAN_FILE, claim_run_dir, next_run_dir, read_plan, runs_of, write_json_atomic
@@ -38,10 +39,11 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------------- arguments
-def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file")
+def _add_recipe_args(parser: argparse.ArgumentParser, recipe_required: bool = True) -> None:
+    parser.add_argument("recipe", nargs=None if recipe_required else "?", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides, e.g. optim.lr=1e-4")
-    parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1: this machine)")
+    # Default None, not 1: a resumed run tells "not given" (keep the run's layout) from an explicit `--nodes 1`.
+    parser.add_argument("--nodes", type=int, default=None, help="number of nodes (default 1: this machine)")
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="GPUs per node (default: the GPUs visible here; 0 trains on CPU)")
     parser.add_argument("--procs", type=int, default=None,
@@ -58,9 +60,11 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
 def _run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch", description="Train from a recipe on this machine.",
                                      epilog="other commands: launch plan RECIPE ..., launch export RUN_DIR ...")
-    _add_recipe_args(parser)
+    _add_recipe_args(parser, recipe_required=False)
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_DIR",
-                        help="continue the latest run of this recipe, or the given run directory")
+                        help="continue the latest run of this recipe, or the given run directory, from its last "
+                             "checkpoint; --procs/--nodes/--gpus-per-node resume it on another world size (the "
+                             "global batch is kept: grad_accum absorbs the change)")
     return parser
 
 
@@ -83,9 +87,20 @@ class UsageError(Exception):
     """Bad command-line input (not a recipe problem)."""
 
 
+def _nodes(args: argparse.Namespace) -> int:
+    nodes = 1 if args.nodes is None else args.nodes
+    if nodes < 1:
+        raise UsageError(f"--nodes must be >= 1 (got {nodes})")
+    return nodes
+
+
+def _layout_given(args: argparse.Namespace) -> bool:
+    """Whether the command line names resources (a resumed run otherwise keeps the ones it was planned for)."""
+    return any(v is not None for v in (args.nodes, args.procs, args.gpus_per_node, args.cluster))
+
+
 def _resources(args: argparse.Namespace) -> Resources:
-    if args.nodes < 1:
-        raise UsageError(f"--nodes must be >= 1 (got {args.nodes})")
+    nodes = _nodes(args)
     gpus = local_gpu_count() if args.gpus_per_node is None else args.gpus_per_node
     if gpus < 0:
         raise UsageError(f"--gpus-per-node must be >= 0 (got {gpus})")
@@ -94,13 +109,16 @@ def _resources(args: argparse.Namespace) -> Resources:
         raise UsageError(f"--procs must be >= 1 (got {procs})")
     if gpus and procs > gpus:
         raise UsageError(f"--procs({procs}) > --gpus-per-node({gpus}): one rank per GPU at most")
-    gpu_mem = None
-    if args.gpu_mem is not None:
-        try:
-            gpu_mem = parse_size(args.gpu_mem)
-        except ValueError as err:
-            raise UsageError(f"--gpu-mem: {err}") from None
-    return Resources(nodes=args.nodes, gpus_per_node=gpus, procs_per_node=procs, gpu_mem_bytes=gpu_mem)
+    return Resources(nodes=nodes, gpus_per_node=gpus, procs_per_node=procs, gpu_mem_bytes=_gpu_mem(args))
+
+
+def _gpu_mem(args: argparse.Namespace) -> int | None:
+    if args.gpu_mem is None:
+        return None
+    try:
+        return parse_size(args.gpu_mem)
+    except ValueError as err:
+        raise UsageError(f"--gpu-mem: {err}") from None
 
 
 def _plan_for(args: argparse.Namespace, run_dir: Path | None = None) -> tuple[LoadedRecipe, Plan]:
@@ -116,7 +134,7 @@ def _plan_for(args: argparse.Namespace, run_dir: Path | None = None) -> tuple[Lo
 # ------------------------------------------------------------------------------------------------------- slurm
 def _on_slurm(args: argparse.Namespace) -> bool:
     """Slurm when asked for several nodes or a cluster profile; this machine otherwise."""
-    return args.nodes > 1 or args.cluster is not None
+    return _nodes(args) > 1 or args.cluster is not None
 
 
 def _slurm_plan(args: argparse.Namespace, loaded: LoadedRecipe, run_dir: Path) -> tuple[Plan, "SlurmSettings"]:
@@ -125,15 +143,11 @@ def _slurm_plan(args: argparse.Namespace, loaded: LoadedRecipe, run_dir: Path) -
 
     from cluster.slurm import render_sbatch, resolve_settings
 
-    if args.nodes < 1:
-        raise UsageError(f"--nodes must be >= 1 (got {args.nodes})")
-    settings = resolve_settings(args.cluster, loaded.recipe.cluster, nodes=args.nodes,
+    settings = resolve_settings(args.cluster, loaded.recipe.cluster, nodes=_nodes(args),
                                 gpus_per_node=args.gpus_per_node, partition=args.partition, time_limit=args.time,
                                 procs=args.procs)
-    gpu_mem = _resources(argparse.Namespace(**{**vars(args), "gpus_per_node": settings.gpus_per_node,
-                                               "procs": settings.tasks_per_node})).gpu_mem_bytes
     resources = Resources(nodes=settings.nodes, gpus_per_node=settings.gpus_per_node,
-                          procs_per_node=settings.tasks_per_node, gpu_mem_bytes=gpu_mem)
+                          procs_per_node=settings.tasks_per_node, gpu_mem_bytes=_gpu_mem(args))
     plan = make_plan(loaded, resources, run_dir)
     sbatch = render_sbatch(settings, plan.run_dir, _job_name(loaded), recipe_file=plan.recipe_file)
     return dataclasses.replace(plan, sbatch=sbatch), settings
@@ -147,15 +161,22 @@ def _write_slurm_files(run_dir: Path, plan: Plan, settings: "SlurmSettings") -> 
     write_json_atomic(run_dir / CLUSTER_FILE, settings.to_json())
 
 
-def _submit_slurm(args: argparse.Namespace) -> int:
-    """Check, write the run directory (plan.json, job.sbatch, cluster.json) and submit through submitit."""
+def _submit_slurm(args: argparse.Namespace, resume: Path | None = None) -> int:
+    """Check, write the run directory (plan.json, job.sbatch, cluster.json) and submit through submitit.
+
+    With `resume`, the run directory exists: the job is re-planned on the requested (or recorded) Slurm resources and
+    resubmitted; its ranks continue from the last checkpoint."""
     from cluster.slurm import load_profile, preflight, secret_values, submit
 
-    loaded, plan = _plan_for(args)  # validate everything before a directory exists
-    if not plan.runnable:
-        raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
-    run_dir = claim_run_dir(Path(plan.run_dir).parent, Path(plan.run_dir).name)
-    plan, settings = _slurm_plan(args, loaded, run_dir)
+    if resume is None:
+        loaded, plan = _plan_for(args)  # validate everything before a directory exists
+        if not plan.runnable:
+            raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
+        run_dir = claim_run_dir(Path(plan.run_dir).parent, Path(plan.run_dir).name)
+        plan, settings = _slurm_plan(args, loaded, run_dir)
+    else:
+        run_dir = resume
+        loaded, plan, settings = _slurm_replan(args, run_dir)
     settings, warnings = preflight(settings, run_dir)
     secrets, missing = secret_values(settings, loaded.recipe.cluster, load_profile(settings.profile))
     if missing:
@@ -170,8 +191,10 @@ def _submit_slurm(args: argparse.Namespace) -> int:
     # Re-rendered: preflight may have filled in the cluster's default partition.
     plan = dataclasses.replace(plan, sbatch=render_sbatch(settings, plan.run_dir, _job_name(loaded),
                                                           recipe_file=plan.recipe_file))
-    write_json_atomic(run_dir / PLAN_FILE, plan.to_json())
-    write_strategy_files(run_dir, plan.to_json())
+    for warning in plan.warnings if resume is not None else ():
+        if warning.startswith("resume:"):
+            console.print(f"[yellow]{_escape(warning)}[/]")
+    _write_plan(run_dir, plan, keep_previous=resume is not None)
     _write_slurm_files(run_dir, plan, settings)
     job_id = submit(run_dir, settings, secrets, _job_name(loaded))
     console.print(f"[bold]run directory[/] {run_dir}")
@@ -181,6 +204,46 @@ def _submit_slurm(args: argparse.Namespace) -> int:
                   f"stop: launch cancel {run_dir}")
     print(job_id)  # stdout: the job id alone, for scripts
     return 0
+
+
+def _slurm_replan(args: argparse.Namespace, run_dir: Path) -> tuple[LoadedRecipe, Plan, "SlurmSettings"]:
+    """A run being resubmitted: flags given now, else what the run was submitted with (RUN_DIR/cluster.json)."""
+    from cluster.runs import ACTIVE_STATES, run_status
+    from cluster.slurm import CLUSTER_FILE, resolve_settings
+
+    status = run_status(run_dir)
+    if status.state in ACTIVE_STATES:
+        raise UsageError(f"{run_dir} still has Slurm job {status.job_id} {status.state}: two jobs would write one run "
+                         f"directory; stop it first (launch cancel {run_dir})")
+    previous = Plan.from_json(read_plan(run_dir))
+    recipe = previous.typed_recipe()
+    recorded = json.loads((run_dir / CLUSTER_FILE).read_text()) if (run_dir / CLUSTER_FILE).is_file() else {}
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else recorded.get("gpus_per_node")
+    procs = args.procs
+    if procs is None and not gpus and args.nodes is None:
+        procs = recorded.get("ranks_per_node")
+    settings = resolve_settings(args.cluster or recorded.get("profile"), recipe.cluster,
+                                nodes=args.nodes if args.nodes is not None else recorded.get("nodes", 1),
+                                gpus_per_node=gpus, partition=args.partition or recorded.get("partition"),
+                                time_limit=args.time or recorded.get("time"), procs=procs)
+    resources = Resources(nodes=settings.nodes, gpus_per_node=settings.gpus_per_node,
+                          procs_per_node=settings.tasks_per_node, gpu_mem_bytes=_gpu_mem(args))
+    plan = replan_for_resume(previous, resources, run_dir)
+    if not plan.runnable:
+        raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
+    loaded = LoadedRecipe(recipe=plan.typed_recipe(), source=Path(plan.recipe_file), overrides=plan.overrides)
+    return loaded, plan, settings
+
+
+def _write_plan(run_dir: Path, plan: Plan, keep_previous: bool = False) -> None:
+    """plan.json (+ ds_config.json); a resumed run's earlier plan is kept as plan-history/NNN.json."""
+    if keep_previous and (run_dir / PLAN_FILE).is_file():
+        history = run_dir / "plan-history"
+        history.mkdir(exist_ok=True)
+        number = len(list(history.glob("*.json"))) + 1
+        write_json_atomic(history / f"{number:03d}.json", read_plan(run_dir))
+    write_json_atomic(run_dir / PLAN_FILE, plan.to_json())
+    write_strategy_files(run_dir, plan.to_json())
 
 
 def _job_name(loaded: LoadedRecipe) -> str:
@@ -194,8 +257,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     run_dir = Path(plan.run_dir)
     if not run_dir.exists():
         run_dir = claim_run_dir(run_dir.parent, run_dir.name)
-    write_json_atomic(run_dir / PLAN_FILE, plan.to_json())
-    write_strategy_files(run_dir, plan.to_json())
+    _write_plan(run_dir, plan)
     if plan.sbatch is not None:
         _, settings = _slurm_plan(args, loaded, run_dir)
         _write_slurm_files(run_dir, plan, settings)
@@ -228,6 +290,8 @@ def _resume_dir(args: argparse.Namespace) -> Path:
         run_dir = Path(args.resume).resolve()
         read_plan(run_dir)  # clear error when it is not a run directory
         return run_dir
+    if args.recipe is None:
+        raise UsageError("--resume without a run directory needs the recipe: launch RECIPE --resume")
     loaded = load_recipe(args.recipe, args.overrides)
     name = loaded.recipe.output.name or loaded.recipe.name
     runs = [r for r in runs_of(Path(loaded.recipe.output.root).resolve(), name) if (r / "checkpoints").is_dir()]
@@ -241,13 +305,28 @@ def cmd_run(argv: Sequence[str]) -> int:
     if args.resume is not None and "=" in args.resume and not Path(args.resume).is_dir():
         args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a run directory
         args.resume = "latest"
+    if args.resume is None and args.recipe is None:
+        raise UsageError("launch needs a recipe (launch RECIPE ...) or a run to resume (launch --resume RUN_DIR)")
     if args.resume is None and _on_slurm(args):
         return _submit_slurm(args)
     if args.resume is not None:
         run_dir = _resume_dir(args)
         if args.overrides:
             raise UsageError("overrides cannot change a run being resumed: its plan.json is the contract")
+        from cluster.slurm import CLUSTER_FILE
+
+        was_slurm = (run_dir / CLUSTER_FILE).is_file()
+        if _on_slurm(args) or (was_slurm and not _layout_given(args)):
+            return _submit_slurm(args, resume=run_dir)  # a Slurm run goes back to Slurm unless told otherwise
         plan = Plan.from_json(read_plan(run_dir))
+        if _layout_given(args) or was_slurm:
+            plan = replan_for_resume(plan, _resources(args), run_dir)  # here, on the resources named now
+            if not plan.runnable:
+                raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
+            _write_plan(run_dir, plan, keep_previous=True)
+            for warning in plan.warnings:
+                if warning.startswith("resume:"):
+                    console.print(f"[yellow]{_escape(warning)}[/]")
         console.print(f"[bold]resuming[/] {run_dir}")
     else:
         loaded, plan = _plan_for(args)  # validate and check everything before a directory exists
@@ -256,8 +335,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         run_dir = claim_run_dir(Path(plan.run_dir).parent, Path(plan.run_dir).name)
         if str(run_dir) != plan.run_dir:  # lost a race for the name: re-plan into the directory we own
             loaded, plan = _plan_for(args, run_dir)
-        write_json_atomic(run_dir / PLAN_FILE, plan.to_json())
-        write_strategy_files(run_dir, plan.to_json())
+        _write_plan(run_dir, plan)
         console.print(f"[bold]run directory[/] {run_dir}")
     from cluster.local import run_local  # imports torch only when training really starts
 

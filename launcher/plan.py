@@ -10,7 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -273,3 +273,46 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
 
 def dumps(plan: Plan) -> str:
     return json.dumps(plan.to_json(), indent=2)
+
+
+def replan_for_resume(previous: Plan, resources: Resources, run_dir: Path | None = None) -> Plan:
+    """The plan of a run resumed on other resources: same recipe, same strategy, same global batch.
+
+    The global batch (micro_batch x grad_accum x world_size) is what the optimizer and the LR schedule were tuned for;
+    keeping it makes a resumed run continue the uninterrupted curve (measured in tests/integration/test_strategies.py:
+    FSDP and ZeRO 2 -> 1 rank within 3e-7). grad_accum absorbs the change; where it cannot (the global batch is not a
+    multiple of micro_batch x new world size) this refuses and names the world sizes that can. The strategy stays:
+    its checkpoint format (DCP, DeepSpeed, full state) is what the run directory holds. `run_dir`: where the run
+    is now, when it was moved or copied since it was planned.
+    """
+    recipe = previous.typed_recipe()
+    optim = recipe.optim
+    micro = int(optim.micro_batch)  # plan.json holds a concrete value: `auto` was resolved when the run was planned
+    global_batch = micro * optim.grad_accum * previous.world_size
+    per_step = micro * resources.world_size
+    if global_batch % per_step:
+        fits = [w for w in range(1, global_batch // micro + 1) if (global_batch // micro) % w == 0]
+        raise RecipeError([Problem(
+            "optim.grad_accum",
+            f"the run's global batch {global_batch} (micro_batch({micro}) * grad_accum({optim.grad_accum}) * "
+            f"world_size({previous.world_size})) is not a multiple of micro_batch({micro}) * world_size"
+            f"({resources.world_size}): resuming would change the batch the run was trained with",
+            hint=f"resume on a world size that divides {global_batch // micro}: {', '.join(map(str, fits))}")],
+            source=f"{previous.run_dir} (resume)")
+    # Rebuilt from its non-default values: a recipe read back from plan.json has every field "set", which would
+    # defeat the checks and choices that depend on what the user wrote (options of an unused strategy, auto offload).
+    data = recipe.model_dump(mode="json", exclude_defaults=True)
+    data["optim"] = {**data.get("optim", {}), "grad_accum": global_batch // per_step}
+    if optim.global_batch is not None:
+        data["optim"]["global_batch"] = global_batch
+    options = data.get("strategy", {})
+    own = "fsdp" if previous.strategy == "fsdp" else "deepspeed" if previous.strategy.startswith("zero") else None
+    data["strategy"] = {"name": previous.strategy, **({own: options[own]} if own in options else {})}
+    recipe = Recipe.model_validate(data)
+    loaded = LoadedRecipe(recipe=recipe, source=Path(previous.recipe_file), overrides=list(previous.overrides))
+    plan = make_plan(loaded, resources, run_dir or Path(previous.run_dir))
+    if resources.world_size != previous.world_size:
+        note = (f"resume: {previous.world_size} -> {resources.world_size} ranks; grad_accum {optim.grad_accum} -> "
+                f"{recipe.optim.grad_accum} keeps the global batch {global_batch}")
+        plan = replace(plan, warnings=[note, *plan.warnings])
+    return plan

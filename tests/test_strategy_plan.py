@@ -181,3 +181,38 @@ def test_fsdp_option_checks(tmp_path: Path) -> None:
     assert "cpu_offload needs GPUs" in refused(tmp_path, Resources(procs_per_node=2),
                                                strategy={"name": "fsdp", "fsdp": {"cpu_offload": True}})
     assert "use bfloat16" in refused(tmp_path, GPU_4x8, strategy={"name": "fsdp", "fsdp": {"param_dtype": "float16"}})
+
+
+# ------------------------------------------------------------------------------------------ resume elsewhere
+def test_resume_on_other_resources_keeps_global_batch_and_strategy(tmp_path: Path) -> None:
+    """4 nodes x 8 GPUs -> 2 x 8: grad_accum doubles, the ZeRO-3 JSON follows, `auto` stays what it resolved to."""
+    from launcher.plan import replan_for_resume
+
+    before = plan_for(tmp_path, GPU_4x8, method={"name": "full"}, strategy={"name": "zero3"},
+                      optim={"micro_batch": 1, "grad_accum": 2, "global_batch": 64})
+    after = replan_for_resume(before, Resources(nodes=2, gpus_per_node=8, procs_per_node=8))
+    assert (after.world_size, after.strategy, after.typed_recipe().optim.grad_accum) == (16, "zero3", 4)
+    assert after.strategy_config["train_batch_size"] == 64 and after.strategy_config["gradient_accumulation_steps"] == 4
+    assert after.warnings[0] == "resume: 32 -> 16 ranks; grad_accum 2 -> 4 keeps the global batch 64"
+    # auto resolved to fsdp on 4x8 stays fsdp on one node, although auto could pick otherwise there
+    auto = plan_for(tmp_path, GPU_4x8, method={"name": "full"}, strategy={"name": "fsdp"})
+    assert replan_for_resume(auto, Resources(gpus_per_node=8, procs_per_node=8)).strategy == "fsdp"
+
+
+def test_resume_on_a_world_size_that_breaks_the_global_batch_is_refused(tmp_path: Path) -> None:
+    from launcher.plan import replan_for_resume
+
+    before = plan_for(tmp_path, Resources(gpus_per_node=4, procs_per_node=4), method={"name": "lora"},
+                      optim={"micro_batch": 2, "grad_accum": 3})
+    with pytest.raises(RecipeError) as err:
+        replan_for_resume(before, Resources(gpus_per_node=8, procs_per_node=8))
+    text = " ".join(str(err.value).split())
+    assert "global batch 24 (micro_batch(2) * grad_accum(3) * world_size(4)) is not a multiple of" in text
+    assert "resume on a world size that divides 12: 1, 2, 3, 4, 6, 12" in text
+
+
+def test_launch_resume_needs_a_recipe_or_a_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--resume"]) == 2
+    assert "--resume without a run directory needs the recipe" in capsys.readouterr().err
+    assert main([]) == 2
+    assert "launch needs a recipe" in capsys.readouterr().err

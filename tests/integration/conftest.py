@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "srun", "sacct")
 
-#: Timings the Slurm tests measure; printed in the terminal summary, never asserted.
+#: Timings the integration tests measure (Slurm, strategies); printed in the terminal summary, never asserted.
 TIMINGS: dict[str, str] = {}
 
 
@@ -36,7 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if TIMINGS:
-        terminalreporter.section("local Slurm timings (measured, not asserted)")
+        terminalreporter.section("integration timings (measured, not asserted)")
         for name, value in TIMINGS.items():
             terminalreporter.write_line(f"{name}: {value}")
 
@@ -107,7 +107,7 @@ def _job_env(state_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def slurm_timings() -> dict[str, str]:
+def integration_timings() -> dict[str, str]:
     """Where tests put timings to print in the terminal summary."""
     return TIMINGS
 

@@ -106,7 +106,7 @@ def test_more_gpus_than_a_node_has_is_rejected(slurm_cluster: SlurmCluster) -> N
     assert proc.returncode != 0 and "Requested node configuration is not available" in proc.stderr
 
 
-def test_submit_to_running_latency(slurm_cluster: SlurmCluster, slurm_timings: dict[str, str],
+def test_submit_to_running_latency(slurm_cluster: SlurmCluster, integration_timings: dict[str, str],
                                    tmp_path: Path) -> None:
     """Measure (print, not assert) how long a job takes from sbatch to its first instruction.
     Also the one place `sbatch --wait` itself is exercised (a short job: its first poll catches the end)."""
@@ -116,5 +116,5 @@ def test_submit_to_running_latency(slurm_cluster: SlurmCluster, slurm_timings: d
                       "--wrap", f"date +%s.%N > {stamp}", timeout=120, cwd=tmp_path)
     t_end = time.time()
     latency = float(stamp.read_text()) - t0
-    slurm_timings["sbatch -> job running"] = f"{latency:.2f} s (sbatch --wait returned after {t_end - t0:.1f} s)"
+    integration_timings["sbatch -> job running"] = f"{latency:.2f} s (sbatch --wait returned after {t_end - t0:.1f} s)"
     assert latency >= 0

@@ -164,7 +164,7 @@ def assert_same_weights(a: Path, b: Path) -> float:
 # ------------------------------------------------------------------------------------------------------ tests
 def test_two_nodes_train_to_the_end_like_four_local_ranks(env: dict[str, str], work: Path,
                                                           reference: LocalReference,
-                                                          slurm_timings: dict[str, str]) -> None:
+                                                          integration_timings: dict[str, str]) -> None:
     """`launch recipe --nodes 2` trains to the end; its losses equal a local `--procs 4` run's. Meanwhile: a second
     submission pends behind it and is cancelled with `launch cancel`; `launch status/logs/runs` read real jobs."""
     recipe = str(work / "tiny.yaml")
@@ -178,7 +178,7 @@ def test_two_nodes_train_to_the_end_like_four_local_ranks(env: dict[str, str], w
     assert "CANCELLED" in launch(env, "status", str(queued_dir)).stdout
 
     wait_for("the first training step", lambda: train_rows(run_dir), 240, poll=0.2)
-    slurm_timings["launch --nodes 2 -> first training step"] = f"{time.time() - t0:.1f} s"
+    integration_timings["launch --nodes 2 -> first training step"] = f"{time.time() - t0:.1f} s"
     status = json.loads(launch(env, "status", str(run_dir), "--json").stdout)
     assert status["job_id"] == job_id and status["kind"] == "slurm" and status["world_size"] == 4
     assert status["state"] in ("RUNNING", "COMPLETING", "COMPLETED") and status["node_list"] == "node[1-2]"
@@ -186,12 +186,12 @@ def test_two_nodes_train_to_the_end_like_four_local_ranks(env: dict[str, str], w
     launch(env, "logs", str(run_dir), "--rank", "3")  # rank 3 (on node2) logs only warnings: may be empty
     assert "ranks 0..3" in launch(env, "logs", str(run_dir), "--rank", "4", check=False).stderr
     wait_completed(run_dir)
-    slurm_timings[f"launch --nodes 2 -> done ({STEPS} steps, 4 ranks)"] = f"{time.time() - t0:.1f} s"
+    integration_timings[f"launch --nodes 2 -> done ({STEPS} steps, 4 ranks)"] = f"{time.time() - t0:.1f} s"
     follow = launch(env, "logs", str(run_dir), "--follow", timeout=30).stdout  # returns: the run has ended
     assert "outputs:" in follow
     local_dir = reference.run_dir()
     diff = max(abs(a - b) for a, b in zip(losses(run_dir), losses(local_dir)))
-    slurm_timings["loss |slurm 2x2 - local 4| max"] = f"{diff:.2e}"
+    integration_timings["loss |slurm 2x2 - local 4| max"] = f"{diff:.2e}"
     assert diff <= LOSS_TOLERANCE
     table = launch(env, "runs", "--root", str(work / "runs")).stdout
     for name in ("tiny", "queued", "local4"):
@@ -200,7 +200,7 @@ def test_two_nodes_train_to_the_end_like_four_local_ranks(env: dict[str, str], w
 
 
 def test_preemption_checkpoints_requeues_and_resumes(env: dict[str, str], work: Path, reference: LocalReference,
-                                                      slurm_timings: dict[str, str]) -> None:
+                                                      integration_timings: dict[str, str]) -> None:
     """SIGUSR1 (what Slurm sends before a time limit or preemption; submitit's signal here) mid-run: the ranks
     checkpoint, submitit requeues, the requeued job resumes and ends with the uninterrupted run's weights."""
     job_id, run_dir = submit(env, str(work / "tiny.yaml"), "--nodes", "2", "output.name=preempted")
@@ -222,8 +222,8 @@ def test_preemption_checkpoints_requeues_and_resumes(env: dict[str, str], work: 
     assert 3 <= stopped_at < STEPS and f"(step {stopped_at})" in resumed_line, resumed_line
     n_before = stopped_at
     wait_for("a step after resuming", lambda: any(r["step"] > n_before for r in train_rows(run_dir)), 180, poll=0.2)
-    slurm_timings["preemption signal -> requeued job running"] = f"{started[0]['time'] - t_signal:.1f} s"
-    slurm_timings["preemption signal -> first step after resume"] = f"{time.time() - t_signal:.1f} s"
+    integration_timings["preemption signal -> requeued job running"] = f"{started[0]['time'] - t_signal:.1f} s"
+    integration_timings["preemption signal -> first step after resume"] = f"{time.time() - t_signal:.1f} s"
     wait_completed(run_dir)
     assert losses(run_dir) == pytest.approx(losses(reference.run_dir()), abs=1e-6)
     assert_same_weights(run_dir, reference.run_dir())
@@ -232,7 +232,7 @@ def test_preemption_checkpoints_requeues_and_resumes(env: dict[str, str], work: 
 
 def test_plain_sbatch_of_the_written_script_and_requeue_without_warning(
         env: dict[str, str], work: Path, slurm_cluster: SlurmCluster, reference: LocalReference,
-        slurm_timings: dict[str, str]) -> None:
+        integration_timings: dict[str, str]) -> None:
     """`launch plan --nodes 2` writes RUN_DIR/job.sbatch; plain `sbatch` of it trains. `scontrol requeue` (no
     warning signal) restarts it; it resumes from a checkpoint and ends with the reference weights."""
     plan = launch(env, "plan", str(work / "tiny.yaml"), "--nodes", "2", "output.name=plain", "--json")
@@ -253,12 +253,38 @@ def test_plain_sbatch_of_the_written_script_and_requeue_without_warning(
     t_requeue = time.time()
     slurm_cluster.run("scontrol", "requeue", job_id)
     wait_for("the restart", lambda: [e for e in events(run_dir) if e.get("restart") == 1], 180)
-    slurm_timings["scontrol requeue -> restarted"] = f"{time.time() - t_requeue:.1f} s"
+    integration_timings["scontrol requeue -> restarted"] = f"{time.time() - t_requeue:.1f} s"
     assert json.loads(launch(env, "status", str(run_dir), "--json").stdout)["job_id"] == job_id
     wait_completed(run_dir)
     assert "resumed from step-" in (run_dir / "logs" / "rank0.log").read_text()
     assert losses(run_dir) == pytest.approx(losses(reference.run_dir()), abs=1e-6)
     assert_same_weights(run_dir, reference.run_dir())
+
+
+def test_cancelled_run_resumes_on_one_node(env: dict[str, str], work: Path, reference: LocalReference,
+                                           integration_timings: dict[str, str]) -> None:
+    """A 2-node run cancelled mid-run (no warning: the checkpoint being written may be half done) is resubmitted
+    with `launch --resume RUN --cluster local --nodes 1`: re-planned for 1 node x 2 ranks (grad_accum 1 -> 2 keeps
+    the global batch), it continues from its last complete checkpoint and ends on the 4-rank curve."""
+    job_id, run_dir = submit(env, str(work / "tiny.yaml"), "--nodes", "2", "output.name=moved")
+    wait_for("step 5", lambda: len(train_rows(run_dir)) >= 5, 240, poll=0.05)
+    launch(env, "cancel", str(run_dir))
+    wait_for("the cancelled state", lambda: run_status(run_dir).state == "CANCELLED", 60, poll=0.5)
+    refused = launch(env, "--resume", str(run_dir), "--cluster", "local", "--nodes", "1", "--procs", "3", check=False)
+    assert refused.returncode == 2 and "divides 4: 1, 2, 4" in " ".join(refused.stderr.split()), refused.stderr
+    t0 = time.time()
+    proc = launch(env, "--resume", str(run_dir), "--cluster", "local", "--nodes", "1")
+    assert "resume: 4 -> 2 ranks; grad_accum 1 -> 2 keeps the global batch 8" in " ".join(proc.stderr.split())
+    new_id = proc.stdout.strip().splitlines()[-1]
+    assert new_id != job_id
+    wait_completed(run_dir)
+    integration_timings["launch --resume (4 -> 2 ranks) -> done"] = f"{time.time() - t0:.1f} s"
+    status = json.loads(launch(env, "status", str(run_dir), "--json").stdout)
+    assert (status["job_id"], status["world_size"], status["nodes"]) == (new_id, 2, 1)
+    assert "resumed from step-" in (run_dir / "logs" / "rank0.log").read_text()
+    assert (run_dir / "plan-history" / "001.json").is_file() and "#SBATCH --nodes=1" in (run_dir / "job.sbatch").read_text()
+    # 2 ranks x grad_accum 2 see the examples of 4 ranks x 1 in each step; only the summation order differs.
+    assert losses(run_dir) == pytest.approx(losses(reference.run_dir()), abs=1e-4)
 
 
 HOSTILE = "it's \"q\" $(touch {c}) `touch {c}` ; touch {c} && x' ; touch {c} ; '"
