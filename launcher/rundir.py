@@ -2,7 +2,10 @@
 
     RUN_DIR/plan.json         resolved recipe + plan (written by `launch plan` and `launch`)
     RUN_DIR/ds_config.json    DeepSpeed config, where DeepSpeed is used
-    RUN_DIR/job.sbatch        the Slurm job, where submitted to Slurm
+    RUN_DIR/plan-history/     earlier plan.json files, kept when a resume re-planned the run (another world size)
+    RUN_DIR/job.sbatch        the Slurm job, where submitted to Slurm (plain `sbatch` runs it too)
+    RUN_DIR/cluster.json      the Slurm layout and settings it was submitted with (read by `launch --resume`)
+    RUN_DIR/jobs.jsonl        Slurm history: one line per submission, start, requeue, cancel
     RUN_DIR/logs/             one log per rank
     RUN_DIR/checkpoints/      step-NNNNNNNN/ directories and the `latest` pointer
     RUN_DIR/metrics.jsonl     one JSON object per logged step / evaluation
