@@ -285,7 +285,7 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from launcher.data import load_rows, resolve_chat_template
-    from launcher.model import model_dir
+    from launcher.tokenizer import model_dir
     from launcher.train import lr_lambda, micro_batches
 
     recipe = _load(spec).recipe

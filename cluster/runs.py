@@ -54,6 +54,8 @@ class RunStatus:
     node_list: str | None = None
     jobs: list[dict[str, Any]] = field(default_factory=list)
     """jobs.jsonl events, oldest first."""
+    prepare: str | None = None
+    """The CPU job the current training job waits for (`JOBID STATE`), when one was submitted."""
 
     @property
     def done(self) -> bool:
@@ -165,11 +167,21 @@ def run_status(run_dir: Path) -> RunStatus:
     if slurm and ids:
         status.job_id = ids[-1]
         status.state, status.elapsed, status.node_list = slurm_state(ids[-1])
+        prepare_id = _prepare_job(events)
+        if prepare_id is not None:
+            status.prepare = f"{prepare_id} {slurm_state(prepare_id)[0]}"
     elif slurm:
         status.state = "PLANNED"  # `launch plan --nodes N` wrote job.sbatch; nothing submitted yet
     else:
         status.state, status.elapsed = _local_state(run_dir)
     return status
+
+
+def _prepare_job(events: list[dict[str, Any]]) -> str | None:
+    """The tokenization job the last training submission depends on (`dependency: afterok:ID`), if any."""
+    trains = [e for e in events if e.get("event") == "submitted" and e.get("kind", "train") == "train"]
+    dependency = str(trains[-1].get("dependency") or "") if trains else ""
+    return dependency.split(":", 1)[1] if dependency.startswith("afterok:") else None
 
 
 def list_runs(root: Path, limit: int = 20) -> list[RunStatus]:
@@ -213,6 +225,8 @@ def status_table(status: RunStatus) -> Table:
     if status.job_id:
         table.add_row("Slurm job", status.job_id + (f" on {status.node_list}" if status.node_list else ""))
     table.add_row("layout", f"{status.nodes} node(s), world size {status.world_size}")
+    if status.prepare:
+        table.add_row("tokenize job", f"{status.prepare} (CPU; training starts after it)")
     if status.step is not None:
         table.add_row("step", f"{status.step}" + (f" of {status.total_steps}" if status.total_steps else ""))
     if status.last_loss is not None:
@@ -220,6 +234,7 @@ def status_table(status: RunStatus) -> Table:
     if status.elapsed:
         table.add_row("elapsed", status.elapsed)
     history = [f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']} {e.get('job_id', '')}"
+               + (" (tokenize)" if e.get("kind") == "prepare" else "")
                + (f" (restart {e['restart']})" if e.get("restart") else "") for e in status.jobs if "time" in e]
     if history:
         table.add_row("history", "\n".join(history[-10:]))

@@ -109,6 +109,10 @@ class SlurmSettings:
     """Names passed from the submitting environment only (never written)."""
     max_requeues: int = 3
     shared_roots: list[str] = field(default_factory=list)
+    tokenize_first: bool = True
+    """Submit a CPU job that tokenizes the data first when it is not cached (launcher/prepare.py)."""
+    prepare_partition: str | None = None
+    """Partition of that CPU-only job; None: the training partition."""
 
     @property
     def tasks_per_node(self) -> int:
@@ -189,6 +193,7 @@ def resolve_settings(profile_name: str | None, recipe_cluster: "ClusterConfig", 
         env=env, secret_env=passed,
         max_requeues=pick("max_requeues") if pick("max_requeues") is not None else 3,
         shared_roots=[*profile.shared_roots, *recipe_cluster.shared_roots],
+        tokenize_first=pick("tokenize_first") is not False, prepare_partition=pick("prepare_partition"),
     )
 
 
@@ -400,6 +405,9 @@ def preflight(settings: SlurmSettings, run_dir: Path, *, need_cluster: bool = Tr
         return settings, [f"cluster not checked: {err}"]
     partition = settings.partition or default_partition()
     check_resources(settings, partitions, partition)
+    if settings.prepare_partition is not None and settings.prepare_partition not in partitions:
+        raise SlurmError(f"unknown cluster.prepare_partition {settings.prepare_partition!r}; sinfo lists: "
+                         f"{', '.join(sorted(partitions)) or 'none'}")
     warning = check_shared_storage(run_dir, settings)
     from dataclasses import replace
 
@@ -431,9 +439,10 @@ def record_event(run_dir: Path, event: str, **fields: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- submission
-def submit(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_name: str,
-           dependency: str | None = None) -> str:
-    """Submit the run through submitit; return the job id. Records the submission in RUN_DIR/jobs.jsonl."""
+def _executor(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_name: str, *, nodes: int,
+              tasks_per_node: int, gpus_per_node: int, partition: str | None, dependency: str | None,
+              max_requeues: int, exclusive: bool) -> Any:
+    """A submitit executor with the run's account/qos/setup/container, for a job of the given shape."""
     # submitit reads the preemption signal's name when it is imported; the job's submitit reads it from the
     # exported environment (sbatch --export=ALL is the default) and from the setup line below.
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL
@@ -441,31 +450,60 @@ def submit(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_
     import submitit
 
     folder = run_dir / "submitit" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=settings.max_requeues)
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_requeues)
     additional: dict[str, Any] = dict(_sbatch_option_pair(o) for o in settings.sbatch_options)
     for key in ("account", "qos", "mem", "constraint"):
         if getattr(settings, key) is not None:
             additional[key] = getattr(settings, key)
-    if settings.exclusive:
+    if exclusive:
         additional["exclusive"] = True
     additional["requeue"] = True
     if dependency:
         additional["dependency"] = dependency
+        # A failed dependency would otherwise leave the job pending forever (DependencyNeverSatisfied).
+        additional["kill_on_invalid_dep"] = "yes"
     setup = [*settings.setup, f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}"]
     params: dict[str, Any] = dict(
-        nodes=settings.nodes, tasks_per_node=settings.tasks_per_node, cpus_per_task=settings.cpus_per_task,
-        timeout_min=settings.timeout_min, name=job_name, slurm_partition=settings.partition,
+        nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=settings.cpus_per_task,
+        timeout_min=settings.timeout_min, name=job_name, slurm_partition=partition,
         slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_setup=setup, slurm_additional_parameters=additional,
     )
-    if settings.gpus_per_node:
-        params["gpus_per_node"] = settings.gpus_per_node
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
     if settings.container_image:
         params["slurm_srun_args"] = [f"--container-image={settings.container_image}"]
     executor.update_parameters(**params)
+    return executor
+
+
+def submit(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_name: str,
+           dependency: str | None = None) -> str:
+    """Submit the run through submitit; return the job id. Records the submission in RUN_DIR/jobs.jsonl."""
+    executor = _executor(run_dir, settings, secrets, job_name, nodes=settings.nodes,
+                         tasks_per_node=settings.tasks_per_node, gpus_per_node=settings.gpus_per_node,
+                         partition=settings.partition, dependency=dependency, max_requeues=settings.max_requeues,
+                         exclusive=settings.exclusive)
     from cluster.slurm_task import RankTask
 
     job = executor.submit(RankTask(str(run_dir), settings.env))
     record_event(run_dir, "submitted", job_id=str(job.job_id), via="submitit", kind="train",
-                 submitit_folder=str(folder), nodes=settings.nodes, tasks_per_node=settings.tasks_per_node,
+                 submitit_folder=str(executor.folder), nodes=settings.nodes, tasks_per_node=settings.tasks_per_node,
                  partition=settings.partition, dependency=dependency)
+    return str(job.job_id)
+
+
+def submit_prepare(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_name: str,
+                   reason: str) -> str:
+    """Submit the CPU-only job that converts the model and tokenizes the data (launcher/prepare.py): one task, no
+    GPU, on `prepare_partition` (else the training partition). Returns its job id; the training job is submitted
+    with `dependency=afterok:<id>`."""
+    executor = _executor(run_dir, settings, secrets, f"{job_name}-prepare", nodes=1, tasks_per_node=1,
+                         gpus_per_node=0, partition=settings.prepare_partition or settings.partition,
+                         dependency=None, max_requeues=0, exclusive=False)
+    from cluster.slurm_task import PrepareTask
+
+    job = executor.submit(PrepareTask(str(run_dir), settings.env))
+    record_event(run_dir, "submitted", job_id=str(job.job_id), via="submitit", kind="prepare",
+                 submitit_folder=str(executor.folder), reason=reason,
+                 partition=settings.prepare_partition or settings.partition)
     return str(job.job_id)

@@ -84,3 +84,21 @@ def _wait_pid(pid: int, timeout_s: float) -> None:
         if done:
             return
         time.sleep(0.2)
+
+
+class PrepareTask:
+    """The CPU-only job before training (launcher/prepare.py): converts the model and tokenizes the data into the
+    shared cache. Fails the job (so `afterok` cancels training) when preparation fails."""
+
+    def __init__(self, run_dir: str, env: dict[str, str]) -> None:
+        self.run_dir = run_dir
+        self.env = dict(env)
+
+    def __call__(self) -> dict[str, Any]:
+        record_event(Path(self.run_dir), "started", job_id=os.environ.get("SLURM_JOB_ID", ""), via="submitit",
+                     kind="prepare", nodes=os.environ.get("SLURM_JOB_NODELIST", ""))
+        code = subprocess.call([sys.executable, "-m", "launcher.prepare", self.run_dir],
+                               env={**os.environ, **self.env})
+        if code != 0:
+            raise RuntimeError(f"preparing the data exited {code}: see {self.run_dir}/logs/prepare.log")
+        return {"prepared": self.run_dir}

@@ -30,6 +30,7 @@ from launcher.rundir import PLAN_FILE, claim_run_dir, next_run_dir, read_plan, r
 
 if TYPE_CHECKING:
     from cluster.slurm import SlurmSettings
+    from launcher.schema import Recipe
 
 SUBCOMMANDS = ("plan", "export", "runs", "status", "logs", "cancel")
 EXIT_BAD_INPUT = 2
@@ -191,12 +192,22 @@ def _submit_slurm(args: argparse.Namespace, resume: Path | None = None) -> int:
     # Re-rendered: preflight may have filled in the cluster's default partition.
     plan = dataclasses.replace(plan, sbatch=render_sbatch(settings, plan.run_dir, _job_name(loaded),
                                                           recipe_file=plan.recipe_file))
+    # Before anything is written: a tokenizer that cannot load fails here, not in a queued job.
+    reason = _missing_preparation(loaded.recipe) if settings.tokenize_first else None
     for warning in plan.warnings if resume is not None else ():
         if warning.startswith("resume:"):
             console.print(f"[yellow]{_escape(warning)}[/]")
     _write_plan(run_dir, plan, keep_previous=resume is not None)
     _write_slurm_files(run_dir, plan, settings)
-    job_id = submit(run_dir, settings, secrets, _job_name(loaded))
+    dependency = None
+    if reason is not None:
+        from cluster.slurm import submit_prepare
+
+        prepare_id = submit_prepare(run_dir, settings, secrets, _job_name(loaded), reason)
+        dependency = f"afterok:{prepare_id}"
+        console.print(f"[bold]tokenize first[/]: {_escape(reason)}: CPU job {prepare_id} prepares it; the training "
+                      f"job starts after it (--dependency={dependency})")
+    job_id = submit(run_dir, settings, secrets, _job_name(loaded), dependency=dependency)
     console.print(f"[bold]run directory[/] {run_dir}")
     console.print(f"[bold green]submitted[/] Slurm job {job_id}: {settings.nodes} node(s) x {settings.tasks_per_node} "
                   f"rank(s), partition {settings.partition}, time {settings.time}")
@@ -204,6 +215,17 @@ def _submit_slurm(args: argparse.Namespace, resume: Path | None = None) -> int:
                   f"stop: launch cancel {run_dir}")
     print(job_id)  # stdout: the job id alone, for scripts
     return 0
+
+
+def _missing_preparation(recipe: Recipe) -> str | None:
+    """Why a CPU job must prepare the data before training (None: cached). Loads the tokenizer here, at submission."""
+    from launcher.prepare import missing_preparation
+
+    try:
+        return missing_preparation(recipe)
+    except (OSError, ValueError) as err:  # the ranks would fail the same way: say it before anything is queued
+        raise UsageError(f"model.{'tokenizer' if recipe.model.tokenizer else 'path'}: cannot load the tokenizer "
+                         f"({err})") from None
 
 
 def _slurm_replan(args: argparse.Namespace, run_dir: Path) -> tuple[LoadedRecipe, Plan, "SlurmSettings"]:

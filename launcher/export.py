@@ -30,7 +30,8 @@ def export_checkpoint(run_dir: Path, merge: bool, out: Path) -> Path:
 
 def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path) -> list[Path]:
     """Rebuild the trained model from the newest complete checkpoint and write its outputs under `out`."""
-    from launcher.model import build_model, load_tokenizer
+    from launcher.model import build_model
+    from launcher.tokenizer import load_tokenizer
     from launcher.outputs import save_outputs
     from launcher.strategies import checkpoint_tensors
 

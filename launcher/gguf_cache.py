@@ -25,6 +25,7 @@ __all__ = [
     "COMPLETE_MARKER",
     "cache_key",
     "convert_gguf_to_hf",
+    "converted_dir",
     "default_cache_root",
     "is_complete",
     "resolve_gguf",
@@ -119,6 +120,13 @@ def cache_key(gguf_path: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def converted_dir(gguf_path: Path, cache_root: Path | None = None) -> Path:
+    """Where the conversion of `gguf_path` is (or will be): ``<cache_root>/<stem>-<cache_key>``."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    return root / f"{gguf_path.stem}-{cache_key(gguf_path)}"
+
+
 def is_complete(model_dir: Path) -> bool:
     """True if ``model_dir`` is a finished conversion (its marker was written last)."""
     return (model_dir / COMPLETE_MARKER).is_file() and (model_dir / "config.json").is_file()
@@ -180,8 +188,8 @@ def convert_gguf_to_hf(gguf_path: Path, cache_root: Path | None = None) -> Path:
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    final = root / f"{gguf_path.stem}-{cache_key(gguf_path)}"
+    final = converted_dir(gguf_path, cache_root)
+    root = final.parent
 
     if is_complete(final):
         return final

@@ -22,11 +22,11 @@ log = logging.getLogger("ftlaunch")
 _installed: list[logging.Handler] = []
 
 
-def setup_logging(run_dir: Path, rank: int) -> None:
-    """Every rank logs to RUN_DIR/logs/rank{R}.log; rank 0 also to the console."""
+def setup_logging(run_dir: Path, rank: int, name: str | None = None) -> None:
+    """Every rank logs to RUN_DIR/logs/rank{R}.log (or logs/NAME.log); rank 0 also to the console."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(logs / f"rank{rank}.log")]
+    handlers: list[logging.Handler] = [logging.FileHandler(logs / f"{name or f'rank{rank}'}.log")]
     handlers[0].setFormatter(logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(name)s: %(message)s"))
     handlers[0].addFilter(_RankFilter(rank))
     if rank == 0:
@@ -132,17 +132,22 @@ def run_job(run_dir: Path) -> int:
 
 
 def _prepare_data(recipe: "object", strategy: "object") -> tuple[object, object]:
-    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache."""
-    from launcher.data import tokenize_cached
-    from launcher.model import load_tokenizer
+    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. On Slurm a CPU job has
+    usually filled it already (launcher/prepare.py)."""
+    from launcher.data import cache_key, tokenize_cached
+    from launcher.prepare import tokenized_cache_dir
+    from launcher.tokenizer import load_tokenizer
 
-    cache = Path(os.environ.get("FTLAUNCH_CACHE", Path.home() / ".cache" / "ftlaunch")) / "tokenized"
+    cache = tokenized_cache_dir()
     tokenizer = load_tokenizer(recipe.model)  # type: ignore[attr-defined]
     if not strategy.is_main:  # type: ignore[attr-defined]
         strategy.barrier()  # type: ignore[attr-defined]
+    key = cache_key(recipe.data, tokenizer)  # type: ignore[attr-defined]
+    cached = (cache / f"{key}.pkl").is_file()
     data = tokenize_cached(recipe.data, tokenizer, cache)  # type: ignore[attr-defined]
     if strategy.is_main:  # type: ignore[attr-defined]
-        log.info("data: %s", "  ".join(f"{key}={value}" for key, value in data.stats.items()))
+        log.info("data (%s %s): %s", "read from the tokenization cache" if cached else "tokenized into the cache", key,
+                 "  ".join(f"{name}={value}" for name, value in data.stats.items()))
         strategy.barrier()  # type: ignore[attr-defined]
     return tokenizer, data
 

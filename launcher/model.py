@@ -13,35 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from launcher.schema import FreezeMethod, LoraFields, ModelConfig, QLoraMethod, Recipe
+from launcher.tokenizer import model_dir
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def model_dir(cfg: ModelConfig) -> Path:
-    """The HF directory to load: the configured path, or the cached conversion of the GGUF file."""
-    if cfg.path is not None:
-        path = Path(cfg.path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path: {path} has no config.json (expected a Hugging Face model directory)")
-        return path
-    from launcher.gguf_cache import convert_gguf_to_hf, resolve_gguf
-
-    assert cfg.gguf is not None  # the schema guarantees one source
-    return convert_gguf_to_hf(resolve_gguf(cfg.gguf))
-
-
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    source = Path(cfg.tokenizer) if cfg.tokenizer else model_dir(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        # Padding positions carry no labels and are masked out of attention, so reusing EOS is safe.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_base_model(cfg: ModelConfig, device: torch.device, quantization: Any = None,

@@ -6,7 +6,7 @@
     RUN_DIR/job.sbatch        the Slurm job, where submitted to Slurm (plain `sbatch` runs it too)
     RUN_DIR/cluster.json      the Slurm layout and settings it was submitted with (read by `launch --resume`)
     RUN_DIR/jobs.jsonl        Slurm history: one line per submission, start, requeue, cancel
-    RUN_DIR/logs/             one log per rank
+    RUN_DIR/logs/             one log per rank (rankR.log), and prepare.log of the tokenize-first job
     RUN_DIR/checkpoints/      step-NNNNNNNN/ directories and the `latest` pointer
     RUN_DIR/metrics.jsonl     one JSON object per logged step / evaluation
     RUN_DIR/adapter|model|merged/   final outputs

@@ -473,11 +473,18 @@ class ClusterConfig(Section):
     """Directories known to be on storage that every node sees (the run directory must be). Network file
     systems (nfs, lustre, gpfs, ...) are recognised without this."""
 
+    tokenize_first: bool | None = None
+    """When the tokenized data is not cached yet, submit a one-task CPU job that tokenizes it and start the training
+    job after it (`--dependency=afterok`), so no GPU waits on tokenization. Default (null): true."""
+
+    prepare_partition: str | None = None
+    """Partition of that CPU-only job (a CPU partition is cheaper); null: the training partition."""
+
     @model_validator(mode="after")
     def _check_values(self) -> "ClusterConfig":
         import re
 
-        strings = [self.partition, self.account, self.qos, self.constraint, self.container_image,
+        strings = [self.partition, self.prepare_partition, self.account, self.qos, self.constraint, self.container_image,
                    *self.sbatch_options, *self.setup, *self.shared_roots,
                    *self.env.keys(), *(v for v in self.env.values() if v is not None)]
         for value in strings:

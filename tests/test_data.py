@@ -325,6 +325,37 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path: Path, tiny_tokenizer: Any) -> 
     assert tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache") == first
 
 
+def test_prepare_fills_the_cache_the_job_reads(tmp_path: Path, tiny_model_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m launcher.prepare RUN_DIR` (the Slurm CPU job) tokenizes into the cache under the key the ranks
+    compute; before it, the submitting side says what is missing, after it nothing."""
+    from launcher.plan import Resources, make_plan
+    from launcher.prepare import missing_preparation, prepare, tokenized_cache_dir
+    from launcher.recipe import load_recipe
+    from launcher.rundir import write_json_atomic
+    from launcher.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
+    data = write_dataset(tmp_path / "d.jsonl", "messages", 6)
+    (tmp_path / "r.yaml").write_text(json.dumps({
+        "name": "prep", "model": {"path": str(tiny_model_dir)},
+        "data": {"train": {"path": str(data), "format": "messages"}}, "method": {"name": "lora"},
+        "output": {"root": str(tmp_path / "runs")}}))
+    recipe = load_recipe(tmp_path / "r.yaml").recipe
+    reason = missing_preparation(recipe)
+    assert reason is not None and "not tokenized yet" in reason and str(tmp_path / "cache") in reason
+    run_dir = tmp_path / "runs" / "prep"
+    plan = make_plan(load_recipe(tmp_path / "r.yaml"), Resources(), run_dir)
+    write_json_atomic(run_dir / "plan.json", plan.to_json())
+    assert prepare(run_dir) == 0
+    assert missing_preparation(recipe) is None
+    key = cache_key(recipe.data, load_tokenizer(recipe.model))
+    assert [p.name for p in tokenized_cache_dir().glob("*.pkl")] == [f"{key}.pkl"]
+    assert "prepared in" in (run_dir / "logs" / "prepare.log").read_text()
+    data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])  # an edit: stale again
+    assert "not tokenized yet" in (missing_preparation(recipe) or "")
+
+
 def test_data_fingerprint_needs_no_torch(tmp_path: Path) -> None:
     path = write_dataset(tmp_path / "d.jsonl", "text", 2)
     code = ("import sys; from launcher.data import data_fingerprint; from launcher.schema import DataConfig; "

@@ -113,7 +113,7 @@ def eval_loss_of(model: Any, run_dir: Path) -> float:
 
     from launcher.data import tokenize_cached
     from launcher.evaluate import eval_loss
-    from launcher.model import load_tokenizer
+    from launcher.tokenizer import load_tokenizer
     from launcher.strategies.ddp import DDPStrategy
 
     recipe, cpu = run_recipe(run_dir), torch.device("cpu")

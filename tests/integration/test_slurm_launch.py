@@ -199,6 +199,41 @@ def test_two_nodes_train_to_the_end_like_four_local_ranks(env: dict[str, str], w
     assert job_id in table and "COMPLETED" in table and "CANCELLED" in table
 
 
+def test_untokenized_data_is_prepared_by_a_cpu_job_first(env: dict[str, str], work: Path, slurm_cluster: SlurmCluster,
+                                                         reference: LocalReference,
+                                                         integration_timings: dict[str, str]) -> None:
+    """A cold tokenization cache: `launch --nodes 2` first submits a one-task CPU job that tokenizes, and the training
+    job waits for it (afterok), then reads the cache instead of tokenizing on rank 0. A warm cache: no such job."""
+    cold = {**env, "FTLAUNCH_CACHE": str(work / "cold-cache")}
+    t0 = time.time()
+    proc = launch(cold, str(work / "tiny.yaml"), "--nodes", "2", "output.name=tokenize-first")
+    run_dir = work / "runs" / "tokenize-first"
+    prepare, train = [e for e in events(run_dir) if e["event"] == "submitted"]
+    assert (prepare["kind"], train["kind"], train["job_id"]) == ("prepare", "train", proc.stdout.split()[-1])
+    assert train["dependency"] == f"afterok:{prepare['job_id']}"
+    assert f"CPU job {prepare['job_id']} prepares it" in " ".join(proc.stderr.split())
+    wait_for("the first training step", lambda: train_rows(run_dir), 240, poll=0.2)
+    integration_timings["launch --nodes 2, cold cache (tokenize job first) -> first training step"] = \
+        f"{time.time() - t0:.1f} s"
+    wait_completed(run_dir)
+    status = run_status(run_dir)
+    assert status.prepare == f"{prepare['job_id']} COMPLETED"
+    times = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", f"{prepare['job_id']},{train['job_id']}",
+                              "-o", "JobID,Start,End")
+    rows = {r.split("|")[0]: r.split("|")[1:] for r in times.splitlines() if r.strip()}
+    assert rows[train["job_id"]][0] >= rows[prepare["job_id"]][1]  # ISO times: training started after it ended
+    assert "prepared in" in (run_dir / "logs" / "prepare.log").read_text()
+    assert "read from the tokenization cache" in (run_dir / "logs" / "rank0.log").read_text()
+    assert losses(run_dir) == pytest.approx(losses(reference.run_dir()), abs=1e-6)
+
+    again = launch(cold, str(work / "tiny.yaml"), "--nodes", "2", "output.name=warm")
+    warm = work / "runs" / "warm"
+    assert [e["kind"] for e in events(warm) if e["event"] == "submitted"] == ["train"]
+    assert "tokenize first" not in again.stderr
+    launch(env, "cancel", str(warm))
+    wait_for("the cancelled state", lambda: run_status(warm).state == "CANCELLED", 60, poll=0.5)
+
+
 def test_preemption_checkpoints_requeues_and_resumes(env: dict[str, str], work: Path, reference: LocalReference,
                                                       integration_timings: dict[str, str]) -> None:
     """SIGUSR1 (what Slurm sends before a time limit or preemption; submitit's signal here) mid-run: the ranks
@@ -291,25 +326,32 @@ HOSTILE = "it's \"q\" $(touch {c}) `touch {c}` ; touch {c} && x' ; touch {c} ; '
 
 
 def test_hostile_recipe_strings_run_nothing(env: dict[str, str], work: Path, slurm_cluster: SlurmCluster,
-                                            tmp_path: Path) -> None:
-    """Quotes, $(...), backticks and `;` in every string field that reaches Slurm: both the submitit submission and
-    plain sbatch of job.sbatch run the job (which fails: the model path does not exist) and nothing else."""
+                                            tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Quotes, $(...), backticks and `;` in every string field that reaches Slurm: both the submitit submission
+    (with its tokenization job: the cache is cold) and plain sbatch of job.sbatch train and run nothing else."""
     canary = tmp_path / "canary"
     bad = HOSTILE.replace("{c}", str(canary))
     root = tmp_path / f"root {bad}"
+    model = tmp_path / f"model {bad}"
+    model.parent.mkdir(parents=True)  # the canary's path makes the hostile string hold `/`
+    model.symlink_to(tiny_model_dir, target_is_directory=True)
     recipe = yaml.safe_load((work / "tiny.yaml").read_text())
     recipe.update(description=bad, output={"root": str(root)})
-    recipe["model"]["path"] = str(tmp_path / f"model {bad}")
+    recipe["model"]["path"] = str(model)
+    recipe["optim"]["max_steps"] = 2
     recipe["cluster"] = {"env": {"HOSTILE_VALUE": bad}, "sbatch_options": [f"--comment={bad}"]}
     path = tmp_path / "hostile.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    job_id, run_dir = submit(env, str(path), "--cluster", "local", "--procs", "1")
+    cold = {**env, "FTLAUNCH_CACHE": str(tmp_path / "cache")}
+    job_id, run_dir = submit(cold, str(path), "--cluster", "local", "--procs", "1")
     assert run_dir.parent == root
-    plan = launch(env, "plan", str(path), "--cluster", "local", "--procs", "1", "output.name=plain")
+    assert [e["kind"] for e in events(run_dir) if e["event"] == "submitted"] == ["prepare", "train"]
+    plan = launch(cold, "plan", str(path), "--cluster", "local", "--procs", "1", "output.name=plain")
     assert "Slurm batch script" in plan.stdout
+    wait_for("the submitit job to end", lambda: run_status(run_dir).state in ("FAILED", "COMPLETED"), 180, poll=1)
+    assert run_status(run_dir).state == "COMPLETED", (run_dir / "logs" / "rank0.log").read_text()[-3000:]
     state = slurm_cluster.sbatch_and_wait(str(root / "plain" / "job.sbatch"), cwd=tmp_path)
-    assert state == "FAILED"  # exit 2: the model directory does not exist
-    wait_for("the submitit job to end", lambda: run_status(run_dir).state in ("FAILED", "COMPLETED"), 120, poll=1)
+    assert state == "COMPLETED", (root / "plain" / "logs" / "rank0.log").read_text()[-3000:]
     comment = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "Comment")
     assert not canary.exists()
     assert bad in comment or comment.strip() == ""  # sacct stores the comment only with AccountingStoreFlags

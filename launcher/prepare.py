@@ -1,0 +1,87 @@
+"""Tokenize first, on CPU: `python -m launcher.prepare RUN_DIR`.
+
+Why a step of its own: tokenizing inside the training job keeps every GPU of the allocation idle while rank 0 works,
+and on a big dataset the other ranks' NCCL collectives time out waiting for it. So on Slurm, when the tokenized data
+is not cached yet, `launch` first submits a one-task CPU job running this module and makes the training job depend on
+it (`--dependency=afterok:ID`); the training ranks then read the cache. Locally the job does the same step on rank 0
+before any rank trains (launcher/job.py, `_prepare_data`), with the other ranks waiting at a barrier.
+
+What is prepared, and where (both on storage every node sees, like the run directory):
+  - a GGUF model converted once to a Hugging Face directory (launcher/gguf_cache.py, `$FTLAUNCH_GGUF_CACHE`);
+  - the tokenized, label-masked, packed examples under `$FTLAUNCH_CACHE/tokenized/<key>.pkl`, key =
+    launcher.data.cache_key: data files (path, size, mtime), tokenizer, chat template, max length, packing, ...
+
+Reads only the run directory and the environment (ARCHITECTURE.md). Exit codes: 0 prepared, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ftlaunch")
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+def tokenized_cache_dir() -> Path:
+    """Where tokenized datasets are cached: `$FTLAUNCH_CACHE/tokenized` (default ~/.cache/ftlaunch/tokenized)."""
+    return Path(os.environ.get("FTLAUNCH_CACHE", Path.home() / ".cache" / "ftlaunch")) / "tokenized"
+
+
+def missing_preparation(recipe: Any) -> str | None:
+    """Why a CPU preparation job is needed before training, or None when the model and the data are ready.
+
+    Loads the tokenizer (transformers; the submitting process, not `launch plan`) because the cache key depends on
+    it: a cheaper key from file names alone could call stale data ready."""
+    from launcher.data import cache_key
+    from launcher.gguf_cache import is_complete
+
+    from launcher.tokenizer import gguf_converted, load_tokenizer
+
+    converted = gguf_converted(recipe.model)
+    if converted is not None and not is_complete(converted):
+        return f"the GGUF model is not converted yet ({converted})"
+
+    key = cache_key(recipe.data, load_tokenizer(recipe.model))
+    path = tokenized_cache_dir() / f"{key}.pkl"
+    return None if path.is_file() else f"the data is not tokenized yet ({path})"
+
+
+def prepare(run_dir: Path) -> int:
+    """Convert the model if needed and tokenize the data into the cache; the training ranks then only read."""
+    from launcher.data import DataError, tokenize_cached
+    from launcher.job import setup_logging
+    from launcher.tokenizer import load_tokenizer
+    from launcher.plan import Plan
+    from launcher.rundir import read_plan
+
+    plan = Plan.from_json(read_plan(run_dir))
+    setup_logging(run_dir, 0, name="prepare")
+    recipe = plan.typed_recipe()
+    started = time.perf_counter()
+    try:
+        tokenizer = load_tokenizer(recipe.model)  # converts a GGUF model once (cached) on the way
+        data = tokenize_cached(recipe.data, tokenizer, tokenized_cache_dir())
+    except (DataError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    log.info("prepared in %.1f s: %s", time.perf_counter() - started,
+             "  ".join(f"{key}={value}" for key, value in data.stats.items()))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m launcher.prepare RUN_DIR", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return prepare(Path(args[0]).resolve())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
