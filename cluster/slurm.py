@@ -291,9 +291,14 @@ class PartitionInfo:
     """None: no limit."""
 
 
-def sinfo_partitions(sinfo: str = "sinfo") -> dict[str, PartitionInfo]:
+#: How long `launch plan` waits for sinfo. An unreachable controller makes sinfo retry for ~9 s (measured); the
+#: plan then reports the cluster as not checked, which is all a login-node preview needs.
+PLAN_SINFO_TIMEOUT_S = 3.0
+
+
+def sinfo_partitions(sinfo: str = "sinfo", timeout: float = 30) -> dict[str, PartitionInfo]:
     """Partitions as `sinfo` reports them: node count, CPUs and GPUs per node (largest node), time limit."""
-    out = _run([sinfo, "-h", "-o", "%R|%D|%c|%G|%l"])
+    out = _run([sinfo, "-h", "-o", "%R|%D|%c|%G|%l"], timeout=timeout)
     found: dict[str, PartitionInfo] = {}
     for line in out.splitlines():
         if not line.strip():
@@ -398,7 +403,7 @@ def preflight(settings: SlurmSettings, run_dir: Path, *, need_cluster: bool = Tr
     need_cluster=False (`launch plan`): an unreachable controller is a warning, not an error."""
     require_slurm()
     try:
-        partitions = sinfo_partitions()
+        partitions = sinfo_partitions(timeout=30 if need_cluster else PLAN_SINFO_TIMEOUT_S)
     except SlurmError as err:
         if need_cluster:
             raise

@@ -160,3 +160,23 @@ def test_shared_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert check_shared_storage(tmp_path, bare) is None
     monkeypatch.setattr(slurm, "filesystem_type", lambda path: None)
     assert "could not tell" in (check_shared_storage(tmp_path, bare) or "")
+
+
+def test_plan_does_not_wait_on_a_controller_that_does_not_answer(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`launch plan` on a login node whose slurmctld hangs: the sinfo check gives up after PLAN_SINFO_TIMEOUT_S and
+    the plan says the cluster was not checked; submission (need_cluster) still fails. Client commands that hang
+    stand in for the unreachable controller, which this machine cannot make hang on demand."""
+    from cluster.slurm import PLAN_SINFO_TIMEOUT_S, preflight
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "sinfo", "squeue", "scancel"):
+        (bin_dir / name).write_text("#!/bin/sh\nsleep 60\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    settings = resolve_settings("local", ClusterConfig(), nodes=2)
+    same, warnings = preflight(settings, tmp_path, need_cluster=False)
+    assert same == settings and len(warnings) == 1
+    assert warnings[0].startswith("cluster not checked: sinfo ") and \
+        f"did not answer in {PLAN_SINFO_TIMEOUT_S:.0f} s: is slurmctld up?" in warnings[0]
