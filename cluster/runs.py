@@ -22,8 +22,8 @@ from typing import Any
 from rich.table import Table
 
 from cluster.slurm import CLUSTER_FILE, JOBS_FILE, SlurmError
+from launcher.rundir import PLAN_FILE
 
-PLAN_FILE = "plan.json"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
 #: Slurm states of a job that still holds or waits for resources: a run with one is not resubmitted.

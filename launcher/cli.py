@@ -122,14 +122,28 @@ def _gpu_mem(args: argparse.Namespace) -> int | None:
         raise UsageError(f"--gpu-mem: {err}") from None
 
 
-def _plan_for(args: argparse.Namespace, run_dir: Path | None = None) -> tuple[LoadedRecipe, Plan]:
+def _plan_for(args: argparse.Namespace,
+              run_dir: Path | None = None) -> tuple[LoadedRecipe, Plan, "SlurmSettings | None"]:
+    """The recipe and its plan; for a Slurm target also the resolved Slurm settings (None on this machine)."""
     loaded = load_recipe(args.recipe, args.overrides)
     recipe = loaded.recipe
     root = Path(recipe.output.root).resolve()
     target = run_dir or next_run_dir(root, recipe.output.name or recipe.name)
     if _on_slurm(args):
-        return loaded, _slurm_plan(args, loaded, target)[0]
-    return loaded, make_plan(loaded, _resources(args), target)
+        return loaded, *_slurm_plan(args, loaded, target)
+    return loaded, make_plan(loaded, _resources(args), target), None
+
+
+def _require_runnable(plan: Plan) -> None:
+    if not plan.runnable:
+        raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
+
+
+def _print_resume_notes(plan: Plan) -> None:
+    """The re-plan's `resume: A -> B ranks ...` warnings (replan_for_resume), which a user resuming must see."""
+    for warning in plan.warnings:
+        if warning.startswith("resume:"):
+            console.print(f"[yellow]{_escape(warning)}[/]")
 
 
 # ------------------------------------------------------------------------------------------------------- slurm
@@ -140,18 +154,29 @@ def _on_slurm(args: argparse.Namespace) -> bool:
 
 def _slurm_plan(args: argparse.Namespace, loaded: LoadedRecipe, run_dir: Path) -> tuple[Plan, "SlurmSettings"]:
     """The plan for a Slurm job: resources from profile < recipe `cluster:` < flags, plus the sbatch text."""
-    import dataclasses
-
-    from cluster.slurm import render_sbatch, resolve_settings
+    from cluster.slurm import resolve_settings
 
     settings = resolve_settings(args.cluster, loaded.recipe.cluster, nodes=_nodes(args),
                                 gpus_per_node=args.gpus_per_node, partition=args.partition, time_limit=args.time,
                                 procs=args.procs)
-    resources = Resources(nodes=settings.nodes, gpus_per_node=settings.gpus_per_node,
-                          procs_per_node=settings.tasks_per_node, gpu_mem_bytes=_gpu_mem(args))
-    plan = make_plan(loaded, resources, run_dir)
+    plan = make_plan(loaded, _slurm_resources(args, settings), run_dir)
+    return _with_sbatch(plan, settings, loaded), settings
+
+
+def _with_sbatch(plan: Plan, settings: "SlurmSettings", loaded: LoadedRecipe) -> Plan:
+    """The plan holding the batch script these settings render (also RUN_DIR/job.sbatch)."""
+    import dataclasses
+
+    from cluster.slurm import render_sbatch
+
     sbatch = render_sbatch(settings, plan.run_dir, _job_name(loaded), recipe_file=plan.recipe_file)
-    return dataclasses.replace(plan, sbatch=sbatch), settings
+    return dataclasses.replace(plan, sbatch=sbatch)
+
+
+def _slurm_resources(args: argparse.Namespace, settings: "SlurmSettings") -> Resources:
+    """What a Slurm job runs on: the resolved settings' layout, and --gpu-mem for the planner."""
+    return Resources(nodes=settings.nodes, gpus_per_node=settings.gpus_per_node,
+                     procs_per_node=settings.tasks_per_node, gpu_mem_bytes=_gpu_mem(args))
 
 
 def _write_slurm_files(run_dir: Path, plan: Plan, settings: "SlurmSettings") -> None:
@@ -170,11 +195,12 @@ def _submit_slurm(args: argparse.Namespace, resume: Path | None = None) -> int:
     from cluster.slurm import load_profile, preflight, secret_values, submit
 
     if resume is None:
-        loaded, plan = _plan_for(args)  # validate everything before a directory exists
-        if not plan.runnable:
-            raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
+        loaded, plan, settings = _plan_for(args)  # validate everything before a directory exists
+        assert settings is not None  # only Slurm targets come here
+        _require_runnable(plan)
         run_dir = claim_run_dir(Path(plan.run_dir).parent, Path(plan.run_dir).name)
-        plan, settings = _slurm_plan(args, loaded, run_dir)
+        if str(run_dir) != plan.run_dir:  # lost a race for the name: re-plan into the directory we own
+            plan, settings = _slurm_plan(args, loaded, run_dir)
     else:
         run_dir = resume
         loaded, plan, settings = _slurm_replan(args, run_dir)
@@ -185,18 +211,11 @@ def _submit_slurm(args: argparse.Namespace, resume: Path | None = None) -> int:
                          "they are not set here: export them before `launch`")
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {_escape(warning)}")
-    import dataclasses
-
-    from cluster.slurm import render_sbatch
-
-    # Re-rendered: preflight may have filled in the cluster's default partition.
-    plan = dataclasses.replace(plan, sbatch=render_sbatch(settings, plan.run_dir, _job_name(loaded),
-                                                          recipe_file=plan.recipe_file))
+    plan = _with_sbatch(plan, settings, loaded)  # again: preflight may have filled in the default partition
     # Before anything is written: a tokenizer that cannot load fails here, not in a queued job.
     reason = _missing_preparation(loaded.recipe) if settings.tokenize_first else None
-    for warning in plan.warnings if resume is not None else ():
-        if warning.startswith("resume:"):
-            console.print(f"[yellow]{_escape(warning)}[/]")
+    if resume is not None:
+        _print_resume_notes(plan)
     _write_plan(run_dir, plan, keep_previous=resume is not None)
     _write_slurm_files(run_dir, plan, settings)
     dependency = None
@@ -248,11 +267,8 @@ def _slurm_replan(args: argparse.Namespace, run_dir: Path) -> tuple[LoadedRecipe
                                 nodes=args.nodes if args.nodes is not None else recorded.get("nodes", 1),
                                 gpus_per_node=gpus, partition=args.partition or recorded.get("partition"),
                                 time_limit=args.time or recorded.get("time"), procs=procs)
-    resources = Resources(nodes=settings.nodes, gpus_per_node=settings.gpus_per_node,
-                          procs_per_node=settings.tasks_per_node, gpu_mem_bytes=_gpu_mem(args))
-    plan = replan_for_resume(previous, resources, run_dir)
-    if not plan.runnable:
-        raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
+    plan = replan_for_resume(previous, _slurm_resources(args, settings), run_dir)
+    _require_runnable(plan)
     loaded = LoadedRecipe(recipe=plan.typed_recipe(), source=Path(plan.recipe_file), overrides=plan.overrides)
     return loaded, plan, settings
 
@@ -275,13 +291,12 @@ def _job_name(loaded: LoadedRecipe) -> str:
 # -------------------------------------------------------------------------------------------------------- plan
 def cmd_plan(argv: Sequence[str]) -> int:
     args = _plan_parser().parse_intermixed_args(argv)
-    loaded, plan = _plan_for(args)
+    loaded, plan, settings = _plan_for(args)
     run_dir = Path(plan.run_dir)
     if not run_dir.exists():
         run_dir = claim_run_dir(run_dir.parent, run_dir.name)
     _write_plan(run_dir, plan)
-    if plan.sbatch is not None:
-        _, settings = _slurm_plan(args, loaded, run_dir)
+    if settings is not None:
         _write_slurm_files(run_dir, plan, settings)
         _plan_slurm_checks(settings, run_dir)
     if args.json:
@@ -343,20 +358,16 @@ def cmd_run(argv: Sequence[str]) -> int:
         plan = Plan.from_json(read_plan(run_dir))
         if _layout_given(args) or was_slurm:
             plan = replan_for_resume(plan, _resources(args), run_dir)  # here, on the resources named now
-            if not plan.runnable:
-                raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
+            _require_runnable(plan)
             _write_plan(run_dir, plan, keep_previous=True)
-            for warning in plan.warnings:
-                if warning.startswith("resume:"):
-                    console.print(f"[yellow]{_escape(warning)}[/]")
+            _print_resume_notes(plan)
         console.print(f"[bold]resuming[/] {run_dir}")
     else:
-        loaded, plan = _plan_for(args)  # validate and check everything before a directory exists
-        if not plan.runnable:
-            raise UsageError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
+        loaded, plan, _ = _plan_for(args)  # validate and check everything before a directory exists
+        _require_runnable(plan)
         run_dir = claim_run_dir(Path(plan.run_dir).parent, Path(plan.run_dir).name)
         if str(run_dir) != plan.run_dir:  # lost a race for the name: re-plan into the directory we own
-            loaded, plan = _plan_for(args, run_dir)
+            loaded, plan, _ = _plan_for(args, run_dir)
         _write_plan(run_dir, plan)
         console.print(f"[bold]run directory[/] {run_dir}")
     from cluster.local import run_local  # imports torch only when training really starts

@@ -673,11 +673,21 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
     return _sha([data_fingerprint(cfg), tokenizer_fingerprint(tokenizer)])[:32]
 
 
+def cache_entry(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> Path:
+    """Where the tokenized bundle of these settings and this tokenizer is cached: `cache_dir/<cache_key>.pkl`."""
+    return Path(cache_dir) / f"{cache_key(cfg, tokenizer)}.pkl"
+
+
 def tokenize_cached(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> DataBundle:
-    """`build_bundle`, memoised on disk under `cache_dir/<cache_key>.pkl` (written atomically: a temporary file in
-    the same directory, then os.replace, so concurrent ranks never read half a file). A damaged entry is rebuilt."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / f"{cache_key(cfg, tokenizer)}.pkl"
+    """`build_bundle`, memoised on disk at :func:`cache_entry` (see :func:`tokenize_into`)."""
+    return tokenize_into(cache_entry(cfg, tokenizer, cache_dir), cfg, tokenizer)
+
+
+def tokenize_into(path: Path, cfg: DataConfig, tokenizer: Any) -> DataBundle:
+    """The bundle cached at `path` (a :func:`cache_entry`), built and written there first when missing (atomically:
+    a temporary file in the same directory, then os.replace, so concurrent ranks never read half a file). A damaged
+    entry is rebuilt."""
+    cache_dir = path.parent
     if path.is_file():
         try:
             with path.open("rb") as handle:

@@ -27,6 +27,7 @@ __all__ = [
     "convert_gguf_to_hf",
     "converted_dir",
     "default_cache_root",
+    "ftlaunch_cache",
     "is_complete",
     "resolve_gguf",
 ]
@@ -100,15 +101,16 @@ def resolve_gguf(spec: str) -> Path:
     return path.resolve()
 
 
-def default_cache_root() -> Path:
-    """Directory holding converted models.
-
-    ``$FTLAUNCH_CACHE/models`` when ``FTLAUNCH_CACHE`` is set (it names ftlaunch's
-    whole cache, mirroring ``~/.cache/ftlaunch``), else ``~/.cache/ftlaunch/models``.
-    """
+def ftlaunch_cache() -> Path:
+    """ftlaunch's whole cache: ``$FTLAUNCH_CACHE`` when set, else ``~/.cache/ftlaunch``. Converted models live in
+    ``models/`` (:func:`default_cache_root`), tokenized datasets in ``tokenized/`` (launcher/prepare.py)."""
     env = os.environ.get("FTLAUNCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "ftlaunch"
-    return base / "models"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ftlaunch"
+
+
+def default_cache_root() -> Path:
+    """Directory holding converted models: ``<ftlaunch_cache()>/models``."""
+    return ftlaunch_cache() / "models"
 
 
 def cache_key(gguf_path: Path) -> str:

@@ -134,20 +134,19 @@ def run_job(run_dir: Path) -> int:
 def _prepare_data(recipe: "object", strategy: "object") -> tuple[object, object]:
     """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. On Slurm a CPU job has
     usually filled it already (launcher/prepare.py)."""
-    from launcher.data import cache_key, tokenize_cached
+    from launcher.data import cache_entry, tokenize_into
     from launcher.prepare import tokenized_cache_dir
     from launcher.tokenizer import load_tokenizer
 
-    cache = tokenized_cache_dir()
     tokenizer = load_tokenizer(recipe.model)  # type: ignore[attr-defined]
     if not strategy.is_main:  # type: ignore[attr-defined]
         strategy.barrier()  # type: ignore[attr-defined]
-    key = cache_key(recipe.data, tokenizer)  # type: ignore[attr-defined]
-    cached = (cache / f"{key}.pkl").is_file()
-    data = tokenize_cached(recipe.data, tokenizer, cache)  # type: ignore[attr-defined]
+    entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir())  # type: ignore[attr-defined]
+    cached = entry.is_file()
+    data = tokenize_into(entry, recipe.data, tokenizer)  # type: ignore[attr-defined]
     if strategy.is_main:  # type: ignore[attr-defined]
-        log.info("data (%s %s): %s", "read from the tokenization cache" if cached else "tokenized into the cache", key,
-                 "  ".join(f"{name}={value}" for name, value in data.stats.items()))
+        log.info("data (%s %s): %s", "read from the tokenization cache" if cached else "tokenized into the cache",
+                 entry.stem, "  ".join(f"{name}={value}" for name, value in data.stats.items()))
         strategy.barrier()  # type: ignore[attr-defined]
     return tokenizer, data
 

@@ -53,11 +53,11 @@ def model_config_dir(recipe: Recipe) -> Path | None:
     if recipe.model.path is not None:
         return Path(recipe.model.path)
     try:
-        from launcher.gguf_cache import cache_key, default_cache_root, is_complete, resolve_gguf
+        from launcher.gguf_cache import is_complete
+        from launcher.tokenizer import gguf_converted
 
-        gguf = resolve_gguf(recipe.model.gguf or "")
-        converted = default_cache_root() / f"{gguf.stem}-{cache_key(gguf)}"
-        return converted if is_complete(converted) else None
+        converted = gguf_converted(recipe.model)
+        return converted if converted is not None and is_complete(converted) else None
     except Exception:  # noqa: BLE001 — sizing is best effort for GGUF; the run itself reports real errors
         return None
 

@@ -7,7 +7,7 @@ it (`--dependency=afterok:ID`); the training ranks then read the cache. Locally 
 before any rank trains (launcher/job.py, `_prepare_data`), with the other ranks waiting at a barrier.
 
 What is prepared, and where (both on storage every node sees, like the run directory):
-  - a GGUF model converted once to a Hugging Face directory (launcher/gguf_cache.py, `$FTLAUNCH_GGUF_CACHE`);
+  - a GGUF model converted once to a Hugging Face directory (launcher/gguf_cache.py, `$FTLAUNCH_CACHE/models`);
   - the tokenized, label-masked, packed examples under `$FTLAUNCH_CACHE/tokenized/<key>.pkl`, key =
     launcher.data.cache_key: data files (path, size, mtime), tokenizer, chat template, max length, packing, ...
 
@@ -17,20 +17,20 @@ Reads only the run directory and the environment (ARCHITECTURE.md). Exit codes: 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("ftlaunch")
+from launcher.gguf_cache import ftlaunch_cache
+from launcher.job import EXIT_BAD_INPUT, EXIT_OK, setup_logging
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
+log = logging.getLogger("ftlaunch")
 
 
 def tokenized_cache_dir() -> Path:
     """Where tokenized datasets are cached: `$FTLAUNCH_CACHE/tokenized` (default ~/.cache/ftlaunch/tokenized)."""
-    return Path(os.environ.get("FTLAUNCH_CACHE", Path.home() / ".cache" / "ftlaunch")) / "tokenized"
+    return ftlaunch_cache() / "tokenized"
 
 
 def missing_preparation(recipe: Any) -> str | None:
@@ -38,27 +38,23 @@ def missing_preparation(recipe: Any) -> str | None:
 
     Loads the tokenizer (transformers; the submitting process, not `launch plan`) because the cache key depends on
     it: a cheaper key from file names alone could call stale data ready."""
-    from launcher.data import cache_key
+    from launcher.data import cache_entry
     from launcher.gguf_cache import is_complete
-
     from launcher.tokenizer import gguf_converted, load_tokenizer
 
     converted = gguf_converted(recipe.model)
     if converted is not None and not is_complete(converted):
         return f"the GGUF model is not converted yet ({converted})"
-
-    key = cache_key(recipe.data, load_tokenizer(recipe.model))
-    path = tokenized_cache_dir() / f"{key}.pkl"
+    path = cache_entry(recipe.data, load_tokenizer(recipe.model), tokenized_cache_dir())
     return None if path.is_file() else f"the data is not tokenized yet ({path})"
 
 
 def prepare(run_dir: Path) -> int:
     """Convert the model if needed and tokenize the data into the cache; the training ranks then only read."""
     from launcher.data import DataError, tokenize_cached
-    from launcher.job import setup_logging
-    from launcher.tokenizer import load_tokenizer
     from launcher.plan import Plan
     from launcher.rundir import read_plan
+    from launcher.tokenizer import load_tokenizer
 
     plan = Plan.from_json(read_plan(run_dir))
     setup_logging(run_dir, 0, name="prepare")

@@ -19,8 +19,8 @@ builds and thread counts while still catching real errors: a wrong normalisation
 or a lost optimizer state each move a step's loss by more than 1e-2 here.
 
 Cost: runs are grouped, four jobs per sharded strategy (LoRA run; full run killed at step 4; its resume on 2 ranks;
-its resume on 1 rank), two DDP jobs, one ZeRO-1 job, FSDP 1 -> 2 (two jobs), and two in-process reference runs. A cold CI machine also compiles DeepSpeed's
-shm op once (~40 s, cached in ~/.cache/torch_extensions).
+its resume on 1 rank), two DDP jobs, one ZeRO-1 job, FSDP 1 -> 2 (two jobs), and two in-process reference runs. A cold
+CI machine also compiles DeepSpeed's shm op once (~40 s, cached in ~/.cache/torch_extensions).
 """
 
 from __future__ import annotations
@@ -137,6 +137,21 @@ def assert_same_curve(got: list[float], want: list[float], what: str) -> None:
     assert diff <= LOSS_ATOL, (what, got, want)
 
 
+def assert_whole_curve(run_dir: Path, want: list[float], what: str) -> None:
+    """All STEPS steps were trained, on the single-process curve (a resumed run logs each step once)."""
+    got = losses(run_dir)
+    assert len(got) == STEPS
+    assert_same_curve(got, want, what)
+
+
+def kill_during_second_save(work: Work, label: str, run_dir: Path, ranks: int, kill_rank: int) -> int:
+    """Run the planned `run_dir` on `ranks` ranks until rank `kill_rank` is SIGKILLed while writing its second
+    checkpoint (step 4: tests/integration/kill_during_save.py); the run's exit code."""
+    env = {**work.env, "KILL_AT_SAVE": "2", "KILL_RANK": str(kill_rank)}
+    return timed(label, [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                         str(REPO / "tests" / "integration" / "kill_during_save.py"), str(run_dir)], env).returncode
+
+
 # --------------------------------------------------------------------------------------------------- references
 def reference(work: Work, method: str) -> Path:
     """The single-process run (DDP on 1 rank, grad_accum 4), in this process."""
@@ -173,15 +188,12 @@ def strategy_runs(work: Work, strategy: str) -> Runs:
     if strategy in _runs:
         return _runs[strategy]
     lora = plan(write_recipe(work, f"{strategy}-lora", strategy, LORA, every=3), procs=2)
-    result = timed(f"{strategy} lora, 2 ranks", [sys.executable, "-m", "launcher", str(work.root / f"{strategy}-lora.yaml"),
-                                                  "--resume", str(lora)], work.env)
+    result = launch(work, f"{strategy} lora, 2 ranks", str(work.root / f"{strategy}-lora.yaml"), "--resume", str(lora))
     assert result.returncode == 0, result.stderr[-3000:]
 
     killed = plan(write_recipe(work, f"{strategy}-full", strategy, FULL), procs=2)
-    env = {**work.env, "KILL_AT_SAVE": "2", "KILL_RANK": "1"}
-    crash = timed(f"{strategy} full, 2 ranks, killed at step 4",
-                  [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                   str(REPO / "tests" / "integration" / "kill_during_save.py"), str(killed)], env)
+    crash_code = kill_during_second_save(work, f"{strategy} full, 2 ranks, killed at step 4", killed, ranks=2,
+                                         kill_rank=1)
     ckpts = killed / "checkpoints"
     after = sorted(p.name for p in ckpts.iterdir())
     latest = (ckpts / "latest").read_text().strip()
@@ -196,7 +208,7 @@ def strategy_runs(work: Work, strategy: str) -> Runs:
     single = launch(work, f"{strategy} full, resume on 1 rank", "--resume", str(one_rank), "--procs", "1",
                     "--gpus-per-node", "0")
     assert single.returncode == 0, single.stderr[-3000:]
-    _runs[strategy] = Runs(lora, killed, crash.returncode, after, latest, one_rank, resumed.stderr, single.stderr)
+    _runs[strategy] = Runs(lora, killed, crash_code, after, latest, one_rank, resumed.stderr, single.stderr)
     return _runs[strategy]
 
 
@@ -222,9 +234,7 @@ def test_zero1_lora_equals_single_process(work: Work) -> None:
 @pytest.mark.parametrize("strategy", SHARDED)
 def test_lora_equals_single_process(work: Work, strategy: str) -> None:
     runs = strategy_runs(work, strategy)
-    got = losses(runs.lora)
-    assert len(got) == STEPS
-    assert_same_curve(got, losses(reference(work, "lora")), f"{strategy} lora")
+    assert_whole_curve(runs.lora, losses(reference(work, "lora")), f"{strategy} lora")
 
 
 @pytest.mark.parametrize("strategy", SHARDED)
@@ -235,9 +245,7 @@ def test_kill_during_checkpoint_keeps_the_previous_one_and_resume_is_exact(work:
     assert runs.latest_after_kill == "step-00000002"
     assert "step-00000002" in runs.after_kill and "step-00000004" not in runs.after_kill
     assert ".step-00000004.tmp" in runs.after_kill
-    got = losses(runs.killed)
-    assert len(got) == STEPS
-    assert_same_curve(got, losses(reference(work, "full")), f"{strategy} full, killed and resumed on 2 ranks")
+    assert_whole_curve(runs.killed, losses(reference(work, "full")), f"{strategy} full, killed and resumed on 2 ranks")
     names = sorted(p.name for p in (runs.killed / "checkpoints").iterdir())
     assert ".step-00000004.tmp" not in names and "step-00000006" in names  # the stale part was cleaned
 
@@ -245,9 +253,7 @@ def test_kill_during_checkpoint_keeps_the_previous_one_and_resume_is_exact(work:
 @pytest.mark.parametrize("strategy", SHARDED)
 def test_resume_on_one_rank_continues_the_curve(work: Work, strategy: str) -> None:
     runs = strategy_runs(work, strategy)
-    got = losses(runs.one_rank)
-    assert len(got) == STEPS
-    assert_same_curve(got, losses(reference(work, "full")), f"{strategy} full, resumed 2 -> 1 rank")
+    assert_whole_curve(runs.one_rank, losses(reference(work, "full")), f"{strategy} full, resumed 2 -> 1 rank")
     log = (runs.one_rank / "logs" / "rank0.log").read_text()
     assert "resumed from step-00000002" in log
     assert "resume: 2 -> 1 ranks; grad_accum 2 -> 4 keeps the global batch 8" in " ".join(runs.one_rank_output.split())
@@ -261,18 +267,13 @@ def test_fsdp_resume_on_two_ranks_from_one(work: Work) -> None:
     """The other direction through DCP: a 1-rank FSDP run dies writing its step-4 checkpoint; `launch --resume DIR
     --procs 2` reshards step 2 onto 2 ranks (grad_accum 4 -> 2) and continues the single-process curve."""
     run_dir = plan(write_recipe(work, "fsdp-full-1", "fsdp", FULL, grad_accum=4), procs=1)
-    env = {**work.env, "KILL_AT_SAVE": "2", "KILL_RANK": "0"}
-    crash = timed("fsdp full, 1 rank, killed at step 4",
-                  [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                   str(REPO / "tests" / "integration" / "kill_during_save.py"), str(run_dir)], env)
-    assert crash.returncode != 0 and (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    crash_code = kill_during_second_save(work, "fsdp full, 1 rank, killed at step 4", run_dir, ranks=1, kill_rank=0)
+    assert crash_code != 0 and (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000002"
     resumed = launch(work, "fsdp full, resume 1 -> 2 ranks", "--resume", str(run_dir), "--procs", "2",
                      "--gpus-per-node", "0")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume: 1 -> 2 ranks; grad_accum 4 -> 2" in " ".join(resumed.stderr.split())
-    got = losses(run_dir)
-    assert len(got) == STEPS
-    assert_same_curve(got, losses(reference(work, "full")), "fsdp full, resumed 1 -> 2 ranks")
+    assert_whole_curve(run_dir, losses(reference(work, "full")), "fsdp full, resumed 1 -> 2 ranks")
 
 
 @pytest.mark.parametrize("strategy", SHARDED)
