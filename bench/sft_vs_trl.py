@@ -6,6 +6,7 @@
     .venv/bin/python bench/sft_vs_trl.py --packing --set data.max_length=512   # any recipe override, both sides
     .venv/bin/python bench/sft_vs_trl.py --repeats 3      # 3 rounds, order alternating, medians (noisy hosts)
     .venv/bin/python bench/sft_vs_trl.py --profile        # also a torch.profiler table of each side's timed steps
+    python bench/sft_vs_trl.py --device cuda --with-kernels --recipe R.yaml   # on a GPU; adds ours + `kernels: all`
 
 Output: a rich table on stdout and bench/results/sft_vs_trl-<tag>-<UTC date>[-packing].json (machine, commit,
 versions, config, per-run figures, medians, ratios ours/TRL, sanity checks).
@@ -101,6 +102,8 @@ sys.path.insert(0, str(ROOT))
 
 RESULTS_DIR = ROOT / "bench" / "results"
 SIDES = ("ours", "trl")
+KERNELS_SIDE = "ours_kernels"
+"""With --with-kernels: ours again with `kernels: all` (TRL cannot use our kernels; its side stays the same)."""
 
 BENCH_OVERRIDES = [
     "data.eval=[]", "data.eval_fraction=0", "eval.at_start=false", "eval.exact_match=false", "eval.every_steps=null",
@@ -143,6 +146,8 @@ class StepProbe:
         self.peak_reset = False
         self.init_checksum: list[float] = []
         self.profiler: Any = None
+        self.cuda = False
+        self.gpu_peak_mib = float("nan")
 
     def begin(self, model: Any) -> None:
         """Called at the start of every step; acts on the first one only."""
@@ -150,6 +155,12 @@ class StepProbe:
             return
         self.init_checksum = _checksum(model)
         self.rss_start_mib = _rss_mib("VmRSS")
+        self.cuda = _cuda_in_use()
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()  # the training peak: weights + what the steps allocate
         self.peak_reset = _reset_peak_rss()
         if self.skip == 0:
             self._start_profiler()
@@ -164,6 +175,10 @@ class StepProbe:
             self.profiler.__enter__()
 
     def end(self, tokens: int, loss: float) -> None:
+        if getattr(self, "cuda", False):
+            import torch
+
+            torch.cuda.synchronize()  # a step ends when the GPU has finished it, not when its kernels are queued
         self.ends.append(time.perf_counter())
         self.tokens.append(int(tokens))
         self.losses.append(float(loss))
@@ -174,6 +189,10 @@ class StepProbe:
             if self.profiler is not None:
                 self.profiler.__exit__(None, None, None)
             self.train_peak_mib = _rss_mib("VmHWM")
+            if getattr(self, "cuda", False):
+                import torch
+
+                self.gpu_peak_mib = torch.cuda.max_memory_allocated() / 2**20
 
     def profile_table(self, rows: int = 35) -> str | None:
         if self.profiler is None:
@@ -205,8 +224,15 @@ class StepProbe:
             "loss_last5_mean": sum(tail) / len(tail) if tail else float("nan"),
             "rss_at_train_start_mib": self.rss_start_mib,
             "train_peak_rss_mib": self.train_peak_mib if self.peak_reset else float("nan"),
+            "gpu_peak_allocated_mib": self.gpu_peak_mib,
             "init_checksum": self.init_checksum,
         }
+
+
+def _cuda_in_use() -> bool:
+    """Whether this child trains on a GPU (torch is imported by then; never initialise CUDA just to ask)."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
 def _checksum(model: Any) -> list[float]:
@@ -218,24 +244,25 @@ def _checksum(model: Any) -> list[float]:
         return [float(sum(p.sum() for p in params)), float(sum((p * p).sum() for p in params))]
 
 
-def _load(spec: dict[str, Any]) -> Any:
+def _load(spec: dict[str, Any], kernels: bool = False) -> Any:
     from launcher.recipe import load_recipe
 
-    return load_recipe(spec["recipe_file"], spec["overrides"])
+    return load_recipe(spec["recipe_file"], spec["overrides"] + (["kernels=all"] if kernels else []))
 
 
 # --------------------------------------------------------------------------------------------------- ours (child)
-def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run our trainer through `launcher.job.run_job`, as `launch` does, with timing hooks."""
+def child_ours(spec: dict[str, Any], kernels: bool = False) -> dict[str, Any]:
+    """Run our trainer through `launcher.job.run_job`, as `launch` does, with timing hooks (`kernels`: all)."""
     t0 = time.perf_counter()
     import launcher.train as train_module
     from launcher.job import run_job
     from launcher.plan import Resources, make_plan
     from launcher.rundir import claim_run_dir, write_json_atomic
 
-    loaded = _load(spec)
+    loaded = _load(spec, kernels=kernels)
     run_dir = claim_run_dir(Path(loaded.recipe.output.root), loaded.recipe.name)
-    write_json_atomic(run_dir / "plan.json", make_plan(loaded, Resources(), run_dir).to_json())
+    resources = Resources(gpus_per_node=1) if spec["device"] == "cuda" else Resources()
+    write_json_atomic(run_dir / "plan.json", make_plan(loaded, resources, run_dir).to_json())
     probe = StepProbe(spec["steps"], spec["skip"], spec["profile"])
     pending = [0]  # real tokens collated since the last step ended
 
@@ -374,9 +401,9 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
         seed=optim.seed,
         data_seed=optim.seed,
         label_smoothing_factor=optim.label_smoothing,
-        bf16=False,  # SFTConfig defaults to bf16=True; the recipe trains in float32
+        bf16=recipe.model.dtype == "bfloat16",  # SFTConfig defaults to bf16=True; the demo recipe is float32
         fp16=False,
-        use_cpu=True,
+        use_cpu=spec["device"] == "cpu",
         gradient_checkpointing=recipe.model.gradient_checkpointing,  # SFTConfig defaults to True
         max_length=data.max_length,
         truncation_mode="keep_start",  # ours: data.truncation=truncate keeps the start too
@@ -440,6 +467,16 @@ def git_info() -> dict[str, Any]:
             "source_sha256_12": digest.hexdigest()[:12]}
 
 
+def _gpu_name() -> str:
+    """The GPU's name from nvidia-smi (this parent process never imports torch)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown GPU"
+    return out.splitlines()[0] if out else "unknown GPU"
+
+
 def machine_info() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
@@ -494,11 +531,13 @@ def summarise(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Medians over repeats per side, ratios ours/TRL and the sanity checks."""
     keys = ("tokens_per_s", "train_peak_rss_mib", "peak_rss_mib", "rss_at_train_start_mib", "median_timed_step_s",
             "first_step_s", "setup_s", "loss_step1", "loss_final", "loss_last5_mean", "timed_window_s",
-            "timed_tokens")
-    sides = {side: {key: _median([run[side][key] for run in runs]) for key in keys} for side in SIDES}
+            "timed_tokens", "gpu_peak_allocated_mib")
+    sides = {side: {key: _median([run[side].get(key, float("nan")) for run in runs]) for key in keys}
+             for side in runs[0]}
     ours, trl = sides["ours"], sides["trl"]
-    ratios = {f"{key}_ours_over_trl": ours[key] / trl[key] if trl[key] else float("nan")
-              for key in ("tokens_per_s", "train_peak_rss_mib", "peak_rss_mib", "median_timed_step_s")}
+    ratio_keys = ("tokens_per_s", "train_peak_rss_mib", "peak_rss_mib", "median_timed_step_s", "gpu_peak_allocated_mib")
+    ratios = {f"{key}_{side}_over_trl": sides[side][key] / trl[key] if trl[key] else float("nan")
+              for side in sides if side != "trl" for key in ratio_keys}
     first = runs[0]
     checks = {
         "same_tokens_per_step": first["ours"]["tokens_per_step"] == first["trl"]["tokens_per_step"],
@@ -516,17 +555,21 @@ def print_table(summary: dict[str, Any], config: dict[str, Any], machine: dict[s
     from rich.console import Console
     from rich.table import Table
 
-    ours, trl = summary["per_side_median"]["ours"], summary["per_side_median"]["trl"]
+    sides = summary["per_side_median"]
+    trl = sides["trl"]
     title = (f"ours vs TRL SFTTrainer - {config['model']} LoRA r{config['lora_r']}, {config['steps']} steps "
              f"({config['timed_steps']} timed), micro batch {config['micro_batch']}x{config['grad_accum']}, "
              f"max_length {config['max_length']}, packing {config['packing']}, {config['repeats']} repeat(s) - "
-             f"{machine['cpu_model']}, {machine['cores']} cores")
+             f"{machine.get('gpu') or machine['cpu_model']}, {machine['cores']} cores")
     table = Table(title=title)
-    for column in ("metric", "ours", "TRL", "ours / TRL"):
+    ours_sides = [side for side in sides if side != "trl"]
+    columns = ["metric", *ours_sides, "TRL", *(f"{side} / TRL" for side in ours_sides)]
+    for column in columns:
         table.add_column(column, justify="left" if column == "metric" else "right")
     rows: list[tuple[str, str, Callable[[float], str], bool]] = [
         ("training tokens/s (non-padding)", "tokens_per_s", lambda v: f"{v:,.0f}", True),
         ("median step time (s)", "median_timed_step_s", lambda v: f"{v:.3f}", True),
+        ("peak GPU memory allocated, training (MiB)", "gpu_peak_allocated_mib", lambda v: f"{v:,.0f}", True),
         ("peak RSS, training (MiB)", "train_peak_rss_mib", lambda v: f"{v:,.0f}", True),
         ("peak RSS, whole process (MiB)", "peak_rss_mib", lambda v: f"{v:,.0f}", True),
         ("RSS at step 1 (MiB)", "rss_at_train_start_mib", lambda v: f"{v:,.0f}", True),
@@ -537,8 +580,9 @@ def print_table(summary: dict[str, Any], config: dict[str, Any], machine: dict[s
         ("loss, mean of last 5 steps", "loss_last5_mean", lambda v: f"{v:.5f}", False),
     ]
     for label, key, fmt, ratio in rows:
-        r = ours[key] / trl[key] if ratio and trl[key] else float("nan")
-        table.add_row(label, fmt(ours[key]), fmt(trl[key]), f"{r:.2f}" if ratio else "")
+        shown = [fmt(sides[side][key]) for side in ours_sides]
+        ratios = [f"{sides[side][key] / trl[key]:.2f}" if ratio and trl[key] else "" for side in ours_sides]
+        table.add_row(label, *shown, fmt(trl[key]), *ratios)
     console = Console()
     console.print(table)
     checks = summary["checks"]
@@ -564,20 +608,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler over each side's timed steps; tables written next to the JSON "
                              "(profiling slows the steps: do not quote tokens/s from such a run)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="train on the CPU (default) or on one GPU (ours: a one-GPU plan; TRL: use_cpu=False)")
+    parser.add_argument("--with-kernels", action="store_true",
+                        help="a third side: ours with `kernels: all` (fused RMSNorm, RoPE, SwiGLU, linear CE)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe override for both sides, e.g. --set data.max_length=512 (repeatable)")
     parser.add_argument("--tag", default=None, help="machine tag in the file name (default: hostname)")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--verbose", action="store_true", help="show the children's output (default: to log files)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
-    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*SIDES, KERNELS_SIDE), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         spec = json.loads(Path(args.spec).read_text())
-        result = (child_ours if args.child == "ours" else child_trl)(spec)
+        result = child_trl(spec) if args.child == "trl" else child_ours(spec, kernels=args.child == KERNELS_SIDE)
         Path(args.result).write_text(json.dumps(result))
         return 0
     if args.steps <= args.skip:
@@ -610,14 +658,16 @@ def main(argv: list[str] | None = None) -> int:
            "HF_DATASETS_CACHE": str(workdir / "hf-datasets"), "PYTHONWARNINGS": "ignore"}
     spec = {"recipe_file": str(Path(args.recipe).resolve()), "overrides": overrides, "steps": args.steps,
             "skip": args.skip, "threads": threads, "force_threads": args.threads is not None,
-            "trl_optim": args.trl_optim, "profile": args.profile, "workdir": str(workdir)}
+            "trl_optim": args.trl_optim, "profile": args.profile, "workdir": str(workdir), "device": args.device}
     machine, started = machine_info(), dt.datetime.now(dt.timezone.utc)
+    machine["gpu"] = _gpu_name() if args.device == "cuda" else None
+    sides = (*SIDES, KERNELS_SIDE) if args.with_kernels else SIDES
     load_before = os.getloadavg()
     runs: list[dict[str, dict[str, Any]]] = []
     for repeat in range(args.repeats):
         run: dict[str, dict[str, Any]] = {}
         # Alternate which side goes first, so a slow drift of the machine's load does not favour one side.
-        for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
             print(f"[{repeat + 1}/{args.repeats}] {side}: {args.steps} steps ...", flush=True)
             run[side] = run_child(side, spec, workdir, env, quiet=not args.verbose)
             shutil.rmtree(workdir / "cache" / "tokenized", ignore_errors=True)  # the next run tokenizes again
@@ -636,11 +686,12 @@ def main(argv: list[str] | None = None) -> int:
               "skip": args.skip, "timed_steps": args.steps - args.skip, "max_length": recipe.data.max_length,
               "packing": recipe.data.packing, "loss_on": recipe.data.loss_on,
               "chat_template": recipe.data.chat_template, "trl_optim": args.trl_optim, "threads": threads,
-              "repeats": args.repeats, "profiled": args.profile}
+              "repeats": args.repeats, "profiled": args.profile, "device": args.device,
+              "sides": list(sides)}
     report = {"benchmark": "sft_vs_trl", "date": started.isoformat(timespec="seconds"), "machine": machine,
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "git": git_info(),
               "versions": versions(), "config": config, **summary,
-              "runs": [{side: {k: v for k, v in run[side].items() if k != "profile"} for side in SIDES}
+              "runs": [{side: {k: v for k, v in run[side].items() if k != "profile"} for side in sides}
                        for run in runs]}
     print_table(summary, config, machine)
 
@@ -652,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     if args.profile:
-        for side in SIDES:
+        for side in sides:
             table = runs[-1][side].get("profile")
             if table:
                 profile_path = out / f"{stem}-profile-{side}.txt"

@@ -210,9 +210,14 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts. ZeRO-3 leaves each rank an empty placeholder per parameter and keeps the
+    full size in `ds_numel`."""
+
+    def numel(param: torch.nn.Parameter) -> int:
+        return int(getattr(param, "ds_numel", param.numel()))
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
 
