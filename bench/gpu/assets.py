@@ -66,8 +66,8 @@ def write_model(out_dir: Path, shape: str, dtype: str, device: str) -> Path:
     tokenizer = _tiny_module().build_tiny_tokenizer()
     kwargs = shape_config(shape)
     kwargs.setdefault("vocab_size", len(tokenizer))
-    config = LlamaConfig(**kwargs, max_position_embeddings=max(4096, kwargs.get("max_position_embeddings", 0)),
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    kwargs["max_position_embeddings"] = max(4096, kwargs.get("max_position_embeddings", 0))
+    config = LlamaConfig(**kwargs, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     with torch.device(device):
