@@ -123,6 +123,8 @@ def fsdp_config(recipe: Recipe, resources: "Resources", memory_row: str | None =
         "mesh": {"replicate": resources.world_size // shard, "shard": shard},
         "reshard_after_forward": opts.reshard_after_forward,
         "param_dtype": opts.param_dtype or recipe.model.dtype,
+        # fp32 master shards, gathered in param_dtype for compute (MixedPrecisionPolicy)
+        "weights_dtype": "float32" if needs_master_weights(recipe) else recipe.model.dtype,
         "reduce_dtype": opts.reduce_dtype,
         "cpu_offload": opts.cpu_offload,
         "activation_checkpointing": opts.activation_checkpointing,
@@ -130,14 +132,26 @@ def fsdp_config(recipe: Recipe, resources: "Resources", memory_row: str | None =
     }
 
 
+def needs_master_weights(recipe: Recipe) -> bool:
+    """16-bit base weights train (full, freeze) and the recipe keeps `model.master_weights`: the strategy must keep
+    float32 masters. DeepSpeed always does; DDP keeps them in its optimizer; FSDP shards them (`weights_dtype`)."""
+    trains_base = recipe.method.name in ("full", "freeze")
+    return trains_base and recipe.model.master_weights and recipe.model.dtype != "float32"
+
+
+def ddp_config(recipe: Recipe) -> dict[str, Any]:
+    """DDP: whether the optimizer steps float32 master copies of the 16-bit trainable weights."""
+    return {"master_weights": needs_master_weights(recipe)}
+
+
 def strategy_config(recipe: Recipe, resources: "Resources", strategy: str,
                     memory_row: str | None = None) -> dict[str, Any] | None:
-    """What goes into plan.json's `strategy_config`: the DeepSpeed JSON, the FSDP settings, or None (DDP)."""
+    """What goes into plan.json's `strategy_config`: the DeepSpeed JSON, the FSDP or the DDP settings."""
     if strategy in ZERO_STAGES:
         return deepspeed_config(recipe, strategy, resources.world_size, model_hidden_size(recipe), memory_row)
     if strategy == "fsdp":
         return fsdp_config(recipe, resources, memory_row)
-    return None
+    return ddp_config(recipe)
 
 
 def write_strategy_files(run_dir: Path, plan_json: dict[str, Any]) -> Path | None:

@@ -105,7 +105,8 @@ def run_job(run_dir: Path) -> int:
 
         torch.manual_seed(recipe.optim.seed)  # adapter init is identical on every rank and every run
         with strategy.model_init():  # ZeRO-3 partitions while loading; FSDP ranks > 0 build on meta
-            model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init)
+            model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
+                                dtype=strategy.weights_dtype(recipe.model.dtype))
         trainer = Trainer(plan, recipe, strategy, model, tokenizer, data, device)
         result = trainer.run()
         if result.stopped_by not in ("max_steps", "epochs", "early_stopping"):

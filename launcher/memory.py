@@ -713,15 +713,31 @@ def activation_bytes_per_token_per_layer(
 
 
 def _lora_activation_bytes_per_token(
-    dims: ModelDims, targets: str | Sequence[str], rank: int, e: int, *, dropout: bool, dora: bool
+    dims: ModelDims, targets: str | Sequence[str], rank: int, e: int, *, dropout: bool, dora: bool,
+    adapter_bytes: int = 4,
 ) -> int:
-    """Extra saved bytes per token for all targeted linears: the ``A x`` output (``r``); with ``lora_dropout > 0``
-    PEFT applies dropout to the input of each adapter separately, saving a dropped copy (``in``); DoRA keeps the base
-    layer's output for its magnitude rescaling (``out``)."""
+    """Extra saved bytes per token for all targeted linears, read from PEFT 0.21's ``lora.Linear.forward``.
+
+    Adapters hold ``adapter_bytes`` per element (4: PEFT upcasts them to fp32 on a 16-bit base,
+    ``autocast_adapter_dtype=True``; DeepSpeed casts them back to the compute dtype). Per targeted linear:
+
+    * PEFT casts the layer input to the adapters' dtype before ``lora_A`` (``_cast_input_dtype``); when that is a new
+      dtype, ``lora_A`` saves the cast copy for its weight gradient: ``adapter_bytes * in`` (each linear casts its
+      own copy, q/k/v included). Measured on an H200 (1B Llama, bf16, r16 all-linear): without this term the plan
+      was 28% under the device's peak (ddp: 26.7 GiB planned, 37.4 measured); with it 37.8 GiB, +1% (fsdp: 38.8
+      GiB vs 38.1, +2%; bench/results/gpu-h200-20261126).
+    * ``lora_dropout > 0``: dropout applied to that input separately per adapter, a dropped copy and its 1-byte mask.
+    * the ``A x`` output, saved by ``lora_B``: ``adapter_bytes * r``.
+    * DoRA keeps the base layer's output for its magnitude rescaling: ``adapter_bytes * out``.
+    """
+    cast = adapter_bytes != e
     total = 0
     for s in _targeted(dims, targets):
-        per = rank + (s.in_features if dropout else 0) + (s.out_features if dora else 0)
-        total += e * per * s.count
+        per = adapter_bytes * rank
+        per += adapter_bytes * s.in_features if cast else 0
+        per += (adapter_bytes + 1) * s.in_features if dropout else 0
+        per += adapter_bytes * s.out_features if dora else 0
+        total += per * s.count
     return total
 
 
@@ -766,6 +782,7 @@ def estimate_memory(
     double_quant: bool = True,
     ds_bucket_elements: int = DEEPSPEED_DEFAULT_BUCKET_ELEMENTS,
     gpus_per_node: int | None = None,
+    master_weights: bool = True,
 ) -> MemoryEstimate:
     """Estimate peak memory per GPU for one training step.
 
@@ -800,6 +817,8 @@ def estimate_memory(
     * DDP: full replicas, 2 + 2 + 12 (with ``gradient_as_bucket_view=True``; otherwise the reducer's buckets add a
       second 2 bytes/param of gradients).
     * PEFT adapters are fp32 outside DeepSpeed (``autocast_adapter_dtype=True``): 4 + 4 + 8, no separate master.
+    * ``master_weights=False`` (``model.master_weights: false``): DDP and FSDP train the 16-bit weights themselves,
+      and torch's AdamW keeps its moments in the weights' dtype: 2 + 2 + 4 bytes per trainable parameter.
     * Quantized bases (``qlora``, ``int8``): decoder-layer ``nn.Linear`` weights at
       ``quantized_bytes_per_weight``; everything else (embedding, LM head, norms, biases, routers, transformers-5
       fused MoE experts) in the compute dtype.
@@ -864,6 +883,9 @@ def estimate_memory(
         if world_size % n:
             raise ValueError(f"shard_group_size {n} must divide world_size {world_size}")
     opt_state = optimizer_state_bytes_per_param(optimizer)
+    pure_16bit = half and not master_weights and not adapters and strategy not in _DEEPSPEED
+    if pure_16bit and optimizer == "adamw":
+        opt_state = 2 * e  # torch's AdamW allocates exp_avg / exp_avg_sq like the parameter
     host = 0.0
     weights: float
     grads: float
@@ -876,8 +898,8 @@ def estimate_memory(
             w_t, g_t, master, fp32_grad = e, e, 4, 4
         elif adapters:  # DDP with fp32 PEFT adapters
             w_t, g_t, master, fp32_grad = 4, 4, 0, 0
-        else:  # DDP, mixed precision with fp32 master weights (or plain fp32)
-            w_t, g_t, master, fp32_grad = e, e, (4 if half else 0), 0
+        else:  # DDP, mixed precision with fp32 master weights (or plain fp32, or pure 16-bit)
+            w_t, g_t, master, fp32_grad = e, e, (4 if half and not pure_16bit else 0), 0
         optim_bytes = trainable * (master + opt_state) / n
         if strategy == "ddp":
             weights, grads, optim = frozen_bytes + trainable * w_t, trainable * g_t, trainable * (master + opt_state)
@@ -912,15 +934,16 @@ def estimate_memory(
         unit = max(counts.largest_layer, counts.root_unit)
         in_flight_params = 2 * unit * e
         in_flight_grads = unit * (e + 4) if trains_base else 0
-        w_sharded = (frozen_bytes + trainable * 4) / n
-        g_sharded = trainable * 4 / n
+        master_bytes = e if pure_16bit else 4
+        w_sharded = (frozen_bytes + trainable * master_bytes) / n
+        g_sharded = trainable * master_bytes / n
         o_sharded = trainable * opt_state / n
         if offload_optimizer or offload_params:
             host += w_sharded + g_sharded + o_sharded
             weights, grads, optim = in_flight_params, in_flight_grads, 0
         else:
             weights, grads, optim = w_sharded + in_flight_params, g_sharded + in_flight_grads, o_sharded
-        if not adapters and half:
+        if not adapters and half and not pure_16bit:
             notes.append("FSDP keeps fp32 sharded parameters as the master copy (MixedPrecisionPolicy)")
     pageable = optim if optimizer.startswith("paged_") else 0
 
@@ -936,7 +959,8 @@ def estimate_memory(
     lora_all_layers = 0
     if adapters:
         lora_all_layers = _lora_activation_bytes_per_token(
-            d, lora_targets, lora_rank, e, dropout=lora_dropout > 0, dora=method == "dora"
+            d, lora_targets, lora_rank, e, dropout=lora_dropout > 0, dora=method == "dora",
+            adapter_bytes=e if strategy in _DEEPSPEED else 4,
         )
     if activation_checkpointing:
         # stored: each layer's input; peak: plus one layer (and its adapters) recomputed during its backward

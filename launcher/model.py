@@ -24,20 +24,22 @@ TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": to
 
 
 def load_base_model(cfg: ModelConfig, device: torch.device, quantization: Any = None,
-                    meta: bool = False) -> PreTrainedModel:
-    """The pretrained model on `device`. With `meta`, its architecture only (no weights read or allocated): a sharded
-    strategy fills it from rank 0, so N ranks do not need N copies of the weights in CPU memory."""
+                    meta: bool = False, dtype: str | None = None) -> PreTrainedModel:
+    """The pretrained model on `device`, in `dtype` (default cfg.dtype). With `meta`, its architecture only (no
+    weights read or allocated): a sharded strategy fills it from rank 0, so N ranks do not need N copies of the
+    weights in CPU memory."""
+    dtype = dtype or cfg.dtype
     if meta:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_dir(cfg), trust_remote_code=cfg.trust_remote_code)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[cfg.dtype],
+            return AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype],
                                                     attn_implementation=cfg.attn_implementation,
                                                     trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir(cfg),
-        dtype=TORCH_DTYPES[cfg.dtype],
+        dtype=TORCH_DTYPES[dtype],
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
         **_quantized_load_kwargs(quantization, device),
@@ -189,9 +191,10 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
-def build_model(recipe: Recipe, device: torch.device, meta: bool = False) -> torch.nn.Module:
-    """Base model + kernels + checkpointing + method, on `device`, in the recipe's dtype (`meta`: no weights)."""
-    model = load_base_model(recipe.model, device, quantization_config(recipe), meta=meta)
+def build_model(recipe: Recipe, device: torch.device, meta: bool = False, dtype: str | None = None) -> torch.nn.Module:
+    """Base model + kernels + checkpointing + method, on `device`, in `dtype` (default the recipe's; a strategy's
+    `weights_dtype` under mixed precision), `meta`: no weights."""
+    model = load_base_model(recipe.model, device, quantization_config(recipe), meta=meta, dtype=dtype)
     if recipe.kernels:
         from kernels.patch import apply_kernels
 

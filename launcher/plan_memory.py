@@ -72,6 +72,7 @@ def training_arguments(recipe: Recipe, counts: mem.ParamCounts) -> dict[str, Any
         "activation_checkpointing": recipe.model.gradient_checkpointing,
         "fused_ce": recipe.kernels == "all" or "fused_ce" in recipe.kernels,
         "flash_attention": recipe.model.attn_implementation != "eager",
+        "master_weights": recipe.model.master_weights,
     }
     if isinstance(method, QuantFields):
         args["method"] = "int8" if method.bits == 8 else "qlora"

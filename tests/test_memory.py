@@ -284,6 +284,28 @@ def test_zero_paper_bytes_per_param() -> None:
     hybrid = mem.estimate_memory(counts, strategy="fsdp_hybrid", method="full", world_size=64, shard_group_size=8,
                                  micro_batch=0)
     assert hybrid.model_states == fsdp.model_states
+    # model.master_weights: false trains the bf16 weights themselves; torch's AdamW keeps bf16 moments
+    pure = mem.estimate_memory(counts, strategy="ddp", master_weights=False, **kw)
+    assert (pure.weights, pure.grads, pure.optimizer) == (2 * p, 2 * p, 4 * p)
+    pure_fsdp = mem.estimate_memory(counts, strategy="fsdp", master_weights=False, **kw)
+    assert pure_fsdp.model_states == pytest.approx(8 * p / n + 2 * 2 * unit + 6 * unit, abs=3)
+    lora = mem.estimate_memory(counts, strategy="ddp", master_weights=False, **{**kw, "method": "lora"})
+    assert lora.model_states == mem.estimate_memory(counts, strategy="ddp", **{**kw, "method": "lora"}).model_states
+
+
+def test_lora_activations_count_peft_fp32_input_casts() -> None:
+    """PEFT upcasts adapters to fp32 on a bf16 base and casts each targeted linear's input for lora_A, which saves
+    that copy: 4*in bytes per token per linear (the term the H200 run found missing), plus 4*r for A's output.
+    DeepSpeed casts the adapters back to bf16: no copy."""
+    counts = shipped("llama-3.1-8b")
+    kw = dict(method="lora", lora_rank=16, world_size=1, micro_batch=1, seq_len=1024, activation_checkpointing=False)
+    base = mem.estimate_memory(counts, method="full", strategy="ddp", **{k: v for k, v in kw.items() if k != "method"})
+    ddp = mem.estimate_memory(counts, strategy="ddp", **kw)
+    zero2 = mem.estimate_memory(counts, strategy="zero2", **kw)
+    ins = sum(s.in_features * s.count for s in mem.linear_shapes(counts.dims))
+    linears = sum(s.count for s in mem.linear_shapes(counts.dims))
+    assert ddp.activations - base.activations == 1024 * (4 * ins + 4 * 16 * linears)
+    assert zero2.activations - base.activations == 1024 * 2 * 16 * linears
 
 
 def test_qlora_storage_bytes() -> None:

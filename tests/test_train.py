@@ -260,3 +260,51 @@ def test_rank_batches_are_equal_in_number_and_cover_every_item_once() -> None:
     assert {len(b) for b in per_rank} == {2}  # 7 items, 3 ranks, batch 2: every rank runs 2 batches
     counted = sorted(i for batches in per_rank for chunk, counts in batches if counts for i in chunk)
     assert counted == items
+
+
+def _bf16_full_run(tmp_path: Path, model_dir: Path, master_weights: bool, steps: int, **sections: Any) -> Path:
+    case = tmp_path / f"masters-{master_weights}-{steps}"
+    case.mkdir()
+    return start_run(make_recipe(case, model_dir, method={"name": "full"},
+                                 model={"path": str(model_dir), "dtype": "bfloat16", "attn_implementation": "eager",
+                                        "master_weights": master_weights},
+                                 optim={"lr": 1e-5, "max_steps": steps, "schedule": "constant", "warmup_steps": 0},
+                                 eval={"at_start": False}, **sections))
+
+
+def test_bf16_full_fine_tuning_keeps_float32_master_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Adam moves each weight by about lr = 1e-5 a step; near 0.02 a bf16 weight moves only in steps of 1.2e-4. Pure
+    bf16 rounds most updates away; fp32 masters accumulate them (what the H200 run measured at 1B scale)."""
+    from safetensors.torch import load_file
+
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+    changed = {}
+    for master_weights in (True, False):
+        run_dir = _bf16_full_run(tmp_path, tiny_model_dir, master_weights, steps=12)
+        assert run(run_dir) == 0
+        saved = load_file(str(run_dir / "checkpoints" / "step-00000012" / "trainable.safetensors"))
+        tensor = saved["model.layers.0.mlp.down_proj.weight"]
+        assert tensor.dtype == (torch_dtype("float32") if master_weights else torch_dtype("bfloat16"))
+        output = load_file(str(run_dir / "model" / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+        assert output.dtype == torch_dtype("bfloat16")  # the output is the recipe's dtype either way
+        changed[master_weights] = float((output.float() != initial.bfloat16().float()).float().mean())
+    print("fraction of bf16 weights changed:", changed)
+    assert changed[True] > 0.5 and changed[False] < 0.5 * changed[True], changed
+
+
+def test_bf16_master_weights_resume_exactly(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The checkpoint holds the fp32 masters, not their bf16 rounding: N + resume + N == 2N steps."""
+    run_dir = _bf16_full_run(tmp_path, tiny_model_dir, True, steps=6, checkpoint={"every_steps": 3, "keep_last": 3})
+    assert run(run_dir) == 0
+    full = [r["loss"] for r in metrics(run_dir, "train")]
+    ckpts = run_dir / "checkpoints"
+    shutil.rmtree(ckpts / "step-00000006")
+    (ckpts / "latest").write_text("step-00000003\n")
+    assert run(run_dir) == 0
+    assert [r["loss"] for r in metrics(run_dir, "train")] == full
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)

@@ -52,7 +52,7 @@ def report(dry: bool) -> dict[str, Any]:
         "torch_cuda": torch.version.cuda, "versions": versions, "cuda_available": torch.cuda.is_available(),
     }
     if dry or not torch.cuda.is_available():
-        row["device"] = "cpu"
+        row.update({"device": "cpu", "nccl_all_reduce": "skipped: needs CUDA"})
         return row
     props = torch.cuda.get_device_properties(0)
     row.update({

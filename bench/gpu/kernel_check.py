@@ -125,7 +125,9 @@ def main(argv: list[str]) -> int:
         failures += row["status"] != "ok"
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in ("kernel", "hidden", "status", "seconds")}), flush=True)
-    if not dry:
+    if dry:
+        append(results, {"kind": "kernel_timing", "status": "skipped: timings need CUDA (bench/kernels.py)"})
+    else:
         import importlib.util  # bench/kernels.py, loaded by path as `bench_kernels` (its name shadows `kernels`)
 
         spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")

@@ -64,7 +64,10 @@ def kernels_section(rows: list[dict[str, Any]]) -> str:
         table.append([r["kernel"], shape, r.get("dtype", ""), r["status"][:120],
                       _f(worst and worst["err_kernel"]), _f(worst and worst["err_eager"]), _f(worst and worst["bound"])])
     out += _table(["kernel", "shape", "dtype", "status", "worst err (kernel)", "err (eager)", "bound"], table)
-    timings = [r for r in rows if r.get("kind") == "kernel_timing"]
+    timings = [r for r in rows if r.get("kind") == "kernel_timing" and "provider" in r]
+    skipped = [r["status"] for r in rows if r.get("kind") == "kernel_timing" and "provider" not in r]
+    if skipped:
+        out += f"\nKernel timings: {skipped[0]}\n"
     if timings:
         out += "\n## Kernels: forward + backward time and peak memory (`bench/kernels.py --quick`)\n\n"
         by_case: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}

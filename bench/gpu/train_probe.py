@@ -73,7 +73,8 @@ def run_config(config: dict[str, Any], device_name: str, workdir: Path) -> dict[
     torch.manual_seed(recipe.optim.seed)
     started = time.perf_counter()
     with strategy.model_init():
-        model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init)
+        model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
+                            dtype=strategy.weights_dtype(recipe.model.dtype))
     trainer = Trainer(plan, recipe, strategy, model, tokenizer, data, device)
     setup_s = time.perf_counter() - started
     trainable, total = count_parameters(unwrap(trainer.model))

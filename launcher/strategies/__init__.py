@@ -20,7 +20,7 @@ def get_strategy(name: str, world_size: int, rank: int, device: "object",
     if name == "ddp":
         from launcher.strategies.ddp import DDPStrategy
 
-        return DDPStrategy(world_size=world_size, rank=rank, device=device)
+        return DDPStrategy(world_size=world_size, rank=rank, device=device, config=config)
     if name == "fsdp":
         from launcher.strategies.fsdp import FSDPStrategy
 

@@ -51,6 +51,11 @@ class Strategy(ABC):
         """Where this rank loads the pretrained weights (the training device unless the strategy moves them)."""
         return self.device
 
+    def weights_dtype(self, model_dtype: str) -> str:
+        """The dtype the model's weights are loaded and kept in (the plan's `weights_dtype`: float32 masters under
+        mixed precision), `model_dtype` when the plan says nothing (DeepSpeed; plans written before it existed)."""
+        return str(self.config.get("weights_dtype") or model_dtype)
+
     def model_init(self) -> ContextManager[Any]:
         """Context around model construction (ZeRO-3 partitions weights while `from_pretrained` loads them)."""
         return contextlib.nullcontext()
