@@ -102,6 +102,12 @@ if TRITON_AVAILABLE:
     _CE_ROWS = LazyKernel(_ce_rows)
 
 
+def launch_config(vocab: int, cuda: bool = True) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of ``_ce_rows`` for rows of ``vocab`` logits; the interpreter gets smaller blocks."""
+    block = min(next_pow2(vocab), 4096 if cuda else 1024)
+    return block, num_warps(block)
+
+
 def _chunk_torch(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, smoothing: float, z: float,
                  grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row losses of one chunk and, if asked, d loss_i / d logits (fp32, unscaled by the reduction)."""
@@ -131,9 +137,9 @@ def _chunk_triton(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
     """Triton version of ``_chunk_torch``; the gradient overwrites ``logits`` in its own dtype."""
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    block = min(next_pow2(vocab), 4096 if logits.is_cuda else 1024)
+    block, warps = launch_config(vocab, logits.is_cuda)
     _CE_ROWS[(rows,)](logits, logits.stride(0), labels, loss, vocab, ignore_index, float(smoothing), float(z),
-                      GRAD=grad, BLOCK=block, num_warps=num_warps(block))
+                      GRAD=grad, BLOCK=block, num_warps=warps)
     return loss, (logits if grad else None)
 
 
@@ -148,7 +154,14 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     triton_path = use_triton(hidden, weight)
     per_chunk = _chunk_triton if triton_path else _chunk_torch
     d_hidden = torch.empty_like(hidden) if needs[0] else None
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+    # The weight gradient accumulates over chunks with addmm in the matmul dtype when the weight has it (as Liger
+    # does): each chunk's product is rounded to that dtype either way, and a float32 accumulator would add a
+    # [vocab, hidden] product tensor plus a float32 read-modify-write per chunk. On an H200 that traffic made this
+    # kernel 0.42x eager's speed at 2048 x 4096 x 32k (bench/results/gpu-h200-20261126), with 1282 MiB against
+    # eager's 751. A float32 weight under 16-bit activations keeps a float32 accumulator.
+    same_dtype = weight.dtype == hidden.dtype
+    d_weight = (torch.zeros(weight.shape, dtype=weight.dtype if same_dtype else torch.float32, device=weight.device)
+                if needs[1] else None)
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if needs[2] else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk):
@@ -162,7 +175,10 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         if d_hidden is not None:
             torch.mm(g, weight.to(hidden.dtype), out=d_hidden[start:start + chunk])
         if d_weight is not None:
-            d_weight.add_(g.t() @ h_c)
+            if same_dtype:
+                d_weight.addmm_(g.t(), h_c)
+            else:
+                d_weight.add_(g.t() @ h_c)
         if d_bias is not None:
             d_bias.add_(g.sum(0, dtype=torch.float32))
     return total, d_hidden, d_weight, d_bias

@@ -84,6 +84,13 @@ def _bshd(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
     return x if unsqueeze_dim == 1 else x.transpose(1, 2)
 
 
+def launch_config(n_q: int, n_k: int, head_dim: int) -> dict[str, int]:
+    """Constexprs and ``num_warps`` of ``_rope_kernel`` for ``n_q`` / ``n_k`` heads of ``head_dim`` (even)."""
+    half = head_dim // 2
+    return {"HALF": half, "BLOCK_HQ": next_pow2(n_q), "BLOCK_HK": next_pow2(n_k), "BLOCK_D": next_pow2(half),
+            "num_warps": 4}  # Triton's default, which the launch used implicitly before
+
+
 def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
             unsqueeze_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     qo, ko = torch.empty_like(q), torch.empty_like(k)
@@ -96,13 +103,12 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         cos_e, sin_e = cos_e.contiguous(), sin_e.contiguous()
     for t in (qv, kv, qov, kov):
         assert t.stride(-1) == 1, "rope kernel needs a unit stride on head_dim"
-    half = dim // 2
     _ROPE[(bs * seq,)](
         qv, kv, qov, kov, cos_e, sin_e, seq, n_q, n_k,
         qv.stride(0), qv.stride(1), qv.stride(2), kv.stride(0), kv.stride(1), kv.stride(2),
         qov.stride(0), qov.stride(1), qov.stride(2), kov.stride(0), kov.stride(1), kov.stride(2),
         cos_e.stride(0), cos_e.stride(1),
-        BACKWARD=backward, HALF=half, BLOCK_HQ=next_pow2(n_q), BLOCK_HK=next_pow2(n_k), BLOCK_D=next_pow2(half),
+        BACKWARD=backward, **launch_config(n_q, n_k, dim),
     )
     return qo, ko
 

@@ -45,6 +45,11 @@ if TRITON_AVAILABLE:
     _BWD = LazyKernel(_swiglu_bwd)
 
 
+def launch_config() -> dict[str, int]:
+    """Constexprs and ``num_warps`` of both kernels: fixed 1024-element blocks, whatever the tensor size."""
+    return {"BLOCK": _BLOCK, "num_warps": 4}  # Triton's default, which the launch used implicitly before
+
+
 def _grid(n: int) -> tuple[int]:
     return (-(-n // _BLOCK),)
 
@@ -57,7 +62,7 @@ class SwiGLUFunction(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         out = torch.empty_like(gate)
         n = gate.numel()
-        _FWD[_grid(n)](gate, up, out, n, BLOCK=_BLOCK)
+        _FWD[_grid(n)](gate, up, out, n, **launch_config())
         ctx.save_for_backward(gate, up)
         return out
 
@@ -67,7 +72,7 @@ class SwiGLUFunction(torch.autograd.Function):
         dout = dout.contiguous()
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
-        _BWD[_grid(n)](dout, gate, up, dgate, dup, n, BLOCK=_BLOCK)
+        _BWD[_grid(n)](dout, gate, up, dgate, dup, n, **launch_config())
         return dgate, dup
 
 
