@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 GiB = 2**30
+STEP1_TOLERANCE = 2.0 ** -8
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -125,9 +126,15 @@ def training_section(rows: list[dict[str, Any]], kind: str, title: str) -> str:
             _f(predicted.get("total", 0) / GiB or None, "{:.1f}"),
             _f(error.get("total_vs_device_peak") and 100 * error["total_vs_device_peak"], "{:+.0f}%"),
         ])
+    first = [r["losses"][0] for r in configs if r.get("losses")]
+    spread = (max(first) - min(first)) / max(first) if len(first) > 1 else None
+    verdict = "" if spread is None else (
+        f"\nStep 1 (same weights, same batch) across configurations: relative spread {spread:.1e}, "
+        f"{'within' if spread <= STEP1_TOLERANCE else 'BEYOND'} the tolerance {STEP1_TOLERANCE:.1e} (one bf16 "
+        "rounding: only the order of bf16 reductions differs between strategies at step 1).\n")
     return (f"## {title}\n\n" + _table(
         ["config", "status", "loss step 1", "loss last", "max rel. loss diff vs ddp", "tokens/s", "MFU",
-         "peak allocated GiB", "device peak GiB", "planner GiB", "planner error"], table))
+         "peak allocated GiB", "device peak GiB", "planner GiB", "planner error"], table) + verdict)
 
 
 def resume_section(rows: list[dict[str, Any]]) -> str:
