@@ -826,7 +826,8 @@ def estimate_memory(
     Activations: ``activation_bytes_per_token_per_layer`` for each layer times ``micro_batch * seq_len`` tokens on
     this rank, plus the final norm and LM-head inputs (``2h``). With full activation checkpointing (Korthikanti et al.
     2022, §4.2: "only the input to each transformer layer" is stored, ``2sbh`` per layer in fp16) the stored part is
-    ``e*h`` per token per layer and the peak adds one layer's full activations while it is recomputed.
+    ``e*h`` per token per layer and the peak adds one layer's full activations while it is recomputed, or the logits,
+    whichever is larger: the logits are freed by the LM head's backward before the first layer is recomputed.
     Logits: see ``logits_bytes``. Framework: ``CUDA_CONTEXT_BYTES`` + ``NCCL_BUFFER_BYTES`` (world_size > 1) +
     DeepSpeed buckets + ``(ALLOCATOR_FRAGMENTATION_FACTOR - 1)`` times all tensor bytes.
     """
@@ -866,9 +867,17 @@ def estimate_memory(
         )
     adapters = method in _ADAPTER_METHODS
     frozen_params = counts.total if adapters else counts.total - trainable
+    # peft's prepare_model_for_kbit_training upcasts what bitsandbytes left unquantized (embedding, LM head, norms)
+    # to fp32, so the residual stream and the logits are fp32 too. The launcher runs it on unsharded quantized bases
+    # (DDP; under ZeRO-1/2 DeepSpeed casts the module back to the compute dtype; sharded QLoRA skips it). Measured on
+    # an H200 (Llama-3.1-8B shape, nf4, micro batch 4 x 1024, checkpointing): 18.5 GiB device peak; planned without
+    # these terms 14.4 GiB (-22%); with them, and with the logits and the recomputed layer not both counted under
+    # checkpointing (below), 18.1 GiB (-2%; tensors 15.8 GiB planned, 15.5 allocated) (bench/results/gpu-h200-20261126).
+    kbit_upcast = method in ("qlora", "int8") and strategy == "ddp"
+    stream = 4 if kbit_upcast else e  # bytes of the hidden states between layers
     if method in ("qlora", "int8"):
         q = quantized_bytes_per_weight(method, double_quant=double_quant)
-        frozen_bytes = counts.linear_weights * q + (counts.total - counts.linear_weights) * e
+        frozen_bytes = counts.linear_weights * q + (counts.total - counts.linear_weights) * stream
         if method == "int8":
             frozen_bytes += 4 * counts.linear_rows
         if d.num_experts:
@@ -962,13 +971,16 @@ def estimate_memory(
             d, lora_targets, lora_rank, e, dropout=lora_dropout > 0, dora=method == "dora",
             adapter_bytes=e if strategy in _DEEPSPEED else 4,
         )
+    recomputed_per_token = 0
     if activation_checkpointing:
-        # stored: each layer's input; peak: plus one layer (and its adapters) recomputed during its backward
-        activation_per_token = d.num_layers * e * d.hidden_size + max(per_layer, default=0)
-        activation_per_token += lora_all_layers // max(d.num_layers, 1)
+        # stored: each layer's input; plus one layer (and its adapters) recomputed during its backward, which
+        # starts after the LM head's backward has freed the logits: the two never coexist (max, below)
+        activation_per_token = d.num_layers * stream * d.hidden_size
+        recomputed_per_token = max(per_layer, default=0) + lora_all_layers // max(d.num_layers, 1)
     else:
-        activation_per_token = sum(per_layer) + lora_all_layers
-    activation_per_token += 2 * e * d.hidden_size  # final norm input and LM-head input
+        # an fp32 stream makes each layer's two norm inputs fp32
+        activation_per_token = sum(per_layer) + lora_all_layers + d.num_layers * 2 * (stream - e) * d.hidden_size
+    activation_per_token += 2 * stream * d.hidden_size  # final norm input and LM-head input
     activations = tokens * activation_per_token
     if method in ("qlora", "int8"):
         activations += counts.largest_linear * e  # bitsandbytes dequantizes one weight at a time for matmul
@@ -976,6 +988,9 @@ def estimate_memory(
         largest_target = max((s.in_features * s.out_features for s in _targeted(d, lora_targets)), default=0)
         activations += 2 * largest_target * 4  # W + s*BA materialized for the column norm (fp32), then the norm
     logits = logits_bytes(d, tokens=tokens, fused_ce=fused_ce, act_bytes=e) if tokens else 0
+    if kbit_upcast and not fused_ce:
+        logits += tokens * d.vocab_size * (4 - e)  # an fp32 LM head gives fp32 logits, not 16-bit ones
+    activations += max(0, tokens * recomputed_per_token - logits)
 
     # --- framework
     tensors = weights + grads + optim + activations + logits
