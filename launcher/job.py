@@ -2,7 +2,8 @@
 
 Reads only the run directory and the environment (ARCHITECTURE.md), so a job can be resumed, requeued or re-submitted
 from its run directory alone. Exit codes: 0 finished, 2 bad input (message printed), 3 stopped by a signal after
-writing a checkpoint (resumable; Slurm requeues on it).
+writing a checkpoint (resumable; Slurm requeues on it), 4 diverged (non-finite losses: `optim.max_nonfinite_steps`;
+the last good checkpoint is intact, nothing is requeued).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 3
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_DIVERGED = 0, 2, 3, 4
 
 log = logging.getLogger("ftlaunch")
 
@@ -79,7 +80,7 @@ def run_job(run_dir: Path) -> int:
     import torch.distributed as dist
 
     from launcher.data import DataError
-    from launcher.train import Trainer
+    from launcher.train import NonFiniteError, Trainer
 
     if plan.device == "cuda":
         device = torch.device("cuda", env.local_rank)
@@ -108,11 +109,16 @@ def run_job(run_dir: Path) -> int:
             model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
                                 dtype=strategy.weights_dtype(recipe.model.dtype))
         trainer = Trainer(plan, recipe, strategy, model, tokenizer, data, device)
-        result = trainer.run()
-        if result.stopped_by not in ("max_steps", "epochs", "early_stopping"):
+        try:
+            result = trainer.run()
+        except NonFiniteError as err:
+            if strategy.is_main:
+                log.error("training diverged: %s", err)
+            return EXIT_DIVERGED
+        if not result.stopped_by.finished:
             if strategy.is_main:
                 log.warning("stopped by %s at step %d; checkpoint written. Resume: launch %s --resume %s",
-                            result.stopped_by, result.state.step, plan.recipe_file, run_dir)
+                            result.signal, result.state.step, plan.recipe_file, run_dir)
             return EXIT_INTERRUPTED
         if strategy.is_main:
             _finish(trainer, run_dir, recipe.output.merge, from_checkpoint=not strategy.holds_whole_model)

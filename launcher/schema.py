@@ -258,6 +258,11 @@ class OptimConfig(Section):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Label smoothing of the cross-entropy."""
 
+    max_nonfinite_steps: int = Field(default=3, ge=1)
+    """A step whose loss or gradient norm is NaN/inf is not applied (logged, counted as a step so the schedule and the
+    data stay in step); this many such steps in a row stop the run with an error, the last good checkpoint intact.
+    Under DeepSpeed, whose engine applies a step as soon as it is asked to, a non-finite loss stops the run at once."""
+
 
 # ------------------------------------------------------------------------------------------ eval, stop, save, log
 class EvalConfig(Section):

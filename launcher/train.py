@@ -14,6 +14,7 @@ same; per-micro-batch means, the older default, weight short examples more than 
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -169,11 +170,32 @@ class StopFlag:
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
+class StopReason(enum.Enum):
+    """Why a run's loop ended."""
+
+    MAX_STEPS = "max_steps"
+    EPOCHS = "epochs"
+    EARLY_STOPPING = "early_stopping"
+    SIGNAL = "signal"
+    """SIGINT, SIGTERM or SIGUSR1 (on this rank or another): checkpointed, resumable."""
+
+    @property
+    def finished(self) -> bool:
+        """The run is done (outputs follow); False when it stopped to be resumed."""
+        return self is not StopReason.SIGNAL
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a NaN/inf loss or gradient norm (or DeepSpeed met one), or the weights are not
+    finite at a checkpoint: the run stops, and no non-finite update is applied or checkpointed."""
+
+
 @dataclass
 class RunResult:
     state: TrainerState
-    stopped_by: str
-    """`max_steps`, `epochs`, `early_stopping`, or the signal name."""
+    stopped_by: StopReason
+    signal: str | None = None
+    """The signal's name when stopped_by is SIGNAL."""
 
 
 class Trainer:
@@ -198,6 +220,8 @@ class Trainer:
         self.total_steps = optim.max_steps or math.ceil(optim.epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, self.total_steps))
         self.state = TrainerState(world_size=strategy.world_size)
+        self.nonfinite_in_row = 0
+        """Steps not applied (non-finite loss or gradient norm) since the last applied one."""
         self.metrics = MetricsLog(self.run_dir, enabled=strategy.is_main, tensorboard=recipe.logging.tensorboard)
 
     # ------------------------------------------------------------------------------------------------ batches
@@ -229,13 +253,45 @@ class Trainer:
                 self.strategy.backward(self.model, loss * scale)
             loss_sum += loss.detach().double()
         lr = self.scheduler.get_last_lr()[0]
-        # Clipping, the step and zeroing belong to the strategy: DeepSpeed's engine does all three itself.
-        grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, optim.max_grad_norm)
-        self.scheduler.step()
+        # Reduced before the step, so that every rank decides alike whether to apply it.
         total_loss = float(self.strategy.all_reduce_sum(loss_sum)) / max(1.0, n_label)
+        if math.isfinite(total_loss):
+            # Clipping, the step and zeroing belong to the strategy (DeepSpeed's engine does all three itself); a
+            # non-finite gradient norm is not applied (Strategy.optimizer_step).
+            grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, optim.max_grad_norm)
+        elif self.strategy.can_skip_step:
+            self.strategy.discard_gradients(self.model, self.optimizer)
+            grad_norm = float("nan")
+        else:
+            raise NonFiniteError(f"step {self.state.step + 1}: the loss is {total_loss} and {self.strategy.name}'s "
+                                 "engine cannot skip a step; nothing of it was applied or checkpointed. Lower "
+                                 "optim.lr or check the data (ddp and fsdp skip such steps)")
+        self.scheduler.step()
         self.state.step += 1
         self.state.tokens_seen += int(n_input)
-        return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_input}
+        applied = math.isfinite(total_loss) and math.isfinite(grad_norm)
+        self._count_nonfinite(applied, total_loss, grad_norm)
+        return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_input, "skipped": not applied}
+
+    def _count_nonfinite(self, applied: bool, loss: float, grad_norm: float) -> None:
+        """Count and log a step that was not applied."""
+        if applied:
+            self.nonfinite_in_row = 0
+            return
+        self.nonfinite_in_row += 1
+        limit = self.recipe.optim.max_nonfinite_steps
+        if self.strategy.is_main:
+            log.warning("step %d: loss %s, gradient norm %s: not applied (%d in a row; the run stops at %d)",
+                        self.state.step, loss, grad_norm, self.nonfinite_in_row, limit)
+
+    def _check_divergence(self) -> None:
+        """Stop (after the step's metrics row is written) once `optim.max_nonfinite_steps` were skipped in a row."""
+        limit = self.recipe.optim.max_nonfinite_steps
+        if self.nonfinite_in_row >= limit:
+            raise NonFiniteError(
+                f"steps {self.state.step - limit + 1}-{self.state.step}: {limit} steps in a row had a non-finite "
+                "loss or gradient norm; none was applied, so every checkpoint holds finite weights. Lower optim.lr, "
+                "check the data, or raise optim.max_nonfinite_steps")
 
     # --------------------------------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -280,6 +336,9 @@ class Trainer:
         return self._early_stop(results)
 
     def _checkpoint(self) -> None:
+        if not self.strategy.weights_finite(self.model):
+            raise NonFiniteError(f"step {self.state.step}: the weights hold NaN/inf values; they were not "
+                                 "checkpointed (the previous checkpoint is intact). Lower optim.lr or check the data")
         save_checkpoint(self.run_dir, self.strategy, self.model, self.optimizer, self.scheduler, self.state,
                         self.recipe.checkpoint.keep_last)
 
@@ -298,7 +357,7 @@ class Trainer:
         if resumed is None and recipe.eval.at_start:
             self._eval_and_record("start")
         stream = self._batch_stream()
-        stopped_by = "max_steps" if recipe.optim.max_steps else "epochs"
+        stopped_by = StopReason.MAX_STEPS if recipe.optim.max_steps else StopReason.EPOCHS
         every_ckpt, every_eval = recipe.checkpoint.every_steps, recipe.eval.every_steps
         last_saved = self.state.step
         with StopFlag() as stop, Progress(self.strategy.is_main and recipe.logging.progress, self.total_steps,
@@ -310,23 +369,24 @@ class Trainer:
                 progress.update(self.state.step, row)
                 if self.state.step % recipe.logging.every_steps == 0:
                     self.metrics.write({"kind": "train", "step": self.state.step, "epoch": self.state.epoch, **row})
+                self._check_divergence()
                 if every_ckpt and self.state.step % every_ckpt == 0:
                     self._checkpoint()
                     last_saved = self.state.step
                 if every_eval and self.state.step % every_eval == 0 and self.state.step < self.total_steps:
                     if self._eval_and_record("periodic"):
-                        stopped_by = "early_stopping"
+                        stopped_by = StopReason.EARLY_STOPPING
                         break
                 if self._stop_requested(stop):
-                    stopped_by = stop.reason or "signal"
+                    stopped_by = StopReason.SIGNAL
                     break
-        interrupted = stopped_by not in ("max_steps", "epochs", "early_stopping")
+        interrupted = not stopped_by.finished
         if self.state.step != last_saved and (not interrupted or recipe.checkpoint.on_interrupt):
             self._checkpoint()
         if not interrupted:
             self._eval_and_record("end")
         self.metrics.close()
-        return RunResult(self.state, stopped_by)
+        return RunResult(self.state, stopped_by, stop.reason if interrupted else None)
 
     def _stop_requested(self, stop: StopFlag) -> bool:
         """Every rank stops at the same step when any rank was signalled."""

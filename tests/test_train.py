@@ -347,3 +347,52 @@ def test_lr_schedule_multipliers() -> None:
     assert [linear(s) for s in (0, 1, 2, 5, 8)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
     constant = lr_lambda(OptimConfig(schedule="constant"), total_steps=5)
     assert {constant(s) for s in range(5)} == {1.0}
+
+
+def _nan_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
+    """Training forwards (one per step at grad_accum 1) return a NaN loss at the given 1-based steps."""
+    import launcher.train as train_module
+
+    real = train_module.forward_loss_sum
+    calls = [0]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls[0] in steps else loss
+
+    monkeypatch.setattr(train_module, "forward_loss_sum", forward)
+
+
+def test_a_nan_step_is_not_applied(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    _nan_at(monkeypatch, {3})
+    run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, optim={"max_steps": 5}, eval={"at_start": False},
+                                    checkpoint={"every_steps": 1, "keep_last": 10}))
+    assert run(run_dir) == 0
+    rows = metrics(run_dir, "train")
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False]
+    assert rows[2]["loss"] != rows[2]["loss"] and all(r["loss"] == r["loss"] for r in rows if r["step"] != 3)
+    weights = [load_file(str(run_dir / "checkpoints" / f"step-{s:08d}" / "trainable.safetensors")) for s in (2, 3, 4)]
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])  # step 3 changed nothing
+    assert any((weights[1][k] != weights[2][k]).any() for k in weights[0])  # step 4 trained again
+
+
+def test_nan_steps_in_a_row_stop_the_run(tmp_path: Path, tiny_model_dir: Path,
+                                         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from launcher.job import EXIT_DIVERGED
+
+    _nan_at(monkeypatch, {3, 4})
+    run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, optim={"max_steps": 8, "max_nonfinite_steps": 2},
+                                    eval={"at_start": False}, checkpoint={"every_steps": 2, "keep_last": 10}))
+    assert run(run_dir) == EXIT_DIVERGED
+    assert "training diverged: steps 3-4: 2 steps in a row had a non-finite loss" in caplog.text
+    assert [r["step"] for r in metrics(run_dir, "train")] == [1, 2, 3, 4]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-00000002"  # the step-4 checkpoint was never reached: the run stopped first
+    state = load_file(str(run_dir / "checkpoints" / latest / "trainable.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in state.values())

@@ -9,6 +9,7 @@ strategy may build the model without weights (meta device) and receive them from
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
@@ -25,6 +26,10 @@ class Strategy(ABC):
     """
 
     name: str
+
+    can_skip_step: bool = True
+    """A step's gradients can be dropped without applying them (`discard_gradients`). False for DeepSpeed, whose
+    engine keeps reduced gradient partitions and optimizer bookkeeping of its own."""
 
     holds_whole_model: bool = True
     """Every rank holds the full, plain model after `wrap` (DDP). When False (FSDP, ZeRO) the final outputs are
@@ -80,11 +85,30 @@ class Strategy(ABC):
         loss.backward()
 
     def optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> float:
-        """Clip, step, zero the gradients; return the global gradient norm before clipping."""
+        """Clip, step, zero the gradients; return the global gradient norm before clipping. A non-finite norm (the
+        same on every rank: it is reduced over all of them) is not applied: the gradients are dropped."""
         norm = self.clip_grad_norm(model, max_norm)
-        optimizer.step()
+        if math.isfinite(norm):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def weights_finite(self, model: torch.nn.Module) -> bool:
+        """Whether every trainable weight is finite on every rank (collective). Sharded parameters are checked
+        through this rank's shard; ZeRO-3's placeholders are empty and pass."""
+        bad = torch.zeros((), dtype=torch.float32, device=self.device)
+        for param in model.parameters():
+            if param.requires_grad:
+                local = param.to_local() if hasattr(param, "to_local") else param
+                if local.numel() and not bool(torch.isfinite(local).all()):
+                    bad += 1
+                    break
+        return float(self.all_reduce_sum(bad)) == 0.0
+
+    def discard_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's gradients without applying them (a step with a non-finite loss)."""
+        model.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
 
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> float:
         """Clip the global gradient norm (over every rank's gradients); return the norm before clipping."""

@@ -14,6 +14,7 @@ parameter, plus 4 during the step for their float32 gradients. Checkpoints hold 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator
 
@@ -76,7 +77,7 @@ class DDPStrategy(Strategy):
 
     def optimizer_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> float:
         norm = super().optimizer_step(model, optimizer, max_norm)  # clip (moves grads to the masters), step, zero
-        if self._pairs:
+        if self._pairs and math.isfinite(norm):  # a skipped step left the masters as they were
             with torch.no_grad():
                 torch._foreach_copy_([p for p, _ in self._pairs], [m for _, m in self._pairs])  # rounds to 16 bits
         return norm

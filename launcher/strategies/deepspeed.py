@@ -51,6 +51,7 @@ def saved_world_size(directory: Path) -> int:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     holds_whole_model = False
+    can_skip_step = False
 
     def __init__(self, world_size: int, rank: int, device: torch.device, config: dict[str, Any] | None = None) -> None:
         if not config:
