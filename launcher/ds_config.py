@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.recipe import Problem
 from launcher.schema import DeepSpeedOptions, QuantFields, Recipe
+from launcher.strategies import spec as strategy_spec
 
 if TYPE_CHECKING:
     from launcher.plan import Resources
 
 DS_CONFIG_FILE = "ds_config.json"
-ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
-# The memory planner's rows that imply options (launcher/plan_memory.ROW_TO_STRATEGY): `auto` may pick them.
+# The memory planner's rows that imply options (the registry's memory_rows, launcher/strategies): `auto` may pick them.
 _ROW_OFFLOAD = {"zero3_offload_optimizer": ("cpu", "none"), "zero3_offload": ("cpu", "cpu")}
 
 
@@ -56,7 +56,8 @@ def deepspeed_config(recipe: Recipe, strategy: str, world_size: int, hidden_size
     10*h); without a readable config.json they fall back to DeepSpeed's own defaults (5e8 / 5e7 / 1e5 elements).
     """
     opts: DeepSpeedOptions = recipe.strategy.deepspeed
-    stage = ZERO_STAGES[strategy]
+    stage = strategy_spec(strategy).zero_stage
+    assert stage is not None, f"{strategy} is not a DeepSpeed strategy"
     optim = recipe.optim
     micro = int(optim.micro_batch)  # `auto` was resolved by the planner before this is called
     offload_optimizer, offload_params = opts.offload_optimizer, opts.offload_params
@@ -147,9 +148,10 @@ def ddp_config(recipe: Recipe) -> dict[str, Any]:
 def strategy_config(recipe: Recipe, resources: "Resources", strategy: str,
                     memory_row: str | None = None) -> dict[str, Any] | None:
     """What goes into plan.json's `strategy_config`: the DeepSpeed JSON, the FSDP or the DDP settings."""
-    if strategy in ZERO_STAGES:
+    options = strategy_spec(strategy).options
+    if options == "deepspeed":
         return deepspeed_config(recipe, strategy, resources.world_size, model_hidden_size(recipe), memory_row)
-    if strategy == "fsdp":
+    if options == "fsdp":
         return fsdp_config(recipe, resources, memory_row)
     return ddp_config(recipe)
 
@@ -158,7 +160,7 @@ def write_strategy_files(run_dir: Path, plan_json: dict[str, Any]) -> Path | Non
     """Write RUN_DIR/ds_config.json next to plan.json where DeepSpeed is used (the run directory contract)."""
     from launcher.rundir import write_json_atomic
 
-    if plan_json.get("strategy") not in ZERO_STAGES or not plan_json.get("strategy_config"):
+    if strategy_spec(plan_json["strategy"]).zero_stage is None or not plan_json.get("strategy_config"):
         return None
     path = run_dir / DS_CONFIG_FILE
     write_json_atomic(path, plan_json["strategy_config"])
@@ -170,14 +172,15 @@ def check_strategy(recipe: Recipe, resources: "Resources", strategy: str) -> lis
     """Combinations of strategy, options, method and kernels that cannot work. Each says what to change."""
     problems: list[Problem] = []
     ds, fsdp, method = recipe.strategy.deepspeed, recipe.strategy.fsdp, recipe.method
-    stage = ZERO_STAGES.get(strategy)
+    capabilities = strategy_spec(strategy)
+    stage = capabilities.zero_stage
     explicit = recipe.strategy.name != "auto"
 
     # Options for a strategy that is not the one running are silently ignored otherwise.
-    if explicit and stage is None and ds.model_fields_set:
+    if explicit and capabilities.options != "deepspeed" and ds.model_fields_set:
         problems.append(Problem("strategy.deepspeed", f"DeepSpeed options are set but strategy.name is {strategy}",
                                 hint="remove strategy.deepspeed, or set strategy.name to zero1, zero2 or zero3"))
-    if explicit and strategy != "fsdp" and fsdp.model_fields_set:
+    if explicit and capabilities.options != "fsdp" and fsdp.model_fields_set:
         problems.append(Problem("strategy.fsdp", f"FSDP options are set but strategy.name is {strategy}",
                                 hint="remove strategy.fsdp, or set strategy.name: fsdp"))
 
@@ -210,7 +213,7 @@ def check_strategy(recipe: Recipe, resources: "Resources", strategy: str) -> lis
                 "weight (it only gathers around a module's forward): the loss would use an empty tensor",
                 hint="remove fused_ce from kernels, or use strategy.name: zero2 / fsdp"))
 
-    if strategy == "fsdp":
+    if capabilities.options == "fsdp":
         world = resources.world_size
         if fsdp.hybrid_shard_size is not None and (world % fsdp.hybrid_shard_size or fsdp.hybrid_shard_size > world):
             problems.append(Problem("strategy.fsdp.hybrid_shard_size",
@@ -226,11 +229,11 @@ def check_strategy(recipe: Recipe, resources: "Resources", strategy: str) -> lis
         # fused CE reading lm_head.weight sees the full tensor. Tied embeddings are in the root unit too.
 
     if isinstance(method, QuantFields):
-        if method.bits == 8 and strategy == "fsdp":
+        if method.bits == 8 and capabilities.dtensor_parameters:
             problems.append(Problem(
                 "method.bits", "8-bit weights (LLM.int8 Int8Params with their SCB statistics) cannot be sharded by "
                 "FSDP", hint="use method.bits: 4 with quant_storage matching model.dtype, or strategy.name: ddp"))
-        elif strategy in ("fsdp", "zero3") and method.quant_storage not in ("auto", recipe.model.dtype):
+        elif capabilities.shards_parameters and method.quant_storage not in ("auto", recipe.model.dtype):
             problems.append(Problem(
                 "method.quant_storage",
                 f"{strategy} shards the packed 4-bit weights as {method.quant_storage} tensors, but the other weights "

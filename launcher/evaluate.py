@@ -57,7 +57,7 @@ def exact_match(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[tuple[
     model.eval()
     chosen = list(prompts)[: cfg.max_examples] if cfg.max_examples else list(prompts)
     pad = tokenizer.pad_token_id
-    synced = strategy.world_size > 1 and not strategy.holds_whole_model  # sharded weights: forwards are collective
+    synced = strategy.world_size > 1 and strategy.spec.collective_forward  # every rank runs every generate step
     correct = total = 0
     for group, counts in rank_batches(chosen, strategy, cfg.generate_batch):
         width = max(len(ids) for ids, _ in group)

@@ -121,7 +121,7 @@ def run_job(run_dir: Path) -> int:
                             result.signal, result.state.step, plan.recipe_file, run_dir)
             return EXIT_INTERRUPTED
         if strategy.is_main:
-            _finish(trainer, run_dir, recipe.output.merge, from_checkpoint=not strategy.holds_whole_model)
+            _finish(trainer, run_dir, recipe.output.merge, from_checkpoint=strategy.spec.exports_from_checkpoint)
         return EXIT_OK
     except BaseException:
         failed = True

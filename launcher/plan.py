@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.recipe import LoadedRecipe, Problem, RecipeError
 from launcher.schema import LoraFields, Recipe
+from launcher.strategies import STRATEGIES
 
 if TYPE_CHECKING:
     from launcher.plan_memory import MemoryPlan
 
 PLAN_VERSION = 1
 
-# Strategies whose rank-side implementation exists. The others are accepted by the schema so recipes can be planned,
-# and refused here with a clear message rather than failing after a job has queued for hours.
-IMPLEMENTED_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+# Strategies whose rank-side implementation exists (the registry). Others accepted by the schema can be planned, and
+# are refused here with a clear message rather than failing after a job has queued for hours.
+IMPLEMENTED_STRATEGIES = tuple(STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,8 @@ def check(recipe: Recipe, resources: Resources) -> list[Problem]:
 def unsupported(recipe: Recipe, strategy: str, world_size: int = 1) -> list[str]:
     """What this version cannot run yet, although the recipe is valid (planning and sizing still work)."""
     reasons = []
-    if recipe.method.name == "qlora" and strategy == "fsdp" and world_size > 1:
+    if recipe.method.name == "qlora" and strategy in STRATEGIES and STRATEGIES[strategy].broadcasts_from_rank0 \
+            and world_size > 1:
         # FSDP ranks other than 0 start from an empty (meta) model and receive rank 0's weights; that broadcast does
         # not carry bitsandbytes' quantization state yet, so their layers would not match rank 0's.
         reasons.append("method.name: qlora under fsdp on more than one rank is not supported yet "
@@ -306,7 +308,7 @@ def replan_for_resume(previous: Plan, resources: Resources, run_dir: Path | None
     if optim.global_batch is not None:
         data["optim"]["global_batch"] = global_batch
     options = data.get("strategy", {})
-    own = "fsdp" if previous.strategy == "fsdp" else "deepspeed" if previous.strategy.startswith("zero") else None
+    own = STRATEGIES[previous.strategy].options
     data["strategy"] = {"name": previous.strategy, **({own: options[own]} if own in options else {})}
     recipe = Recipe.model_validate(data)
     loaded = LoadedRecipe(recipe=recipe, source=Path(previous.recipe_file), overrides=list(previous.overrides))

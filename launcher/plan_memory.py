@@ -13,13 +13,11 @@ from typing import TYPE_CHECKING, Any
 from launcher import memory as mem
 from launcher.recipe import Problem
 from launcher.schema import FreezeMethod, LoraFields, QuantFields, Recipe
+from launcher.strategies import strategy_of_memory_row
 
 if TYPE_CHECKING:
     from launcher.plan import Resources
 
-# The strategies' rows whose implementation this version has; the others are shown as sizes only.
-ROW_TO_STRATEGY = {"ddp": "ddp", "zero1": "zero1", "zero2": "zero2", "fsdp": "fsdp", "fsdp_hybrid": "fsdp",
-                   "zero3": "zero3", "zero3_offload_optimizer": "zero3", "zero3_offload": "zero3"}
 
 
 @dataclass
@@ -40,7 +38,7 @@ class MemoryPlan:
 
     @property
     def chosen_strategy(self) -> str:
-        return ROW_TO_STRATEGY[self.chosen] if self.chosen else "ddp"
+        return strategy_of_memory_row(self.chosen) if self.chosen else "ddp"
 
     def to_json(self) -> dict[str, Any]:
         return {"params_total": self.params_total, "params_active": self.params_active, "trainable": self.trainable,

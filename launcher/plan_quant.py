@@ -11,14 +11,11 @@ from typing import TYPE_CHECKING
 
 from launcher.recipe import Problem
 from launcher.schema import QLoraMethod, Recipe
+from launcher.strategies import spec as strategy_spec
 
 if TYPE_CHECKING:
     from launcher.plan import Resources
     from launcher.plan_memory import MemoryPlan
-
-# Strategies that flatten/partition parameters and therefore need every parameter, packed 4-bit weights included,
-# in one floating dtype (FSDP's flat parameters, ZeRO-3's partitions).
-SHARDING_STRATEGIES = ("fsdp", "zero3")
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -26,7 +23,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def quant_storage_for(recipe: Recipe, strategy: str) -> str:
     """The concrete storage dtype of packed 4-bit weights: the model dtype when the strategy shards parameters (so
     the packed weights shard with the rest), uint8 otherwise (bitsandbytes' native packing)."""
-    return recipe.model.dtype if strategy in SHARDING_STRATEGIES else "uint8"
+    # Strategies that flatten/partition parameters need every parameter, packed 4-bit weights included, in one
+    # floating dtype (FSDP's flat parameters, ZeRO-3's partitions).
+    return recipe.model.dtype if strategy_spec(strategy).shards_parameters else "uint8"
 
 
 def resolve_quant_storage(recipe: Recipe, strategy: str) -> Recipe:
@@ -48,7 +47,7 @@ def quant_problems(recipe: Recipe, strategy: str) -> list[Problem]:
     under FSDP.
     """
     problems: list[Problem] = []
-    if recipe.optim.name != "adamw" and strategy == "fsdp":
+    if recipe.optim.name != "adamw" and strategy_spec(strategy).dtensor_parameters:
         # Measured (torch 2.13, bitsandbytes 0.50.2): under fully_shard the parameters are DTensors and bitsandbytes'
         # update ops have no sharding rule ("got mixed torch.Tensor and DTensor" / "no sharding strategy").
         problems.append(Problem("optim.name", f"{recipe.optim.name} (bitsandbytes) cannot update FSDP's sharded "

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from launcher.plan import Plan
 from launcher.recipe import LoadedRecipe
+from launcher.strategies import STRATEGIES
 
 
 def print_plan(plan: Plan, loaded: LoadedRecipe, console: Console) -> None:
@@ -30,7 +31,8 @@ def print_plan(plan: Plan, loaded: LoadedRecipe, console: Console) -> None:
     if plan.strategy_config is not None:
         import json
 
-        title = "DeepSpeed config (RUN_DIR/ds_config.json)" if plan.strategy.startswith("zero") else "FSDP settings"
+        title = {"deepspeed": "DeepSpeed config (RUN_DIR/ds_config.json)", "fsdp": "FSDP settings"}.get(
+            STRATEGIES[plan.strategy].options or "", "DDP settings")
         console.print(Panel(Syntax(json.dumps(plan.strategy_config, indent=2), "json"), title=title, expand=False))
     if plan.sbatch is not None:
         console.print(Panel(Syntax(plan.sbatch, "bash", word_wrap=True),

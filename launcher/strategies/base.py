@@ -12,10 +12,13 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from launcher.strategies import StrategySpec
 
 
 class Strategy(ABC):
@@ -31,9 +34,12 @@ class Strategy(ABC):
     """A step's gradients can be dropped without applying them (`discard_gradients`). False for DeepSpeed, whose
     engine keeps reduced gradient partitions and optimizer bookkeeping of its own."""
 
-    holds_whole_model: bool = True
-    """Every rank holds the full, plain model after `wrap` (DDP). When False (FSDP, ZeRO) the final outputs are
-    written from the last checkpoint (launcher/export.py) instead of from rank 0's model."""
+    @property
+    def spec(self) -> "StrategySpec":
+        """This strategy's registry entry: its capabilities (launcher/strategies/__init__.py)."""
+        from launcher.strategies import spec
+
+        return spec(self.name)
 
     def __init__(self, world_size: int, rank: int, device: torch.device, config: dict[str, Any] | None = None) -> None:
         self.world_size = world_size

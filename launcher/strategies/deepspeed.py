@@ -49,8 +49,7 @@ def saved_world_size(directory: Path) -> int:
 
 
 class DeepSpeedStrategy(Strategy):
-    name = "deepspeed"
-    holds_whole_model = False
+    name = "deepspeed"  # zero1/zero2/zero3 once built
     can_skip_step = False
 
     def __init__(self, world_size: int, rank: int, device: torch.device, config: dict[str, Any] | None = None) -> None:

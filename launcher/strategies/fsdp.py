@@ -40,7 +40,6 @@ def _has_frozen(model: torch.nn.Module) -> bool:
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
-    holds_whole_model = False
 
     def __init__(self, world_size: int, rank: int, device: torch.device, config: dict[str, Any] | None = None) -> None:
         super().__init__(world_size, rank, device, config)
