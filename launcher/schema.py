@@ -46,11 +46,11 @@ class ModelConfig(Section):
 
     master_weights: bool = True
     """With a 16-bit dtype and a method that trains the base weights (full, freeze): keep float32 master weights and
-    optimizer states and compute in `dtype` (mixed precision: FSDP gathers in `dtype`, DDP autocasts, DeepSpeed always
-    keeps fp32 masters). False trains the 16-bit weights themselves (less memory; an update smaller than half a
-    rounding step of a weight is lost: on an H200, 20 full fine-tuning steps of a 1B Llama at lr 1e-5 ended at loss
-    7.72 in pure bf16 and 4.29 with fp32 masters, bench/results/gpu-h200-20261126). Adapters (LoRA, DoRA, QLoRA) are
-    float32 either way."""
+    optimizer states and compute in `dtype` (mixed precision: FSDP keeps float32 shards and gathers them in `dtype`,
+    DDP's optimizer steps float32 copies, DeepSpeed always keeps fp32 masters). False trains the 16-bit weights
+    themselves (less memory; an update smaller than half a rounding step of a weight is lost: on an H200, 20 full
+    fine-tuning steps of a 1B Llama at lr 1e-5 ended at loss 7.72 in pure bf16 and 4.29 with fp32 masters,
+    bench/results/gpu-h200-20261126). Adapters (LoRA, DoRA, QLoRA) are float32 either way."""
 
     trust_remote_code: bool = False
     """Run Python code shipped with the model. Off by default: it executes whatever the checkpoint contains."""
