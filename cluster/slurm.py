@@ -21,7 +21,6 @@ Standard library + yaml at module level (planning side, login nodes); submitit i
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -35,20 +34,18 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from cluster.events import EXIT_INTERRUPTED, JOBS_FILE, SIGNAL_DELAY_S, record_event  # noqa: F401 (re-exported)
+
 if TYPE_CHECKING:
     from launcher.schema import ClusterConfig
 
 #: The signal Slurm sends before a time limit (`--signal=USR1@90`) and submitit treats as preemption. One signal
 #: for both paths; the trainer's StopFlag handles it. (submitit reads SUBMITIT_PREEMPT_SIGNAL when imported.)
 PREEMPT_SIGNAL = "USR1"
-#: Seconds between that signal and the kill: time to finish a step and write a checkpoint.
-SIGNAL_DELAY_S = 90
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "local"
-JOBS_FILE = "jobs.jsonl"
 SBATCH_FILE = "job.sbatch"
 CLUSTER_FILE = "cluster.json"
-EXIT_INTERRUPTED = 3  # launcher.job: stopped by a signal after writing a checkpoint
 #: File systems every node of a cluster sees. Anything else is local to one node unless a profile says otherwise.
 NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "cephfs", "glusterfs",
               "fuse.glusterfs", "fuse.sshfs", "panfs", "pvfs2", "orangefs", "wekafs", "fuse.weka", "9p", "afs",
@@ -432,17 +429,6 @@ def _run(cmd: list[str], timeout: float = 30) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- run history
-def record_event(run_dir: Path, event: str, **fields: Any) -> None:
-    """Append one line to RUN_DIR/jobs.jsonl (submissions, starts, requeues). One write per line, so concurrent
-    appends from several processes do not interleave (O_APPEND, lines well under PIPE_BUF)."""
-    line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n"
-    fd = os.open(run_dir / JOBS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
-
-
 # -------------------------------------------------------------------------------------------------- submission
 def _executor(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_name: str, *, nodes: int,
               tasks_per_node: int, gpus_per_node: int, partition: str | None, dependency: str | None,

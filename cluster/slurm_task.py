@@ -16,7 +16,7 @@ from typing import Any
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from cluster.slurm import EXIT_INTERRUPTED, SIGNAL_DELAY_S, record_event
+from cluster.events import EXIT_INTERRUPTED, SIGNAL_DELAY_S, record_event
 
 
 class RankTask(Checkpointable):

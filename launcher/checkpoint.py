@@ -199,10 +199,3 @@ def _rescale_data_position(state: TrainerState, world_size: int) -> None:
                     world_size, consumed % world_size)
     state.batch_in_epoch = consumed // world_size
     state.world_size = world_size
-
-
-def export_run(run_dir: Path, merge: bool, out: Path | None) -> Path:
-    """Write the latest checkpoint of a run as a Hugging Face directory (adapter, or a merged/full model)."""
-    from launcher.export import export_checkpoint
-
-    return export_checkpoint(run_dir, merge=merge, out=out or run_dir / "export")

@@ -378,7 +378,7 @@ def cmd_run(argv: Sequence[str]) -> int:
 # ------------------------------------------------------------------------------------------------------ export
 def cmd_export(argv: Sequence[str]) -> int:
     args = _export_parser().parse_args(argv)
-    from launcher.checkpoint import export_run
+    from launcher.export import export_run
 
     out = export_run(args.run_dir.resolve(), merge=args.merge, out=args.out)
     console.print(f"[bold green]exported[/] {out}")

@@ -16,7 +16,7 @@ from launcher.schema import DeepSpeedOptions, QuantFields, Recipe
 from launcher.strategies import spec as strategy_spec
 
 if TYPE_CHECKING:
-    from launcher.plan import Resources
+    from launcher.resources import Resources
 
 DS_CONFIG_FILE = "ds_config.json"
 

@@ -15,7 +15,7 @@ import torch
 from launcher.data import collate
 from launcher.schema import EvalConfig
 from launcher.strategies.base import Strategy
-from launcher.train import count_label_tokens, forward_loss_sum
+from launcher.loss import count_label_tokens, forward_loss_sum
 
 Item = TypeVar("Item")
 

@@ -21,6 +21,11 @@ from launcher.rundir import read_plan
 log = logging.getLogger("ftlaunch")
 
 
+def export_run(run_dir: Path, merge: bool, out: Path | None) -> Path:
+    """Write the latest checkpoint of a run as a Hugging Face directory (adapter, or a merged/full model)."""
+    return export_checkpoint(run_dir, merge=merge, out=out or run_dir / "export")
+
+
 def export_checkpoint(run_dir: Path, merge: bool, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")

@@ -12,54 +12,12 @@ import gc
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_DIVERGED = 0, 2, 3, 4
+from launcher.exits import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK  # noqa: F401 (re-exported)
+from launcher.logs import setup_logging
 
 log = logging.getLogger("ftlaunch")
-
-
-_installed: list[logging.Handler] = []
-
-
-def setup_logging(run_dir: Path, rank: int, name: str | None = None) -> None:
-    """Every rank logs to RUN_DIR/logs/rank{R}.log (or logs/NAME.log); rank 0 also to the console."""
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(logs / f"{name or f'rank{rank}'}.log")]
-    handlers[0].setFormatter(logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(name)s: %(message)s"))
-    handlers[0].addFilter(_RankFilter(rank))
-    if rank == 0:
-        from rich.logging import RichHandler
-
-        handlers.append(RichHandler(show_path=False, markup=False, rich_tracebacks=False))
-    root = logging.getLogger()
-    for old in _installed:  # a second run in the same process (tests) replaces only our own handlers
-        root.removeHandler(old)
-        old.close()
-    _installed[:] = handlers
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bitsandbytes (CPUs with AVX512-BF16) tries to fetch an optional 4-bit GEMM from the HF hub through the `kernels`
-    # package at import and warns when it cannot; it then uses its own CPU path, which is what runs here anyway.
-    # peft calls a transformers property that transformers has deprecated; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
-
-
-class _RankFilter(logging.Filter):
-    def __init__(self, rank: int) -> None:
-        super().__init__()
-        self.rank = rank
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = self.rank
-        return True
 
 
 def run_job(run_dir: Path) -> int:

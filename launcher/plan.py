@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.recipe import LoadedRecipe, Problem, RecipeError
+from launcher.resources import Resources
 from launcher.schema import LoraFields, Recipe
 from launcher.strategies import STRATEGIES
 
@@ -26,31 +27,6 @@ PLAN_VERSION = 1
 # Strategies whose rank-side implementation exists (the registry). Others accepted by the schema can be planned, and
 # are refused here with a clear message rather than failing after a job has queued for hours.
 IMPLEMENTED_STRATEGIES = tuple(STRATEGIES)
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What the job runs on."""
-
-    nodes: int = 1
-    """Number of nodes (1 = this machine)."""
-
-    gpus_per_node: int = 0
-    """GPUs per node; 0 trains on CPU."""
-
-    procs_per_node: int = 1
-    """Ranks per node: one per GPU, or `--procs` on CPU."""
-
-    gpu_mem_bytes: int | None = None
-    """Memory of one GPU (`--gpu-mem 80GiB`); None when unknown (no fits/auto choice by memory)."""
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.procs_per_node
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.gpus_per_node > 0 else "cpu"
 
 
 @dataclass(frozen=True)

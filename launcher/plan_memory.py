@@ -16,7 +16,7 @@ from launcher.schema import FreezeMethod, LoraFields, QuantFields, Recipe
 from launcher.strategies import strategy_of_memory_row
 
 if TYPE_CHECKING:
-    from launcher.plan import Resources
+    from launcher.resources import Resources
 
 
 

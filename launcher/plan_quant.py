@@ -14,7 +14,7 @@ from launcher.schema import QLoraMethod, Recipe
 from launcher.strategies import spec as strategy_spec
 
 if TYPE_CHECKING:
-    from launcher.plan import Resources
+    from launcher.resources import Resources
     from launcher.plan_memory import MemoryPlan
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.gguf_cache import ftlaunch_cache
-from launcher.job import EXIT_BAD_INPUT, EXIT_OK, setup_logging
+from launcher.exits import EXIT_BAD_INPUT, EXIT_OK
+from launcher.logs import setup_logging
 
 log = logging.getLogger("ftlaunch")
 

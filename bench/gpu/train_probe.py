@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from launcher.job import setup_logging
+    from launcher.logs import setup_logging
 
     device = spec["device"]
     if device == "cuda":

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from launcher.strategies import StrategySpec
+    from launcher.strategies.registry import StrategySpec
 
 
 class Strategy(ABC):
@@ -37,7 +37,7 @@ class Strategy(ABC):
     @property
     def spec(self) -> "StrategySpec":
         """This strategy's registry entry: its capabilities (launcher/strategies/__init__.py)."""
-        from launcher.strategies import spec
+        from launcher.strategies.registry import spec
 
         return spec(self.name)
 

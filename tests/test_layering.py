@@ -1,0 +1,187 @@
+"""The house's rules, read from the source (an AST walk, nothing imported):
+
+* the planning side (what `launch plan` and the login node import) has no torch, transformers, peft, deepspeed,
+  bitsandbytes, trl, datasets or accelerate at module level, and reaches no rank-side module at module level;
+* `kernels` imports nothing from `launcher` or `cluster`; `cluster` nothing from the rank side;
+* no import cycles, lazy and TYPE_CHECKING imports counted.
+
+One end-to-end check stays: `launch plan` really loads no torch (tests/test_plan.py runs it in a subprocess).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("launcher", "cluster", "kernels")
+HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "trl", "datasets", "accelerate", "triton")
+
+PLANNING = {
+    "launcher", "launcher.__main__", "launcher.cli", "launcher.recipe", "launcher.schema", "launcher.plan",
+    "launcher.ds_config", "launcher.plan_memory", "launcher.plan_quant", "launcher.memory", "launcher.report",
+    "launcher.rundir", "launcher.flops", "launcher.recipe_docs", "launcher.strategies", "launcher.strategies.registry",
+    "launcher.resources", "launcher.exits", "cluster", "cluster.env", "cluster.events",
+    "cluster.slurm", "cluster.runs",
+}
+"""Modules the planning side imports (login node, `launch plan`, `launch runs/status/logs/cancel`)."""
+
+RANK_SIDE = {"launcher.job", "launcher.train", "launcher.evaluate", "launcher.checkpoint", "launcher.export",
+             "launcher.outputs", "launcher.model", "launcher.data", "launcher.strategies.base",
+             "launcher.strategies.ddp", "launcher.strategies.fsdp", "launcher.strategies.deepspeed"}
+
+KNOWN_CYCLES: set[frozenset[str]] = set()
+"""Strongly connected groups of modules allowed to stay (lazy and TYPE_CHECKING imports count). Empty: the five
+cycles there were (plan / ds_config / plan_memory / plan_quant, checkpoint / export, train / evaluate, job / prepare,
+cluster.slurm / slurm_task) were broken by leaf modules: launcher/resources.py, launcher/exits.py, launcher/logs.py,
+launcher/loss.py, cluster/events.py, and `export_run` moved to launcher/export.py."""
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+class Imports(ast.NodeVisitor):
+    """Imported module names, split into module-level (run at import) and the rest (in functions, TYPE_CHECKING)."""
+
+    def __init__(self, current: str) -> None:
+        self.current = current
+        self.top: set[str] = set()
+        self.lazy: set[str] = set()
+        self._depth = 0
+
+    def _add(self, name: str) -> None:
+        (self.top if self._depth == 0 else self.lazy).add(name)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self._add(alias.name)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        base = node.module or ""
+        if node.level:  # relative import
+            package = self.current.split(".")[: -node.level] if not self.current.endswith("__init__") else []
+            base = ".".join([*package, base]) if base else ".".join(package)
+        self._add(base)
+        for alias in node.names:  # `from launcher import memory` imports launcher.memory
+            self._add(f"{base}.{alias.name}")
+
+    def _nested(self, node: ast.AST) -> None:
+        self._depth += 1
+        self.generic_visit(node)
+        self._depth -= 1
+
+    visit_FunctionDef = visit_AsyncFunctionDef = _nested  # type: ignore[assignment]
+
+    def visit_If(self, node: ast.If) -> None:
+        test = ast.unparse(node.test)
+        if test in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            self._nested(node)
+        else:
+            self.generic_visit(node)
+
+    def visit_Try(self, node: ast.Try) -> None:  # `try: import triton except ImportError` is optional, not lazy
+        self.generic_visit(node)
+
+
+def imports_of(name: str, path: Path) -> Imports:
+    visitor = Imports(name)
+    visitor.visit(ast.parse(path.read_text(), filename=str(path)))
+    return visitor
+
+
+def _internal(names: set[str], known: set[str]) -> set[str]:
+    return {n for n in names if n in known}
+
+
+def test_planning_side_imports_nothing_heavy_at_module_level() -> None:
+    mods = modules()
+    assert PLANNING <= set(mods), sorted(PLANNING - set(mods))
+    bad = {}
+    for name in sorted(PLANNING):
+        top = imports_of(name, mods[name]).top
+        heavy = sorted(n for n in top if n.split(".")[0] in HEAVY)
+        rank = sorted(n for n in top if n in RANK_SIDE)
+        if heavy or rank:
+            bad[name] = heavy + rank
+    assert not bad, f"planning-side modules import heavy or rank-side modules at module level: {bad}"
+
+
+def test_planning_side_is_closed_at_module_level() -> None:
+    """What a planning module imports at module level is planning side too (so nothing heavy comes in transitively)."""
+    mods = modules()
+    leaks = {name: sorted(_internal(imports_of(name, mods[name]).top, set(mods)) - PLANNING)
+             for name in sorted(PLANNING)}
+    assert not {k: v for k, v in leaks.items() if v}, leaks
+
+
+def test_kernels_and_cluster_keep_to_their_side() -> None:
+    mods = modules()
+    for name, path in mods.items():
+        found = imports_of(name, path)
+        every = found.top | found.lazy
+        if name.startswith("kernels"):
+            assert not {n for n in every if n.split(".")[0] in ("launcher", "cluster")}, name
+        if name.startswith("cluster") and name != "cluster.slurm_task":  # the task runs a rank: it starts the job
+            assert not (every & RANK_SIDE), (name, sorted(every & RANK_SIDE))
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Tarjan's algorithm: the groups of modules that import each other, directly or around a loop."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = set()
+            while True:
+                item = stack.pop()
+                on_stack.discard(item)
+                group.add(item)
+                if item == node:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    graph = {}
+    for name, path in mods.items():
+        found = imports_of(name, path)
+        # a package's own submodules importing it back is how Python packages work, not a cycle of ours
+        graph[name] = {n for n in _internal(found.top | found.lazy, set(mods)) if n != name}
+    return graph
+
+
+def test_no_new_import_cycles() -> None:
+    cycles = [frozenset(g) for g in strongly_connected(import_graph())]
+    print(f"import cycles (lazy imports counted): {len(cycles)}: {sorted(sorted(c) for c in cycles)}")
+    new = [sorted(c) for c in cycles if not any(c <= known for known in KNOWN_CYCLES)]
+    assert not new, f"new import cycles: {new} (break them with a small leaf module both sides import)"
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
