@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and step.name not in args.only:
             continue
         row: dict[str, Any] = {"kind": "step", "step": step.name, "budget_s": step.budget}
-        timeout = min(step.budget, run.left())
+        # Budgets are seconds on one GPU; a dry run's steps share the run's budget (CPU speed varies too much).
+        timeout = run.left() if run.dry else min(step.budget, run.left())
         started = time.monotonic()
         if any(need in failed for need in step.needs):
             row["status"] = f"skipped: needs {', '.join(n for n in step.needs if n in failed)}"
