@@ -221,7 +221,7 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
     problems = memory_problems + check(recipe, resources) + check_strategy(recipe, resources, strategy)
     problems += quant_problems(recipe, strategy)
     if problems:
-        raise RecipeError(problems, source=f"{loaded.source} (plan)")
+        raise RecipeError(loaded.with_locations(problems), source=f"{loaded.source} (plan)")
     warnings: list[str] = list(memory.warnings) if memory is not None else []
     warnings += quant_warnings(recipe, resources, memory)
     if memory is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -90,9 +90,18 @@ class LoadedRecipe:
     overrides: list[str] = field(default_factory=list)
     """The `key.path=value` overrides applied, in order."""
 
-    def resolved(self) -> dict[str, Any]:
-        """The recipe as plain JSON-able data, every default filled in."""
-        return self.recipe.model_dump(mode="json")
+    locations: dict[KeyPath, Location] = field(default_factory=dict)
+    """Where each key was written (file and line, or the override that set it)."""
+
+    def locate(self, dotted: str) -> Location | None:
+        """Where the key `a.b.0.c` (or its nearest written parent) was written; None when nothing is known."""
+        path = tuple(int(k) if k.isdigit() else k for k in dotted.split("."))
+        return _nearest_location(path, self.locations) if self.locations else None
+
+    def with_locations(self, problems: Sequence[Problem]) -> list[Problem]:
+        """`problems` with the file:line of the key each names filled in where it was missing (checks made after
+        validation, at plan time, know only the key path)."""
+        return [p if p.location else replace(p, location=self.locate(p.path)) for p in problems]
 
 
 # ----------------------------------------------------------------------------------------------- YAML with lines
@@ -370,7 +379,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
                 locs[prefix] = Location(f"override `{text}`")
         _rebase_paths(data, Path.cwd())  # a relative path given on the command line is relative to the shell
     data.setdefault("name", source.stem)
-    return LoadedRecipe(recipe=validate(data, locs, source), source=source, files=files, overrides=list(overrides))
+    return LoadedRecipe(recipe=validate(data, locs, source), source=source, files=files, overrides=list(overrides),
+                        locations=locs)
 
 
 def validate(data: dict[str, Any], locs: dict[KeyPath, Location] | None = None, source: Path | str = "recipe") -> Recipe:

@@ -158,3 +158,18 @@ def test_fused_ce_with_adapted_lm_head_is_refused(tmp_path: Path) -> None:
     path = recipe_file(tmp_path, kernels=["fused_ce"], method={"name": "lora", "modules_to_save": ["lm_head"]})
     with pytest.raises(RecipeError, match="fused_ce computes the loss from lm_head"):
         make_plan(load_recipe(path), Resources(), tmp_path / "runs" / "t")
+
+
+def test_plan_time_problems_name_the_file_and_line(tmp_path: Path) -> None:
+    """Checks made after validation (plan, strategy, quantization) point at the YAML line, like schema errors."""
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t\nmodel:\n  path: m\n  dtype: float16\ndata:\n  train: {path: t.jsonl}\n"
+                    f"output: {{root: {tmp_path / 'runs'}}}\nearly_stopping:\n  patience: 2\n")
+    with pytest.raises(RecipeError) as info:
+        make_plan(load_recipe(path), Resources(), tmp_path / "runs" / "t")
+    text = str(info.value)
+    assert f"early_stopping ({path}:8): early stopping needs periodic evaluation" in text
+    assert f"model.dtype ({path}:4): float16 training is not supported on CPU" in text
+    with pytest.raises(RecipeError) as info:  # a key set by an override names the override
+        make_plan(load_recipe(path, ["model.dtype=float32", "eval.exact_match=true"]), Resources(), tmp_path / "x")
+    assert "eval.exact_match (override `eval.exact_match=true`): exact match needs held-out data" in str(info.value)

@@ -310,7 +310,8 @@ def test_bitsandbytes_optimizers_are_refused_under_fsdp(tmp_path: Path, tiny_mod
     """FSDP2's DTensor parameters have no bitsandbytes update rule (measured); DDP and ZeRO stay allowed."""
     recipe = quant_recipe(tmp_path, tiny_model_dir, {}, model={"dtype": "bfloat16"})
     two_gpus = Resources(gpus_per_node=2, procs_per_node=2)
-    with pytest.raises(RecipeError, match="optim.name: adamw_8bit .bitsandbytes. cannot update FSDP"):
+    with pytest.raises(RecipeError, match=r"optim.name \(override `optim.name=adamw_8bit`\): adamw_8bit "
+                                          r".bitsandbytes. cannot update FSDP"):
         plan_for(recipe, two_gpus, ["strategy.name=fsdp", "optim.name=adamw_8bit"])
     # A valid recipe, but QLoRA under FSDP on several ranks is not runnable yet (plan.unsupported); on one it is.
     sharded = plan_for(recipe, two_gpus, ["strategy.name=fsdp", "optim.name=adamw"])
