@@ -233,7 +233,9 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
         self.state.tokens_seen += int(n_input)
-        applied = math.isfinite(total_loss) and math.isfinite(grad_norm)
+        # A strategy that cannot skip (DeepSpeed) has applied any step with a finite loss, whatever norm it reports
+        # (its engine may report none): only the strategies that skip turn a non-finite norm into a skipped step.
+        applied = math.isfinite(total_loss) and (math.isfinite(grad_norm) or not self.strategy.can_skip_step)
         self._count_nonfinite(applied, total_loss, grad_norm)
         return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_input, "skipped": not applied}
 
