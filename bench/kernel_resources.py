@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `python bench/x.py` puts bench/ first, where bench/kernels.py shadows `kernels`
+for source in (ROOT / "kernels", ROOT):  # importable without installing ftlaunch (`ftkernels` lives in kernels/)
+    if str(source) not in sys.path:
+        sys.path.insert(0, str(source))
 
 MODELS_DIR = ROOT / "recipes" / "models"
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -103,7 +104,7 @@ def _int_type(v: int) -> str:
 @dataclass(frozen=True)
 class CompileKey:
     """One compile: identical keys are one binary, whichever models launch it."""
-    module: str  # kernels.rmsnorm
+    module: str  # ftkernels.rmsnorm
     attr: str  # the LazyKernel's name in the module, _RMS_BWD
     kernel: str  # the kernel function's name, _rms_bwd
     dtype: str  # label of the tensor dtypes, e.g. bf16 or bf16/w-fp32
@@ -169,7 +170,7 @@ CX = "constexpr"
 
 
 def rmsnorm_launches(m: ModelShape, dt: str) -> list[Launch]:
-    from kernels import rmsnorm
+    from ftkernels import rmsnorm
 
     n = m.hidden
     # the weight has the activations' dtype, or fp32 where prepare_model_for_kbit_training upcast the norms
@@ -179,13 +180,13 @@ def rmsnorm_launches(m: ModelShape, dt: str) -> list[Launch]:
     for x_t, w_t, y_t in combos:
         label = x_t if w_t == x_t else f"{x_t}/w-fp32"
         block, warps = rmsnorm.launch_config(n)
-        out.append(("kernels.rmsnorm", "_RMS_FWD", "_rms_fwd", label, warps,
+        out.append(("ftkernels.rmsnorm", "_RMS_FWD", "_rms_fwd", label, warps,
                     [("X", Ptr(x_t)), ("W", Ptr(w_t)), ("Y", Ptr(y_t)), ("RSTD", Ptr("fp32")),
                      ("stride_x", Int(n)), ("stride_y", Int(n)), ("n_cols", Int(n)), ("eps", 1e-5),
                      ("offset", 0.0), ("CAST_FIRST", CX), ("BLOCK", CX)],
                     {"CAST_FIRST": True, "BLOCK": block}))
         cfg = rmsnorm.bwd_launch_config(n, wide_dy=y_t != x_t)
-        out.append(("kernels.rmsnorm", "_RMS_BWD", "_rms_bwd", label, cfg["num_warps"],
+        out.append(("ftkernels.rmsnorm", "_RMS_BWD", "_rms_bwd", label, cfg["num_warps"],
                     [("DY", Ptr(y_t)), ("X", Ptr(x_t)), ("W", Ptr(w_t)), ("RSTD", Ptr("fp32")), ("DX", Ptr(x_t)),
                      ("DW", Ptr("fp32")), ("stride_dy", Int(n)), ("stride_x", Int(n)), ("stride_dx", Int(n)),
                      ("n_rows", Int(TOKENS)), ("n_cols", Int(n)), ("offset", 0.0), ("rows_per_prog", Int(31)),
@@ -195,7 +196,7 @@ def rmsnorm_launches(m: ModelShape, dt: str) -> list[Launch]:
 
 
 def rope_launches(m: ModelShape, dt: str) -> list[Launch]:
-    from kernels import rope
+    from ftkernels import rope
 
     cfg = dict(rope.launch_config(m.n_heads, m.n_kv_heads, m.head_dim))
     warps = cfg.pop("num_warps")
@@ -210,28 +211,28 @@ def rope_launches(m: ModelShape, dt: str) -> list[Launch]:
     args += list(zip(("sqo_b", "sqo_h", "sqo_s"), q_str)) + list(zip(("sko_b", "sko_h", "sko_s"), k_str))
     args += [("sc_b", Int(0)), ("sc_s", Int(hd))]
     args += [(n, CX) for n in ("BACKWARD", "HALF", "BLOCK_HQ", "BLOCK_HK", "BLOCK_D")]
-    return [("kernels.rope", "_ROPE", "_rope_kernel", dt, warps, args, {"BACKWARD": bwd, **cfg})
+    return [("ftkernels.rope", "_ROPE", "_rope_kernel", dt, warps, args, {"BACKWARD": bwd, **cfg})
             for bwd in (False, True)]
 
 
 def swiglu_launches(m: ModelShape, dt: str) -> list[Launch]:
-    from kernels import swiglu
+    from ftkernels import swiglu
 
     cfg = dict(swiglu.launch_config())
     warps = cfg.pop("num_warps")
     out: list[Launch] = []
     # n = tokens x intermediate: an i64 once it passes 2**31 (e.g. 41k tokens of Llama-405B's 53248)
     for n in (TOKENS * m.intermediate, 2**31 + m.intermediate):
-        out.append(("kernels.swiglu", "_FWD", "_swiglu_fwd", dt, warps,
+        out.append(("ftkernels.swiglu", "_FWD", "_swiglu_fwd", dt, warps,
                     [("A", Ptr(dt)), ("B", Ptr(dt)), ("C", Ptr(dt)), ("n", Int(n)), ("BLOCK", CX)], cfg))
-        out.append(("kernels.swiglu", "_BWD", "_swiglu_bwd", dt, warps,
+        out.append(("ftkernels.swiglu", "_BWD", "_swiglu_bwd", dt, warps,
                     [("DC", Ptr(dt)), ("A", Ptr(dt)), ("B", Ptr(dt)), ("DA", Ptr(dt)), ("DB", Ptr(dt)),
                      ("n", Int(n)), ("BLOCK", CX)], cfg))
     return out
 
 
 def fused_ce_launches(m: ModelShape, dt: str) -> list[Launch]:
-    from kernels import fused_ce
+    from ftkernels import fused_ce
 
     block, warps = fused_ce.launch_config(m.vocab, cuda=True)
     # logits rows of one chunk (F.linear output: contiguous, row stride = vocab); labels int64 as transformers'
@@ -239,7 +240,7 @@ def fused_ce_launches(m: ModelShape, dt: str) -> list[Launch]:
         ("X", Ptr(dt)), ("stride", Int(m.vocab)), ("LABELS", Ptr("i64")), ("LOSS", Ptr("fp32")),
         ("n_cols", Int(m.vocab)), ("ignore_index", Int(-100)), ("smoothing", 0.0), ("z_coef", 0.0),
         ("GRAD", CX), ("BLOCK", CX)]
-    return [("kernels.fused_ce", "_CE_ROWS", "_ce_rows", dt, warps, args, {"GRAD": grad, "BLOCK": block})
+    return [("ftkernels.fused_ce", "_CE_ROWS", "_ce_rows", dt, warps, args, {"GRAD": grad, "BLOCK": block})
             for grad in (True, False)]
 
 

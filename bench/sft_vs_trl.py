@@ -15,12 +15,12 @@ What is compared
 ----------------
 Both sides read ONE recipe (default recipes/demo.yaml: SmolLM2-135M-Instruct from the cached GGUF conversion,
 float32, sdpa, LoRA r16/alpha32/dropout 0/all-linear, AdamW lr 1e-3, cosine, warmup 5, micro batch 8, grad accum 1,
-max_length 128, seed 0) through `launcher.recipe.load_recipe` with the same overrides (`BENCH_OVERRIDES`: no eval, no
+max_length 128, seed 0) through `launcher.config.recipe.load_recipe` with the same overrides (`BENCH_OVERRIDES`: no eval, no
 checkpoints, no TensorBoard, no progress bar, a metrics row every step), so every number below comes from one place.
 
-* Ours: the real entry point `launcher.job.run_job(run_dir)` on a run directory planned like `launch` plans it
+* Ours: the real entry point `launcher.train.job.run_job(run_dir)` on a run directory planned like `launch` plans it
   (tests/test_train.py's `start_run`/`run`). Nothing in launcher/ is edited; the child process only wraps
-  `Trainer.train_step` (timestamps) and `launcher.train.collate` (token count) at run time.
+  `Trainer.train_step` (timestamps) and `launcher.train.trainer.collate` (token count) at run time.
 * TRL: `SFTTrainer` with `SFTConfig(assistant_only_loss=True, packing=<flag>, max_length, bf16=False,
   gradient_checkpointing=<recipe, False>, report_to="none", save_strategy="no", eval_strategy="no",
   logging_steps=1, disable_tqdm=True)`, given a PEFT model built with the recipe's LoRA numbers.
@@ -28,7 +28,7 @@ checkpoints, no TensorBoard, no progress bar, a metrics row every step), so ever
 Assistant-only loss, the closest equivalent. TRL's `assistant_only_loss=True` labels what the chat template wraps in
 `{% generation %}`, which is exactly how ours builds `loss_on: assistant` labels. SmolLM2's own template has no
 markers, so both sides get the SAME template text: the recipe's `data.chat_template`, or (when the recipe has none)
-`--chat-template smollm2`, our launcher/templates/smollm2.jinja (renders SmolLM2's text, markers around each assistant
+`--chat-template smollm2`, our launcher/train/templates/smollm2.jinja (renders SmolLM2's text, markers around each assistant
 content + its <|im_end|>). TRL gets it as `tokenizer.chat_template`. `completion_only_loss` with a prompt/completion
 conversion was not used: it would render the prompt separately and could label differently on multi-turn data.
 Result on the demo data: identical input ids, identical labels (checked at run time: equal tokens per step, equal
@@ -37,10 +37,10 @@ step-1 loss).
 Made identical on purpose, so that losses are comparable step by step (sanity check) and only the trainers differ:
   - LoRA init: both seed torch with `optim.seed` right before `from_pretrained` + `get_peft_model`
     (a checksum of the trainable weights before step 1 is compared).
-  - Batches: TRL's sampler is replaced by one yielding `launcher.train.micro_batches`'s order (HF would shuffle with
+  - Batches: TRL's sampler is replaced by one yielding `launcher.train.trainer.micro_batches`'s order (HF would shuffle with
     its own RNG). Packed rows: both use TRL's `pack_dataset(strategy="bfd")` on the same examples.
   - LR schedule: HF's "cosine" warmup is step/warmup (step 1 trains at lr 0); ours is (step+1)/warmup. TRL's
-    scheduler is replaced by a LambdaLR over `launcher.train.lr_lambda`, so both use the same multipliers.
+    scheduler is replaced by a LambdaLR over `launcher.train.trainer.lr_lambda`, so both use the same multipliers.
   - Optimizer: `optim="adamw_torch"` (torch.optim.AdamW, for-each off on CPU) like ours. transformers >= 5 with
     torch >= 2.8 would default to `adamw_torch_fused`; `--trl-optim adamw_torch_fused` measures that.
   - Threads: ours' job sets `torch.set_num_threads(os.cpu_count())`; the TRL child sets the same (`--threads N`
@@ -95,10 +95,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
-# `python bench/sft_vs_trl.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the repo's `kernels`
-# package (imported by launcher.model and, through bitsandbytes, by peft); the repo root must come first instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-sys.path.insert(0, str(ROOT))
+# Importable without installing ftlaunch: the repo root and kernels/ (the package `ftkernels`).
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 RESULTS_DIR = ROOT / "bench" / "results"
 SIDES = ("ours", "trl")
@@ -245,19 +243,19 @@ def _checksum(model: Any) -> list[float]:
 
 
 def _load(spec: dict[str, Any], kernels: bool = False) -> Any:
-    from launcher.recipe import load_recipe
+    from launcher.config.recipe import load_recipe
 
     return load_recipe(spec["recipe_file"], spec["overrides"] + (["kernels=all"] if kernels else []))
 
 
 # --------------------------------------------------------------------------------------------------- ours (child)
 def child_ours(spec: dict[str, Any], kernels: bool = False) -> dict[str, Any]:
-    """Run our trainer through `launcher.job.run_job`, as `launch` does, with timing hooks (`kernels`: all)."""
+    """Run our trainer through `launcher.train.job.run_job`, as `launch` does, with timing hooks (`kernels`: all)."""
     t0 = time.perf_counter()
-    import launcher.train as train_module
-    from launcher.job import run_job
-    from launcher.plan import Resources, make_plan
-    from launcher.rundir import claim_run_dir, write_json_atomic
+    import launcher.train.trainer as train_module
+    from launcher.train.job import run_job
+    from launcher.plan.build import Resources, make_plan
+    from launcher.common.rundir import claim_run_dir, write_json_atomic
 
     loaded = _load(spec, kernels=kernels)
     run_dir = claim_run_dir(Path(loaded.recipe.output.root), loaded.recipe.name)
@@ -283,7 +281,7 @@ def child_ours(spec: dict[str, Any], kernels: bool = False) -> dict[str, Any]:
     if spec["force_threads"]:
         import torch
 
-        # launcher.job sets os.cpu_count() threads for a single rank; --threads overrides that, in this child only.
+        # launcher.train.job sets os.cpu_count() threads for a single rank; --threads overrides that, in this child only.
         real_set_threads = torch.set_num_threads
         torch.set_num_threads = lambda _n: real_set_threads(spec["threads"])  # type: ignore[assignment]
     # Module-level rebinding in this child only: the Trainer looks both names up at call time.
@@ -311,26 +309,26 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from launcher.data import load_rows, resolve_chat_template
-    from launcher.tokenizer import model_dir
-    from launcher.train import lr_lambda, micro_batches
+    from launcher.train.data import load_rows, resolve_chat_template
+    from launcher.common.model_files import model_dir
+    from launcher.train.trainer import lr_lambda, micro_batches
 
     recipe = _load(spec).recipe
     data, optim, method = recipe.data, recipe.optim, recipe.method
     _refuse_unmatched(recipe)
-    torch.set_num_threads(spec["threads"])  # what launcher.job does for one rank on this node
+    torch.set_num_threads(spec["threads"])  # what launcher.train.job does for one rank on this node
 
     path = model_dir(recipe.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # ours does the same (launcher.model.load_tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token  # ours does the same (launcher.train.model.load_tokenizer)
     template = resolve_chat_template(data.chat_template)
     if template is not None:
         tokenizer.chat_template = template
     rows = [row for source in data.train for row in load_rows(source)]
     train_dataset = datasets.Dataset.from_list([{"messages": row["messages"]} for row in rows])
 
-    torch.manual_seed(optim.seed)  # as launcher.job does right before building the model: same LoRA init
+    torch.manual_seed(optim.seed)  # as launcher.train.job does right before building the model: same LoRA init
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, recipe.model.dtype),
                                                  attn_implementation=recipe.model.attn_implementation)
     model = get_peft_model(model, LoraConfig(
@@ -408,7 +406,7 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
         max_length=data.max_length,
         truncation_mode="keep_start",  # ours: data.truncation=truncate keeps the start too
         packing=data.packing,
-        packing_strategy="bfd",  # what launcher.data.pack uses
+        packing_strategy="bfd",  # what launcher.train.data.pack uses
         assistant_only_loss=data.loss_on == "assistant",
         eval_strategy="no",
         save_strategy="no",
@@ -457,7 +455,7 @@ def git_info() -> dict[str, Any]:
     """Commit, dirty flag, and a digest of the code that runs: much of the repo may be uncommitted, so the commit
     alone does not identify what was measured."""
     status = _git("status", "--porcelain")
-    files = sorted((ROOT / "launcher").rglob("*.py")) + sorted((ROOT / "launcher" / "templates").glob("*.jinja"))
+    files = sorted((ROOT / "launcher").rglob("*.py")) + sorted((ROOT / "launcher" / "train" / "templates").glob("*.jinja"))
     digest = hashlib.sha256()
     for file in files + [Path(__file__).resolve()]:
         digest.update(str(file.relative_to(ROOT)).encode() + b"\0" + file.read_bytes() + b"\0")
@@ -631,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps <= args.skip:
         parser.error(f"--steps ({args.steps}) must be larger than --skip ({args.skip})")
 
-    from launcher.recipe import load_recipe  # planning side: no torch in this process
+    from launcher.config.recipe import load_recipe  # planning side: no torch in this process
 
     workdir = Path(tempfile.mkdtemp(prefix="sft_vs_trl-"))
     base = load_recipe(args.recipe).recipe
@@ -642,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, overrides).recipe
     # The children get a private FTLAUNCH_CACHE (fresh tokenization cache) whose models/ is the real converted-model
     # cache, filled here once, so neither side's figures contain a GGUF conversion.
-    from launcher.gguf_cache import convert_gguf_to_hf, default_cache_root, resolve_gguf
+    from launcher.common.gguf import convert_gguf_to_hf, default_cache_root, resolve_gguf
 
     if recipe.model.gguf:
         convert_gguf_to_hf(resolve_gguf(recipe.model.gguf))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.exits import EXIT_INTERRUPTED  # noqa: F401 (re-exported: the task requeues on it)
+from launcher.common.exits import EXIT_INTERRUPTED  # noqa: F401 (re-exported: the task requeues on it)
 
 JOBS_FILE = "jobs.jsonl"
 """RUN_DIR/jobs.jsonl: one JSON object per submission, start, requeue and end."""

@@ -22,7 +22,7 @@ from typing import Any
 from rich.table import Table
 
 from cluster.slurm import CLUSTER_FILE, JOBS_FILE, SlurmError
-from launcher.rundir import PLAN_FILE
+from launcher.common.rundir import PLAN_FILE
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}

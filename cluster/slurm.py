@@ -3,8 +3,8 @@
     profile (cluster/profiles/NAME.yaml)  <  recipe `cluster:` section  <  --nodes/--gpus-per-node/--partition/--time
 
 Submission goes through submitit (`AutoExecutor`, a fresh folder under RUN_DIR/submitit per submission). Every task
-runs :class:`RankTask`, which starts the rank entry point `python -m launcher.job RUN_DIR` as a child process and
-waits for it. Why a child process rather than calling `launcher.job.run_job` in the submitit process: submitit owns
+runs :class:`RankTask`, which starts the rank entry point `python -m launcher.train.job RUN_DIR` as a child process and
+waits for it. Why a child process rather than calling `launcher.train.job.run_job` in the submitit process: submitit owns
 that process's signal handlers (SIGTERM is bypassed, the preemption signal requeues and exits at once), while our
 trainer installs its own to checkpoint at the next step boundary. In separate processes both work as designed:
 
@@ -37,7 +37,7 @@ import yaml
 from cluster.events import EXIT_INTERRUPTED, JOBS_FILE, SIGNAL_DELAY_S, record_event  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
-    from launcher.schema import ClusterConfig
+    from launcher.config.schema import ClusterConfig
 
 #: The signal Slurm sends before a time limit (`--signal=USR1@90`) and submitit treats as preemption. One signal
 #: for both paths; the trainer's StopFlag handles it. (submitit reads SUBMITIT_PREEMPT_SIGNAL when imported.)
@@ -107,7 +107,7 @@ class SlurmSettings:
     max_requeues: int = 3
     shared_roots: list[str] = field(default_factory=list)
     tokenize_first: bool = True
-    """Submit a CPU job that tokenizes the data first when it is not cached (launcher/prepare.py)."""
+    """Submit a CPU job that tokenizes the data first when it is not cached (launcher/train/prepare.py)."""
     prepare_partition: str | None = None
     """Partition of that CPU-only job; None: the training partition."""
 
@@ -137,7 +137,7 @@ def default_profile() -> str:
 
 def load_profile(name: str) -> "ClusterConfig":
     """The named profile, validated with the recipe's `cluster:` schema (so a typo fails with its key)."""
-    from launcher.schema import ClusterConfig
+    from launcher.config.schema import ClusterConfig
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise SlurmError(f"bad cluster profile name {name!r}")
@@ -172,7 +172,7 @@ def resolve_settings(profile_name: str | None, recipe_cluster: "ClusterConfig", 
     time_text = time_limit or pick("time") or "01:00:00"
     parse_time_minutes(time_text)  # clear error for --time (the recipe's is checked by the schema)
     merged_env = {**profile.env, **recipe_cluster.env}
-    from launcher.schema import is_secret_name
+    from launcher.config.schema import is_secret_name
 
     defaults = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     env = {**defaults, **{k: v for k, v in merged_env.items() if not is_secret_name(k) and v is not None}}
@@ -267,7 +267,7 @@ def render_sbatch(settings: SlurmSettings, run_dir: str, job_name: str, python: 
               f'"$SLURM_JOB_ID" "${{SLURM_RESTART_COUNT:-0}}" "$(date +%s)" >> {q(run_dir + "/" + JOBS_FILE)}',
               "", "# one task per rank; ranks find rank 0 on the first node of the allocation (cluster/env.py)"]
     srun = ["srun"] + ([f"--container-image={settings.container_image}"] if settings.container_image else [])
-    lines += [f"rc=0; {' '.join(q(a) for a in srun)} {q(python)} -m launcher.job {run_q} || rc=$?"]
+    lines += [f"rc=0; {' '.join(q(a) for a in srun)} {q(python)} -m launcher.train.job {run_q} || rc=$?"]
     lines += [f"# exit {EXIT_INTERRUPTED}: stopped by SIGUSR1 (time limit) after a checkpoint: requeue, "
               "the ranks resume from it",
               f'if [ "$rc" -eq {EXIT_INTERRUPTED} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {settings.max_requeues} ]; then',
@@ -485,7 +485,7 @@ def submit(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_
 
 def submit_prepare(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_name: str,
                    reason: str) -> str:
-    """Submit the CPU-only job that converts the model and tokenizes the data (launcher/prepare.py): one task, no
+    """Submit the CPU-only job that converts the model and tokenizes the data (launcher/train/prepare.py): one task, no
     GPU, on `prepare_partition` (else the training partition). Returns its job id; the training job is submitted
     with `dependency=afterok:<id>`."""
     executor = _executor(run_dir, settings, secrets, f"{job_name}-prepare", nodes=1, tasks_per_node=1,

@@ -43,7 +43,7 @@ class RankTask(Checkpointable):
                          restart=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
                          nodes=os.environ.get("SLURM_JOB_NODELIST", ""))
         env = {**os.environ, **self.env}
-        self._child = subprocess.Popen([sys.executable, "-m", "launcher.job", self.run_dir], env=env)
+        self._child = subprocess.Popen([sys.executable, "-m", "launcher.train.job", self.run_dir], env=env)
         # Poll rather than Popen.wait(): wait() holds the waitpid lock while blocked, and checkpoint() (run by the
         # signal handler in this thread) must be able to reap the child itself.
         while (code := self._child.poll()) is None:
@@ -87,7 +87,7 @@ def _wait_pid(pid: int, timeout_s: float) -> None:
 
 
 class PrepareTask:
-    """The CPU-only job before training (launcher/prepare.py): converts the model and tokenizes the data into the
+    """The CPU-only job before training (launcher/train/prepare.py): converts the model and tokenizes the data into the
     shared cache. Fails the job (so `afterok` cancels training) when preparation fails."""
 
     def __init__(self, run_dir: str, env: dict[str, str]) -> None:
@@ -97,7 +97,7 @@ class PrepareTask:
     def __call__(self) -> dict[str, Any]:
         record_event(Path(self.run_dir), "started", job_id=os.environ.get("SLURM_JOB_ID", ""), via="submitit",
                      kind="prepare", nodes=os.environ.get("SLURM_JOB_NODELIST", ""))
-        code = subprocess.call([sys.executable, "-m", "launcher.prepare", self.run_dir],
+        code = subprocess.call([sys.executable, "-m", "launcher.train.prepare", self.run_dir],
                                env={**os.environ, **self.env})
         if code != 0:
             raise RuntimeError(f"preparing the data exited {code}: see {self.run_dir}/logs/prepare.log")

@@ -15,7 +15,7 @@ import pytest
 
 from cluster.slurm import (SlurmError, SlurmSettings, check_resources, check_shared_storage, parse_time_minutes,
                            PartitionInfo, render_sbatch, require_slurm, resolve_settings, secret_values)
-from launcher.schema import ClusterConfig
+from launcher.config.schema import ClusterConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "job.sbatch"
 HOSTILE = ["it's", 'say "hi"', "$(touch {canary})", "`touch {canary}`", "a; touch {canary}", "x' ; touch {canary} ; '",
@@ -119,7 +119,7 @@ def test_hostile_values_run_nothing_unintended(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert not canary.exists()
     got = json.loads(record.read_text())
-    assert got["argv"] == [f"--container-image={one}", f"/opt/{one}/python", "-m", "launcher.job", str(run_dir)]
+    assert got["argv"] == [f"--container-image={one}", f"/opt/{one}/python", "-m", "launcher.train.job", str(run_dir)]
     for i, h in enumerate(hostile):
         assert got["env"][f"V{i}"] == h
     assert json.loads((run_dir / "jobs.jsonl").read_text())["job_id"] == "7"

@@ -1,4 +1,4 @@
-"""launcher/data.py on the tiny tokenizer: formats and label masks, errors, length policy, eval split, packing without
+"""launcher/train/data.py on the tiny tokenizer: formats and label masks, errors, length policy, eval split, packing without
 attention leakage, the tokenization cache, and a property test over random conversations."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher import data as data_mod
-from launcher.data import (IGNORE_INDEX, DataBundle, DataError, Example, build_bundle, cache_key, collate,
+from launcher.train import data as data_mod
+from launcher.train.data import (IGNORE_INDEX, DataBundle, DataError, Example, build_bundle, cache_key, collate,
                            data_fingerprint, load_rows, resolve_chat_template, tokenize_cached)
-from launcher.schema import DataConfig, DataSource
+from launcher.config.schema import DataConfig, DataSource
 from tiny import EOS, sample_rows, write_dataset, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,13 +327,13 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path: Path, tiny_tokenizer: Any) -> 
 
 def test_prepare_fills_the_cache_the_job_reads(tmp_path: Path, tiny_model_dir: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """`python -m launcher.prepare RUN_DIR` (the Slurm CPU job) tokenizes into the cache under the key the ranks
+    """`python -m launcher.train.prepare RUN_DIR` (the Slurm CPU job) tokenizes into the cache under the key the ranks
     compute; before it, the submitting side says what is missing, after it nothing."""
-    from launcher.plan import Resources, make_plan
-    from launcher.prepare import missing_preparation, prepare, tokenized_cache_dir
-    from launcher.recipe import load_recipe
-    from launcher.rundir import write_json_atomic
-    from launcher.tokenizer import load_tokenizer
+    from launcher.plan.build import Resources, make_plan
+    from launcher.train.prepare import missing_preparation, prepare, tokenized_cache_dir
+    from launcher.config.recipe import load_recipe
+    from launcher.common.rundir import write_json_atomic
+    from launcher.common.model_files import load_tokenizer
 
     monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     data = write_dataset(tmp_path / "d.jsonl", "messages", 6)
@@ -358,7 +358,7 @@ def test_prepare_fills_the_cache_the_job_reads(tmp_path: Path, tiny_model_dir: P
 
 def test_data_fingerprint_needs_no_torch(tmp_path: Path) -> None:
     path = write_dataset(tmp_path / "d.jsonl", "text", 2)
-    code = ("import sys; from launcher.data import data_fingerprint; from launcher.schema import DataConfig; "
+    code = ("import sys; from launcher.train.data import data_fingerprint; from launcher.config.schema import DataConfig; "
             f"print(data_fingerprint(DataConfig(train=[{{'path': {str(path)!r}}}], chat_template='chatml'))); "
             "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules]; "
             "assert not heavy, heavy")

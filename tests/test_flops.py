@@ -1,4 +1,4 @@
-"""launcher/flops.py against torch's own FLOP counter on a real forward + backward, and against the 6N rule."""
+"""launcher/plan/flops.py against torch's own FLOP counter on a real forward + backward, and against the 6N rule."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.flops import peak_bf16_flops, training_flops_per_token
+from launcher.plan.flops import peak_bf16_flops, training_flops_per_token
 
 MODELS = Path(__file__).resolve().parents[1] / "recipes" / "models"
 
@@ -30,7 +30,7 @@ def measured_flops(method: str, seq: int, batch: int = 2) -> float:
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
         # Without it the embedding output needs no gradient, and autograd skips layer 0's q/k/v input gradients
-        # (2 * 8192 FLOPs of 583680 here; launcher/flops.py counts them, as gradient checkpointing does).
+        # (2 * 8192 FLOPs of 583680 here; launcher/plan/flops.py counts them, as gradient checkpointing does).
         model.enable_input_require_grads()
     ids = torch.randint(0, TINY["vocab_size"], (batch, seq))
     with FlopCounterMode(display=False) as counter:

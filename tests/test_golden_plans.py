@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from launcher.plan import Resources, make_plan
-from launcher.plan_memory import parse_size
-from launcher.recipe import load_recipe
+from launcher.plan.build import Resources, make_plan
+from launcher.plan.memory import parse_size
+from launcher.config.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "plans"

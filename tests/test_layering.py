@@ -14,36 +14,40 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("launcher", "cluster", "kernels")
+PACKAGES = {"launcher": ROOT / "launcher", "cluster": ROOT / "cluster", "ftkernels": ROOT / "kernels" / "ftkernels"}
+"""Import name -> source folder (the kernels live in the top-level kernels/ folder as the package `ftkernels`)."""
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "trl", "datasets", "accelerate", "triton")
 
-PLANNING = {
-    "launcher", "launcher.__main__", "launcher.cli", "launcher.recipe", "launcher.schema", "launcher.plan",
-    "launcher.ds_config", "launcher.plan_memory", "launcher.plan_quant", "launcher.memory", "launcher.report",
-    "launcher.rundir", "launcher.flops", "launcher.recipe_docs", "launcher.strategies", "launcher.strategies.registry",
-    "launcher.resources", "launcher.exits", "cluster", "cluster.env", "cluster.events",
-    "cluster.slurm", "cluster.runs",
-}
-"""Modules the planning side imports (login node, `launch plan`, `launch runs/status/logs/cancel`)."""
+PLANNING_PACKAGES = ("launcher.config", "launcher.plan", "launcher.common", "launcher.cli")
+"""The torch-free side, by package: what `launch plan`, the login node and `launch runs/status/logs/cancel` import."""
 
-RANK_SIDE = {"launcher.job", "launcher.train", "launcher.evaluate", "launcher.checkpoint", "launcher.export",
-             "launcher.outputs", "launcher.model", "launcher.data", "launcher.strategies.base",
-             "launcher.strategies.ddp", "launcher.strategies.fsdp", "launcher.strategies.deepspeed"}
+PLANNING_EXTRA = {"launcher", "launcher.__main__", "launcher.strategies", "launcher.strategies.registry",
+                  "cluster", "cluster.env", "cluster.events", "cluster.slurm", "cluster.runs", "cluster.local"}
+"""Planning-side modules outside those packages: the strategy registry and the cluster side that submits."""
+
+RANK_PACKAGES = ("launcher.train",)
+RANK_EXTRA = {"launcher.strategies.base", "launcher.strategies.ddp", "launcher.strategies.fsdp",
+              "launcher.strategies.deepspeed"}
+
+
+def _in(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
 
 KNOWN_CYCLES: set[frozenset[str]] = set()
 """Strongly connected groups of modules allowed to stay (lazy and TYPE_CHECKING imports count). Empty: the five
 cycles there were (plan / ds_config / plan_memory / plan_quant, checkpoint / export, train / evaluate, job / prepare,
-cluster.slurm / slurm_task) were broken by leaf modules: launcher/resources.py, launcher/exits.py, launcher/logs.py,
-launcher/loss.py, cluster/events.py, and `export_run` moved to launcher/export.py."""
+cluster.slurm / slurm_task) were broken by leaf modules: launcher/plan/resources.py, launcher/common/exits.py, launcher/common/logs.py,
+launcher/train/loss.py, cluster/events.py, and `export_run` moved to launcher/train/export.py."""
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def module_name(path: Path, source: Path) -> str:
+    parts = path.relative_to(source.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def modules() -> dict[str, Path]:
-    return {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
+    return {module_name(p, source): p for source in PACKAGES.values() for p in sorted(source.rglob("*.py"))}
 
 
 class Imports(ast.NodeVisitor):
@@ -68,7 +72,7 @@ class Imports(ast.NodeVisitor):
             package = self.current.split(".")[: -node.level] if not self.current.endswith("__init__") else []
             base = ".".join([*package, base]) if base else ".".join(package)
         self._add(base)
-        for alias in node.names:  # `from launcher import memory` imports launcher.memory
+        for alias in node.names:  # `from launcher.plan import memory_model` imports that module
             self._add(f"{base}.{alias.name}")
 
     def _nested(self, node: ast.AST) -> None:
@@ -95,18 +99,34 @@ def imports_of(name: str, path: Path) -> Imports:
     return visitor
 
 
+def sides() -> tuple[set[str], set[str]]:
+    """(planning side, rank side): every launcher module is on exactly one of them."""
+    mods = set(modules())
+    planning = {m for m in mods if _in(m, PLANNING_PACKAGES)} | PLANNING_EXTRA
+    rank = {m for m in mods if _in(m, RANK_PACKAGES)} | RANK_EXTRA
+    return planning, rank
+
+
+def test_every_launcher_module_is_on_one_side() -> None:
+    planning, rank = sides()
+    launcher = {m for m in modules() if _in(m, ("launcher",))}
+    assert not planning & rank, sorted(planning & rank)
+    assert launcher <= planning | rank, sorted(launcher - planning - rank)
+    assert planning <= set(modules()), sorted(planning - set(modules()))
+
+
 def _internal(names: set[str], known: set[str]) -> set[str]:
     return {n for n in names if n in known}
 
 
 def test_planning_side_imports_nothing_heavy_at_module_level() -> None:
     mods = modules()
-    assert PLANNING <= set(mods), sorted(PLANNING - set(mods))
+    planning, rank_side = sides()
     bad = {}
-    for name in sorted(PLANNING):
+    for name in sorted(planning):
         top = imports_of(name, mods[name]).top
         heavy = sorted(n for n in top if n.split(".")[0] in HEAVY)
-        rank = sorted(n for n in top if n in RANK_SIDE)
+        rank = sorted(n for n in top if n in rank_side)
         if heavy or rank:
             bad[name] = heavy + rank
     assert not bad, f"planning-side modules import heavy or rank-side modules at module level: {bad}"
@@ -115,20 +135,22 @@ def test_planning_side_imports_nothing_heavy_at_module_level() -> None:
 def test_planning_side_is_closed_at_module_level() -> None:
     """What a planning module imports at module level is planning side too (so nothing heavy comes in transitively)."""
     mods = modules()
-    leaks = {name: sorted(_internal(imports_of(name, mods[name]).top, set(mods)) - PLANNING)
-             for name in sorted(PLANNING)}
+    planning, _ = sides()
+    leaks = {name: sorted(_internal(imports_of(name, mods[name]).top, set(mods)) - planning)
+             for name in sorted(planning)}
     assert not {k: v for k, v in leaks.items() if v}, leaks
 
 
 def test_kernels_and_cluster_keep_to_their_side() -> None:
     mods = modules()
+    _, rank_side = sides()
     for name, path in mods.items():
         found = imports_of(name, path)
         every = found.top | found.lazy
-        if name.startswith("kernels"):
+        if name.startswith("ftkernels"):
             assert not {n for n in every if n.split(".")[0] in ("launcher", "cluster")}, name
         if name.startswith("cluster") and name != "cluster.slurm_task":  # the task runs a rank: it starts the job
-            assert not (every & RANK_SIDE), (name, sorted(every & RANK_SIDE))
+            assert not (every & rank_side), (name, sorted(every & rank_side))
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:

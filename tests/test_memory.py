@@ -1,4 +1,4 @@
-"""Tests for launcher/memory.py: exact parameter counts vs transformers, LoRA counts vs PEFT, model-state bytes vs
+"""Tests for launcher/plan/memory_model.py: exact parameter counts vs transformers, LoRA counts vs PEFT, model-state bytes vs
 DeepSpeed's own estimators, and the planner's choices. torch/transformers/peft/deepspeed are imported inside the
 tests that need them (the module under test must not import them)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import memory as mem
+from launcher.plan import memory_model as mem
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "qwen2.5-7b", "qwen2.5-72b", "mistral-7b", "mixtral-8x7b"]
@@ -37,7 +37,7 @@ def shipped(name: str) -> mem.ParamCounts:
 
 
 def test_import_does_not_pull_torch() -> None:
-    code = "import launcher.memory, sys; bad = {'torch', 'transformers', 'deepspeed'} & set(sys.modules); assert not bad, bad"
+    code = "import launcher.plan.memory_model, sys; bad = {'torch', 'transformers', 'deepspeed'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.cli import main
-from launcher.plan import Plan, Resources, make_plan
-from launcher.recipe import RecipeError, load_recipe
-from launcher.rundir import claim_run_dir, is_fresh, next_run_dir, runs_of
+from launcher.cli.main import main
+from launcher.plan.build import Plan, Resources, make_plan
+from launcher.config.recipe import RecipeError, load_recipe
+from launcher.common.rundir import claim_run_dir, is_fresh, next_run_dir, runs_of
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "datasets", "trl")
@@ -28,8 +28,8 @@ def recipe_file(tmp_path: Path, **sections: object) -> Path:
 
 
 def test_plan_loads_no_heavy_modules() -> None:
-    code = ("import sys, launcher.cli, launcher.plan, launcher.recipe, launcher.report, launcher.rundir;"
-            "from launcher.cli import main;"
+    code = ("import sys, launcher.cli.main, launcher.plan.build, launcher.config.recipe, launcher.plan.report, launcher.common.rundir;"
+            "from launcher.cli.main import main;"
             f"rc = main(['plan', '{REPO / 'recipes' / 'demo.yaml'}', 'output.root=/tmp/ftl-import-check', '--json']);"
             f"heavy = [m for m in {HEAVY!r} if m in sys.modules];"
             "print('HEAVY', heavy, file=sys.stderr); sys.exit(rc or (3 if heavy else 0))")
@@ -64,7 +64,7 @@ def test_multi_rank_local_command_uses_torchrun(tmp_path: Path) -> None:
     plan = make_plan(loaded, Resources(procs_per_node=2), tmp_path / "runs" / "t")
     assert plan.world_size == 2 and plan.backend == "gloo"
     assert plan.command[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc-per-node=2" in plan.command
-    assert plan.rank_command[-2:] == ["launcher.job", str((tmp_path / "runs" / "t").resolve())]
+    assert plan.rank_command[-2:] == ["launcher.train.job", str((tmp_path / "runs" / "t").resolve())]
 
 
 def test_global_batch_mismatch_names_the_values(tmp_path: Path) -> None:
@@ -118,9 +118,9 @@ def test_unimplemented_feature_is_planned_but_not_run(tmp_path: Path, monkeypatc
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # Every strategy and method runs now (issues 3 and 6), so the refusal path is exercised by pretending that only
     # ddp is implemented: the plan is still made and sized, but `launch` refuses it before any run directory exists.
-    import launcher.plan
+    import launcher.plan.build
 
-    monkeypatch.setattr(launcher.plan, "IMPLEMENTED_STRATEGIES", ("ddp",))
+    monkeypatch.setattr(launcher.plan.build, "IMPLEMENTED_STRATEGIES", ("ddp",))
     path = recipe_file(tmp_path, strategy={"name": "zero3"}, method={"name": "qlora"})
     plan = make_plan(load_recipe(path), Resources(), tmp_path / "runs" / "t")
     assert not plan.runnable and "strategy 'zero3' is not implemented" in plan.unsupported[0]

@@ -4,7 +4,7 @@ What bitsandbytes 0.50.2 does on CPU, measured and relied on here: Linear4bit (n
 quantization) and Linear8bitLt train through PEFT LoRA; AdamW8bit runs (8-bit moments for tensors of >= 4096
 elements) and its state round-trips through `state_dict`; the paged optimizers warn and run unpaged.
 
-Training runs go through `launcher.job.run_job` in this process, like tests/test_train.py. Planning tests import no
+Training runs go through `launcher.train.job.run_job` in this process, like tests/test_train.py. Planning tests import no
 torch.
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.plan import Resources, make_plan
-from launcher.recipe import RecipeError, load_recipe
-from launcher.rundir import claim_run_dir, write_json_atomic
+from launcher.plan.build import Resources, make_plan
+from launcher.config.recipe import RecipeError, load_recipe
+from launcher.common.rundir import claim_run_dir, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
@@ -72,7 +72,7 @@ def start_run(recipe: Path) -> Path:
 
 
 def run(run_dir: Path) -> int:
-    from launcher.job import run_job
+    from launcher.train.job import run_job
 
     return run_job(run_dir)
 
@@ -93,7 +93,7 @@ def reload_model(run_dir: Path, base: str) -> Any:
         return AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32)
     from peft import PeftModel
 
-    from launcher.model import load_base_model, quantization_config
+    from launcher.train.model import load_base_model, quantization_config
 
     recipe = run_recipe(run_dir)
     quantized = load_base_model(recipe.model, torch.device("cpu"), quantization_config(recipe))
@@ -101,8 +101,8 @@ def reload_model(run_dir: Path, base: str) -> Any:
 
 
 def run_recipe(run_dir: Path) -> Any:
-    from launcher.plan import Plan
-    from launcher.rundir import read_plan
+    from launcher.plan.build import Plan
+    from launcher.common.rundir import read_plan
 
     return Plan.from_json(read_plan(run_dir)).typed_recipe()
 
@@ -111,9 +111,9 @@ def eval_loss_of(model: Any, run_dir: Path) -> float:
     """The trainer's eval loss of `model` on the run's eval set."""
     import torch
 
-    from launcher.data import tokenize_cached
-    from launcher.evaluate import eval_loss
-    from launcher.tokenizer import load_tokenizer
+    from launcher.train.data import tokenize_cached
+    from launcher.train.evaluate import eval_loss
+    from launcher.common.model_files import load_tokenizer
     from launcher.strategies.ddp import DDPStrategy
 
     recipe, cpu = run_recipe(run_dir), torch.device("cpu")
@@ -207,7 +207,7 @@ def test_gradients_through_4bit_layers_survive_an_evaluation(tmp_path: Path, tin
     the same gradients."""
     import torch
 
-    from launcher.model import build_model
+    from launcher.train.model import build_model
 
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -277,8 +277,8 @@ def test_optimizer_names_build_bitsandbytes_optimizers_on_cpu(name: str, state_d
 
     import torch
 
-    from launcher.schema import OptimConfig
-    from launcher.train import make_optimizer
+    from launcher.config.schema import OptimConfig
+    from launcher.train.trainer import make_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.LayerNorm(64))  # 8192-element weight: 8-bit
     optimizer = make_optimizer(model, OptimConfig(name=name, weight_decay=0.1, lr=1e-3))

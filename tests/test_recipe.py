@@ -11,8 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.recipe import RecipeError, deep_merge, load_recipe, parse_override
-from launcher.schema import LoraMethod, Recipe
+from launcher.config.recipe import RecipeError, deep_merge, load_recipe, parse_override
+from launcher.config.schema import LoraMethod, Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p for p in (REPO / "recipes").glob("*.yaml"))

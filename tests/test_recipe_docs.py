@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from launcher import recipe_docs
-from launcher.schema import ClusterConfig, DeepSpeedOptions, QLoraMethod, Recipe
+from launcher.config import docs as recipe_docs
+from launcher.config.schema import ClusterConfig, DeepSpeedOptions, QLoraMethod, Recipe
 
 
 def test_docs_recipes_md_is_current() -> None:
-    assert recipe_docs.main(["--check"]) == 0, "run: python -m launcher.recipe_docs"
+    assert recipe_docs.main(["--check"]) == 0, "run: python -m launcher.config.docs"
 
 
 def test_every_key_is_documented_with_its_docstring() -> None:

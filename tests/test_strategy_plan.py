@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.cli import main
-from launcher.plan import Plan, Resources, make_plan
-from launcher.recipe import RecipeError, load_recipe
+from launcher.cli.main import main
+from launcher.plan.build import Plan, Resources, make_plan
+from launcher.config.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_70B = REPO / "recipes" / "models" / "llama-3.1-70b"
@@ -186,7 +186,7 @@ def test_fsdp_option_checks(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ resume elsewhere
 def test_resume_on_other_resources_keeps_global_batch_and_strategy(tmp_path: Path) -> None:
     """4 nodes x 8 GPUs -> 2 x 8: grad_accum doubles, the ZeRO-3 JSON follows, `auto` stays what it resolved to."""
-    from launcher.plan import replan_for_resume
+    from launcher.plan.build import replan_for_resume
 
     before = plan_for(tmp_path, GPU_4x8, method={"name": "full"}, strategy={"name": "zero3"},
                       optim={"micro_batch": 1, "grad_accum": 2, "global_batch": 64})
@@ -200,7 +200,7 @@ def test_resume_on_other_resources_keeps_global_batch_and_strategy(tmp_path: Pat
 
 
 def test_resume_on_a_world_size_that_breaks_the_global_batch_is_refused(tmp_path: Path) -> None:
-    from launcher.plan import replan_for_resume
+    from launcher.plan.build import replan_for_resume
 
     before = plan_for(tmp_path, Resources(gpus_per_node=4, procs_per_node=4), method={"name": "lora"},
                       optim={"micro_batch": 2, "grad_accum": 3})

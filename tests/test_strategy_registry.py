@@ -9,8 +9,8 @@ import typing
 
 import pytest
 
-from launcher import memory as mem
-from launcher.schema import StrategyConfig
+from launcher.plan import memory_model as mem
+from launcher.config.schema import StrategyConfig
 from launcher.strategies import STRATEGIES, spec, strategy_of_memory_row
 
 
@@ -53,6 +53,6 @@ def test_each_entry_names_a_real_implementation(name: str) -> None:
 
 
 def test_importing_the_registry_loads_no_torch() -> None:
-    code = "import sys, launcher.strategies, launcher.plan; print('torch' in sys.modules)"
+    code = "import sys, launcher.strategies, launcher.plan.build; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

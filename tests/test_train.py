@@ -1,7 +1,7 @@
 """Local training on the tiny model: every data format and method learns, resume is exact, Ctrl-C is safe,
 outputs load with from_pretrained.
 
-Runs happen in this process through `launcher.job.run_job` (one import of torch for all of them); one test goes
+Runs happen in this process through `launcher.train.job.run_job` (one import of torch for all of them); one test goes
 through the real `launch` command in a child process to check signals.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.plan import Resources, make_plan
-from launcher.recipe import load_recipe
-from launcher.rundir import claim_run_dir, write_json_atomic
+from launcher.plan.build import Resources, make_plan
+from launcher.config.recipe import load_recipe
+from launcher.common.rundir import claim_run_dir, write_json_atomic
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def start_run(recipe: Path, overrides: list[str] | None = None) -> Path:
 
 
 def run(run_dir: Path) -> int:
-    from launcher.job import run_job
+    from launcher.train.job import run_job
 
     return run_job(run_dir)
 
@@ -152,12 +152,12 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path: Path, tiny_m
     ckpts = run_dir / "checkpoints"
     (ckpts / "step-00000006" / "trainable.safetensors").write_bytes(b"garbage")
     (ckpts / ".step-00000009.tmp").mkdir()  # a save that a killed rank never finished
-    from launcher.checkpoint import load_checkpoint, resumable_checkpoints
+    from launcher.train.checkpoint import load_checkpoint, resumable_checkpoints
 
     assert [p.name for p in resumable_checkpoints(run_dir)] == ["step-00000006", "step-00000003"]
-    from launcher.model import build_model
+    from launcher.train.model import build_model
     from launcher.strategies.ddp import DDPStrategy
-    from launcher.train import make_optimizer
+    from launcher.train.trainer import make_optimizer
     import torch
 
     plan = json.loads((run_dir / "plan.json").read_text())
@@ -249,7 +249,7 @@ def test_kernels_all_trains_like_eager(tmp_path: Path, tiny_model_dir: Path) -> 
 
 
 def test_rank_batches_are_equal_in_number_and_cover_every_item_once() -> None:
-    from launcher.evaluate import rank_batches
+    from launcher.train.evaluate import rank_batches
 
     class FakeStrategy:
         def __init__(self, rank: int, world: int) -> None:
@@ -336,8 +336,8 @@ def test_lr_schedule_multipliers() -> None:
     """Warmup (step+1)/warmup, then linear or cosine decay to min_lr_ratio at the last step; constant stays 1."""
     import math
 
-    from launcher.schema import OptimConfig
-    from launcher.train import lr_lambda
+    from launcher.config.schema import OptimConfig
+    from launcher.train.trainer import lr_lambda
 
     cosine = lr_lambda(OptimConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1), total_steps=14)
     assert [cosine(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -351,7 +351,7 @@ def test_lr_schedule_multipliers() -> None:
 
 def _nan_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
     """Training forwards (one per step at grad_accum 1) return a NaN loss at the given 1-based steps."""
-    import launcher.train as train_module
+    import launcher.train.trainer as train_module
 
     real = train_module.forward_loss_sum
     calls = [0]
@@ -384,7 +384,7 @@ def test_nan_steps_in_a_row_stop_the_run(tmp_path: Path, tiny_model_dir: Path,
     import torch
     from safetensors.torch import load_file
 
-    from launcher.job import EXIT_DIVERGED
+    from launcher.train.job import EXIT_DIVERGED
 
     _nan_at(monkeypatch, {3, 4})
     run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, optim={"max_steps": 8, "max_nonfinite_steps": 2},

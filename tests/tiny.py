@@ -26,9 +26,9 @@ VOCAB_SIZE = 400
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "reverse", "the", "word",
          "what", "is", "answer", "hello", "world", "yes", "no", "one", "two", "three", "sky", "sea"]
 
-# The shipped marked ChatML template (launcher/templates/chatml.jinja), read here rather than imported so that this
+# The shipped marked ChatML template (launcher/train/templates/chatml.jinja), read here rather than imported so that this
 # module works without the launcher package on sys.path.
-CHATML_TEMPLATE_FILE = Path(__file__).resolve().parents[1] / "launcher" / "templates" / "chatml.jinja"
+CHATML_TEMPLATE_FILE = Path(__file__).resolve().parents[1] / "launcher" / "train" / "templates" / "chatml.jinja"
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
 

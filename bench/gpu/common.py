@@ -1,7 +1,7 @@
 """Shared by the GPU check scripts: the import path, planning a run like `launch` does, appending result rows.
 
 Each script runs as `python bench/gpu/NAME.py`, which puts bench/gpu/ first on sys.path (so `import common` works);
-the repository root goes right after it, ahead of bench/, whose kernels.py would shadow the `kernels` package.
+the repository root (and kernels/, where the package `ftkernels` lives) go right after it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-if str(ROOT) not in sys.path:
-    sys.path.insert(1, str(ROOT))
+for source in (ROOT / "kernels", ROOT):
+    if str(source) not in sys.path:
+        sys.path.insert(1, str(source))
 
 
 def free_port() -> int:
@@ -30,9 +30,9 @@ def plan_run(recipe: dict[str, Any], name: str, workdir: Path, device: str, gpu_
     under WORKDIR/runs and write its plan.json. Returns the Plan."""
     import yaml
 
-    from launcher.plan import Resources, make_plan
-    from launcher.recipe import load_recipe
-    from launcher.rundir import claim_run_dir, write_json_atomic
+    from launcher.plan.build import Resources, make_plan
+    from launcher.config.recipe import load_recipe
+    from launcher.common.rundir import claim_run_dir, write_json_atomic
 
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, **recipe}))

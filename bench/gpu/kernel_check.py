@@ -1,4 +1,4 @@
-"""Kernel correctness on the device (forward and backward, bf16), then `bench/kernels.py --quick` timings.
+"""Kernel correctness on the device (forward and backward, bf16), then `bench/kernel_speed.py --quick` timings.
 
     python bench/gpu/kernel_check.py RESULTS.jsonl [--cpu-dry-run]
 
@@ -11,7 +11,7 @@ be as inexact as what transformers runs today, never clearly worse. On the CPU d
 the same rule applies with float32 inputs.
 
 Timings: one row per (kernel, shape, provider) with provider ftlaunch, torch (eager) and liger (when Liger-Kernel
-imports), median ms of forward + backward and peak memory above the inputs (bench/kernels.py). CUDA only.
+imports), median ms of forward + backward and peak memory above the inputs (bench/kernel_speed.py). CUDA only.
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ def compare(name: str, shape: dict[str, int], kernel: Callable[..., Any], refere
 
 def cases(device: str, dtype: torch.dtype, dry: bool) -> list[tuple[str, dict[str, int], Callable[..., Any],
                                                                          Callable[..., Any], list[torch.Tensor]]]:
-    from kernels.fused_ce import fused_linear_cross_entropy, linear_cross_entropy_reference
-    from kernels.rmsnorm import rms_norm, rms_norm_reference
-    from kernels.rope import apply_rotary_pos_emb, apply_rotary_pos_emb_reference
-    from kernels.swiglu import swiglu, swiglu_reference
+    from ftkernels.fused_ce import fused_linear_cross_entropy, linear_cross_entropy_reference
+    from ftkernels.rmsnorm import rms_norm, rms_norm_reference
+    from ftkernels.rope import apply_rotary_pos_emb, apply_rotary_pos_emb_reference
+    from ftkernels.swiglu import swiglu, swiglu_reference
 
     torch.manual_seed(0)
 
@@ -126,11 +126,11 @@ def main(argv: list[str]) -> int:
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in ("kernel", "hidden", "status", "seconds")}), flush=True)
     if dry:
-        append(results, {"kind": "kernel_timing", "status": "skipped: timings need CUDA (bench/kernels.py)"})
+        append(results, {"kind": "kernel_timing", "status": "skipped: timings need CUDA (bench/kernel_speed.py)"})
     else:
-        import importlib.util  # bench/kernels.py, loaded by path as `bench_kernels` (its name shadows `kernels`)
+        import importlib.util  # bench/ is not a package on the path: load bench/kernel_speed.py by its file
 
-        spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+        spec = importlib.util.spec_from_file_location("kernel_speed", ROOT / "bench" / "kernel_speed.py")
         assert spec is not None and spec.loader is not None
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)

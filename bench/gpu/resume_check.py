@@ -1,9 +1,9 @@
-"""Save at step N and resume on the device, through the real `python -m launcher.job` (fsdp: DCP; zero3: DeepSpeed).
+"""Save at step N and resume on the device, through the real `python -m launcher.train.job` (fsdp: DCP; zero3: DeepSpeed).
 
     python bench/gpu/resume_check.py SPEC.json RESULTS.jsonl
 
 SPEC.json: {"device", "workdir", "runs": [{"name", "recipe", "steps", "save_at"}]}. For each run:
-  1. plan it (as `launch` does) and run `python -m launcher.job RUN_DIR` for `steps` steps with a checkpoint every
+  1. plan it (as `launch` does) and run `python -m launcher.train.job RUN_DIR` for `steps` steps with a checkpoint every
      `save_at` steps: the uninterrupted curve;
   2. cut the run back to its step-`save_at` checkpoint (later checkpoint removed, `latest` pointing back), as a
      preempted job leaves it, and run the same job again: it resumes from step `save_at`;
@@ -39,10 +39,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def _job(run_dir: Path, log: Path) -> tuple[int, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)  # the job is a single process: launcher.job works that out itself
+        env.pop(name, None)  # the job is a single process: launcher.train.job works that out itself
     started = time.perf_counter()
     with log.open("a") as handle:
-        rc = subprocess.run([sys.executable, "-m", "launcher.job", str(run_dir)], cwd=ROOT, env=env,
+        rc = subprocess.run([sys.executable, "-m", "launcher.train.job", str(run_dir)], cwd=ROOT, env=env,
                             stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
     return rc, time.perf_counter() - started
 

@@ -27,5 +27,5 @@ if [ ${#dry[@]} -eq 0 ]; then
     echo "no wheels in $root/.whl (bench/gpu/fetch-wheels.sh): using the machine's packages as they are"
   fi
 fi
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$root:$root/kernels${PYTHONPATH:+:$PYTHONPATH}"
 exec "$python" "$here/driver.py" "$out" "${dry[@]}" "$@"

@@ -8,16 +8,16 @@ SPEC.json: {"device": "cuda"|"cpu", "workdir": DIR, "configs": [CONFIG, ...]}, e
 is appended to RESULTS.jsonl, also when it fails (with the error).
 
 Every config runs in this one process, one after the other, on a one-rank process group (nccl on CUDA, gloo on
-CPU), exactly as `python -m launcher.job` builds a rank: plan (`make_plan`, which also sizes memory), strategy
-(`get_strategy`), data (`launcher.job._prepare_data`: tokenization cache), model (`build_model` inside the strategy's
+CPU), exactly as `python -m launcher.train.job` builds a rank: plan (`make_plan`, which also sizes memory), strategy
+(`get_strategy`), data (`launcher.train.job._prepare_data`: tokenization cache), model (`build_model` inside the strategy's
 `model_init`), `Trainer` (wrap + optimizer + schedule). Only the loop differs: `Trainer.train_step` is called
 `steps` times with a CUDA synchronise around each, and no checkpoint, evaluation or output is written (those paths
-are what the resume check covers, through the real `launcher.job`).
+are what the resume check covers, through the real `launcher.train.job`).
 
 Measured:
   * step losses (the trainer's own step loss, all label tokens of the step);
   * tokens/s over the timed steps (all but the first `skip`, which carry compilation and allocator warm-up);
-  * MFU = tokens/s x model FLOPs per token (launcher/flops.py, from the model's config.json) / the GPU's data-sheet
+  * MFU = tokens/s x model FLOPs per token (launcher/plan/flops.py, from the model's config.json) / the GPU's data-sheet
     bf16 peak;
   * peak memory: `torch.cuda.max_memory_allocated` (tensors), `max_memory_reserved` (the caching allocator's
     segments), and the device memory in use outside PyTorch's allocator (CUDA context, cuBLAS/NCCL workspaces:
@@ -53,12 +53,12 @@ def _predicted(plan: Any) -> dict[str, Any] | None:
 def run_config(config: dict[str, Any], device_name: str, workdir: Path) -> dict[str, Any]:
     import torch
 
-    from launcher.flops import peak_bf16_flops, training_flops_per_token
-    from launcher.job import _prepare_data
-    from launcher.memory import read_model_config
-    from launcher.model import build_model, count_parameters, unwrap
+    from launcher.plan.flops import peak_bf16_flops, training_flops_per_token
+    from launcher.train.job import _prepare_data
+    from launcher.plan.memory_model import read_model_config
+    from launcher.train.model import build_model, count_parameters, unwrap
     from launcher.strategies import get_strategy
-    from launcher.train import Trainer
+    from launcher.train.trainer import Trainer
 
     cuda = device_name == "cuda"
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from launcher.logs import setup_logging
+    from launcher.common.logs import setup_logging
 
     device = spec["device"]
     if device == "cuda":

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 class Strategy(ABC):
     """How the model is distributed across ranks, and how its state is saved and restored.
 
-    Checkpoint directories are created, published and pruned by `launcher.checkpoint`; a strategy only writes and
+    Checkpoint directories are created, published and pruned by `launcher.train.checkpoint`; a strategy only writes and
     reads its own files inside the directory it is given (every rank calls save/load).
     """
 

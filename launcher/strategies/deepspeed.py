@@ -26,7 +26,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
-from launcher.ds_config import for_world_size
+from launcher.plan.strategy_config import for_world_size
 from launcher.strategies.base import Strategy
 
 log = logging.getLogger("ftlaunch")

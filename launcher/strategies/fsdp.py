@@ -66,7 +66,7 @@ class FSDPStrategy(Strategy):
 
     def wrap(self, model: torch.nn.Module,
              make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        from launcher.model import _decoder_layers
+        from launcher.train.model import _decoder_layers
 
         cfg = self.config
         weights_dtype = next(model.parameters()).dtype

@@ -53,7 +53,7 @@ class StrategySpec:
     forwards in evaluation and generation."""
 
     memory_rows: tuple[str, ...] = ()
-    """The memory planner's rows (launcher/memory.py) that run as this strategy."""
+    """The memory planner's rows (launcher/plan/memory_model.py) that run as this strategy."""
 
 
 STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (

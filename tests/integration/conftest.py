@@ -98,7 +98,7 @@ def _job_env(state_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         SLURM_CONF=str(state_dir / "etc" / "slurm.conf"),  # even if /etc/slurm holds another config
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH")])),
         GLOO_SOCKET_IFNAME="lo",  # test traffic stays on loopback
         OMP_NUM_THREADS="1",  # four ranks share two cores
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),

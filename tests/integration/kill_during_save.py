@@ -1,4 +1,4 @@
-"""Rank entry point for the crash test: `launcher.job`, except that rank $KILL_RANK SIGKILLs itself in the middle
+"""Rank entry point for the crash test: `launcher.train.job`, except that rank $KILL_RANK SIGKILLs itself in the middle
 of writing checkpoint number $KILL_AT_SAVE, after its strategy files are on disk and before the checkpoint is
 published. Started by torchrun like the real job; nothing in the launcher knows about it.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import signal
 
-import launcher.checkpoint as checkpoint
-from launcher.job import main
+import launcher.train.checkpoint as checkpoint
+from launcher.train.job import main
 
 _saves = 0
 _rng_state = checkpoint._rng_state  # called by every rank right after strategy.save, inside save_checkpoint

@@ -1,7 +1,7 @@
 """DDP, FSDP2, ZeRO-2 and ZeRO-3 with real ranks (torchrun, gloo, CPU) on the tiny model.
 
 What is checked, per strategy, against a single-process run with the same global batch (1 rank x grad_accum 4 ==
-2 ranks x grad_accum 2, micro batch 2, same examples per step by construction of `launcher.train.micro_batches`):
+2 ranks x grad_accum 2, micro batch 2, same examples per step by construction of `launcher.train.trainer.micro_batches`):
 
 * the loss curve, for LoRA and for full fine-tuning;
 * a crash: rank 1 is SIGKILLed while the step-4 checkpoint is being written; the run dies, step 2 stays the usable
@@ -77,7 +77,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iter
     write_dataset(root / "eval.jsonl", "messages", n=10, seed=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "FTLAUNCH_CACHE": str(root / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FTLAUNCH_CACHE", env["FTLAUNCH_CACHE"])
         yield Work(root, tiny_model_dir, env)
@@ -156,7 +156,7 @@ def kill_during_second_save(work: Work, label: str, run_dir: Path, ranks: int, k
 def reference(work: Work, method: str) -> Path:
     """The single-process run (DDP on 1 rank, grad_accum 4), in this process."""
     if method not in work.reference:
-        from launcher.job import run_job
+        from launcher.train.job import run_job
 
         run_dir = plan(write_recipe(work, f"ref-{method}", "ddp", LORA if method == "lora" else FULL, grad_accum=4),
                        procs=1)
@@ -282,7 +282,7 @@ def test_export_of_sharded_checkpoint_has_the_trained_logits(work: Work, strateg
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
-    from launcher.cli import main
+    from launcher.cli.main import main
 
     runs = strategy_runs(work, strategy)
     out = runs.killed / "exported"

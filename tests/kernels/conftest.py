@@ -13,7 +13,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels._triton import LazyKernel  # noqa: E402
+from ftkernels._triton import LazyKernel  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

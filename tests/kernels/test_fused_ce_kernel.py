@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.fused_ce as fused_ce
-from kernels._triton import TRITON_AVAILABLE
-from kernels.fused_ce import fused_linear_cross_entropy, linear_cross_entropy_reference
+import ftkernels.fused_ce as fused_ce
+from ftkernels._triton import TRITON_AVAILABLE
+from ftkernels.fused_ce import fused_linear_cross_entropy, linear_cross_entropy_reference
 
 requires_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
 PATHS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=requires_triton)]

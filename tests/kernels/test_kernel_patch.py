@@ -20,9 +20,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from kernels._triton import TRITON_AVAILABLE
-from kernels.fused_ce import linear_cross_entropy_reference
-from kernels.patch import KERNEL_NAMES, apply_kernels, set_loss_options
+from ftkernels._triton import TRITON_AVAILABLE
+from ftkernels.fused_ce import linear_cross_entropy_reference
+from ftkernels.patch import KERNEL_NAMES, apply_kernels, set_loss_options
 
 pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
 

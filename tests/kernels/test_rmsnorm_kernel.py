@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 import torch
 
-from kernels._triton import TRITON_AVAILABLE
-from kernels.rmsnorm import rms_norm, rms_norm_reference
+from ftkernels._triton import TRITON_AVAILABLE
+from ftkernels.rmsnorm import rms_norm, rms_norm_reference
 
 requires_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
 
-from kernels._triton import TRITON_AVAILABLE
-from kernels.rope import apply_rotary_pos_emb, apply_rotary_pos_emb_reference
+from ftkernels._triton import TRITON_AVAILABLE
+from ftkernels.rope import apply_rotary_pos_emb, apply_rotary_pos_emb_reference
 
 requires_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
 

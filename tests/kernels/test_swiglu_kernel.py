@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels._triton import TRITON_AVAILABLE
-from kernels.swiglu import swiglu, swiglu_reference
+from ftkernels._triton import TRITON_AVAILABLE
+from ftkernels.swiglu import swiglu, swiglu_reference
 
 requires_triton = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed")
 

@@ -8,7 +8,7 @@ SCRIPT = """
 import sys
 sys.modules["triton"] = None  # makes `import triton` raise ImportError, as if it were not installed
 import torch
-from kernels import fused_ce, rmsnorm, rope, swiglu
+from ftkernels import fused_ce, rmsnorm, rope, swiglu
 assert not any(m.TRITON_AVAILABLE for m in (fused_ce, rmsnorm, rope, swiglu))
 x, w = torch.randn(3, 96, requires_grad=True), torch.randn(96)
 rmsnorm.rms_norm(x, w).sum().backward()

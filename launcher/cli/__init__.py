@@ -1,0 +1,1 @@
+"""The `launch` command: parses arguments, calls the planning side or a cluster executor, prints."""

@@ -1,0 +1,14 @@
+"""Exit codes of the rank processes (`python -m launcher.train.job`, `python -m launcher.train.prepare`), read by the Slurm task
+(requeue on EXIT_INTERRUPTED only) and by tests. A leaf module: both sides import it without importing each other."""
+
+EXIT_OK = 0
+"""Finished (or prepared)."""
+
+EXIT_BAD_INPUT = 2
+"""Bad input: the message was printed."""
+
+EXIT_INTERRUPTED = 3
+"""Stopped by a signal after writing a checkpoint: resumable; Slurm requeues on it."""
+
+EXIT_DIVERGED = 4
+"""Non-finite losses (`optim.max_nonfinite_steps` in a row): the last good checkpoint is intact; not requeued."""

@@ -1,0 +1,165 @@
+"""The memory part of a plan: the recipe mapped onto `launcher.plan.memory_model`'s arguments, a row per strategy.
+
+Kept apart from plan.py because the mapping (recipe field -> planner argument) is its own small contract, and the
+planner itself stays independent of the recipe schema. Stdlib + pydantic only (planning side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher.plan import memory_model as mem
+from launcher.config.recipe import Problem
+from launcher.config.schema import FreezeMethod, LoraFields, QuantFields, Recipe
+from launcher.strategies import strategy_of_memory_row
+
+if TYPE_CHECKING:
+    from launcher.plan.resources import Resources
+
+
+
+@dataclass
+class MemoryPlan:
+    """Estimates for every strategy, and the auto choice when the GPU memory is known."""
+
+    params_total: int
+    params_active: int
+    trainable: int
+    rows: list[dict[str, Any]]
+    chosen: str | None
+    """Row name chosen by `launcher.plan.memory_model.choose_strategy` (may carry offload), or None."""
+    reason: str
+    gpu_mem_bytes: int | None
+    micro_batch: int | None = None
+    """Resolved `micro_batch: auto`, when asked."""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def chosen_strategy(self) -> str:
+        return strategy_of_memory_row(self.chosen) if self.chosen else "ddp"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"params_total": self.params_total, "params_active": self.params_active, "trainable": self.trainable,
+                "gpu_mem_bytes": self.gpu_mem_bytes, "chosen": self.chosen, "reason": self.reason,
+                "micro_batch": self.micro_batch, "strategies": self.rows}
+
+
+def model_config_dir(recipe: Recipe) -> Path | None:
+    """Where the model's config.json can be read without loading weights (a GGUF only once converted)."""
+    if recipe.model.path is not None:
+        return Path(recipe.model.path)
+    try:
+        from launcher.common.gguf import is_complete
+        from launcher.common.model_files import gguf_converted
+
+        converted = gguf_converted(recipe.model)
+        return converted if converted is not None and is_complete(converted) else None
+    except Exception:  # noqa: BLE001 — sizing is best effort for GGUF; the run itself reports real errors
+        return None
+
+
+def training_arguments(recipe: Recipe, counts: mem.ParamCounts) -> dict[str, Any]:
+    """`estimate_memory` keyword arguments from the recipe (except strategy/world layout and micro_batch)."""
+    method = recipe.method
+    args: dict[str, Any] = {
+        "optimizer": recipe.optim.name,
+        "param_dtype": recipe.model.dtype,
+        "seq_len": recipe.data.max_length,
+        "activation_checkpointing": recipe.model.gradient_checkpointing,
+        "fused_ce": recipe.kernels == "all" or "fused_ce" in recipe.kernels,
+        "flash_attention": recipe.model.attn_implementation != "eager",
+        "master_weights": recipe.model.master_weights,
+    }
+    if isinstance(method, QuantFields):
+        args["method"] = "int8" if method.bits == 8 else "qlora"
+        args["double_quant"] = method.double_quant
+    else:
+        args["method"] = method.name
+    if isinstance(method, LoraFields):
+        args["lora_rank"] = method.r
+        args["lora_targets"] = method.target_modules
+        args["lora_dropout"] = method.dropout
+    if isinstance(method, FreezeMethod):
+        args["trainable_params"] = mem.last_layers_params(counts, method.trainable_layers or 0)
+    return args
+
+
+def plan_memory(recipe: Recipe, resources: "Resources") -> tuple[MemoryPlan | None, list[Problem]]:
+    """Memory rows for the recipe on the resources; problems when `micro_batch: auto` cannot be resolved."""
+    problems: list[Problem] = []
+    auto_batch = recipe.optim.micro_batch == "auto"
+    config_dir = model_config_dir(recipe)
+    if config_dir is None or not (config_dir / "config.json").is_file():
+        if auto_batch:
+            problems.append(Problem("optim.micro_batch", "`auto` needs the model's config.json to size the batch",
+                                    hint="set a number, or point model.path at a directory with config.json"))
+        return None, problems
+    try:
+        counts = mem.count_parameters(mem.read_model_config(config_dir))
+    except (ValueError, KeyError) as err:
+        return None, [Problem("model.path", f"cannot size the model from {config_dir / 'config.json'}: {err}",
+                              hint="sizing supports Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-NeoX, Mixtral, Qwen-MoE")]
+    args = training_arguments(recipe, counts)
+    gpus = max(1, resources.gpus_per_node)
+    gpu_mem = resources.gpu_mem_bytes
+    micro_batch: int | None = None
+    if auto_batch:
+        if gpu_mem is None:
+            problems.append(Problem("optim.micro_batch", "`auto` needs the GPU memory",
+                                    hint="pass --gpu-mem 80GiB (or set a number)"))
+            return None, problems
+        micro_batch = _auto_batch(recipe, counts, resources, args, gpu_mem)
+        if micro_batch == 0:
+            problems.append(Problem("optim.micro_batch", "not even micro_batch 1 fits in the GPU memory with any strategy",
+                                    hint="use LoRA/QLoRA, gradient checkpointing, a shorter max_length, or more GPUs"))
+            return None, problems
+    rows = mem.plan_strategies(counts, nodes=resources.nodes, gpus_per_node=gpus,
+                               gpu_mem_bytes=gpu_mem if gpu_mem is not None else 2**62,
+                               micro_batch=micro_batch or int(recipe.optim.micro_batch), **args)
+    if gpu_mem is not None:
+        chosen, reason = mem.choose_strategy(rows)
+    else:
+        chosen, reason = None, "no GPU memory given (--gpu-mem): estimates only"
+    trainable = _trainable(recipe, counts, args)
+    out_rows = [{"name": r.name, "strategy": r.strategy, "offload_optimizer": r.offload_optimizer,
+                 "offload_params": r.offload_params, "fits": r.fits if gpu_mem is not None else None,
+                 "bytes": r.estimate.to_dict(), "host_per_node": r.host_per_node} for r in rows]
+    return MemoryPlan(counts.total, counts.active, trainable, out_rows, chosen, reason, gpu_mem, micro_batch), problems
+
+
+def _auto_batch(recipe: Recipe, counts: mem.ParamCounts, resources: "Resources", args: dict[str, Any],
+                gpu_mem: int) -> int:
+    """Largest power-of-two micro batch that fits with the strategy the recipe asks for (or the best for auto)."""
+    gpus = max(1, resources.gpus_per_node)
+    names = [recipe.strategy.name] if recipe.strategy.name != "auto" else ["ddp", "zero1", "zero2", "fsdp", "zero3"]
+    best = 0
+    for name in names:
+        best = max(best, mem.largest_micro_batch(counts, gpu_mem_bytes=gpu_mem, strategy=name,
+                                                 world_size=resources.nodes * gpus, gpus_per_node=gpus, **args))
+        if best:
+            break  # the first strategy (cheapest) that fits any batch decides, as `auto` would
+    return best
+
+
+def _trainable(recipe: Recipe, counts: mem.ParamCounts, args: dict[str, Any]) -> int:
+    method = recipe.method
+    if isinstance(method, LoraFields):
+        return mem.lora_trainable_params(counts, rank=method.r, targets=method.target_modules,
+                                         dora=method.name == "dora")
+    if isinstance(method, FreezeMethod):
+        return int(args.get("trainable_params", 0))
+    return counts.total
+
+
+def parse_size(text: str) -> int:
+    """`80GiB`, `80GB`, `141G`, `24576MiB` -> bytes (GB = 10^9, GiB and bare G = 2^30, as nvidia-smi prints GiB)."""
+    units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "tb": 10**12, "gb": 10**9, "mb": 10**6, "t": 2**40,
+             "g": 2**30, "m": 2**20, "": 1}
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number):]
+    if unit not in units or not number:
+        raise ValueError(f"cannot read a memory size from {text!r}: write e.g. 80GiB, 141GB or 24576MiB")
+    return int(float(number) * units[unit])

@@ -1,0 +1,201 @@
+"""Atomic checkpoints of the whole training state, the `latest` pointer, retention, and export.
+
+Layout under RUN_DIR/checkpoints/:
+
+    step-00000040/              a complete checkpoint
+        COMPLETE                written last, by rank 0, after every rank finished (its presence = usable)
+        trainer_state.json      step, data position, early-stopping state, world size, metrics
+        scheduler.pt
+        rng-rank{R}.pt          each rank's RNG states (python, numpy, torch, cuda)
+        ...                     the strategy's files (weights/adapter and optimizer, maybe sharded)
+    latest                      text: the name of the newest complete checkpoint (replaced atomically)
+    .step-00000060.tmp/         a checkpoint being written; never read
+
+Why: a rank killed while writing leaves only a `.tmp` directory, which is ignored and cleaned by the next save; the
+previous checkpoint and `latest` are untouched. A checkpoint whose files are damaged is skipped with a warning and the
+previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher.common.rundir import write_text_atomic
+from launcher.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.pt"
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs, besides weights and optimizer, to continue exactly where it stopped."""
+
+    step: int = 0
+    """Optimizer steps done."""
+
+    epoch: int = 0
+    """Current pass over the training data."""
+
+    batch_in_epoch: int = 0
+    """Micro batches of this epoch already consumed (per rank)."""
+
+    tokens_seen: int = 0
+    """Input tokens processed so far (all ranks)."""
+
+    best_metric: float | None = None
+    """Best early-stopping metric so far."""
+
+    evals_without_improvement: int = 0
+    """Early-stopping patience counter."""
+
+    world_size: int = 1
+    """World size that wrote the checkpoint."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Evaluation results so far."""
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, keep_last: int) -> Path:
+    """Write a checkpoint of every rank's state; publish it only when all ranks are done. Collective call."""
+    root = checkpoints_dir(run_dir)
+    final = root / step_name(state.step)
+    tmp = root / f".{final.name}.tmp"
+    if strategy.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a rank killed during an earlier save
+        tmp.mkdir()
+    strategy.barrier()
+    strategy.save(model, optimizer, tmp)
+    torch.save(_rng_state(), tmp / f"rng-rank{strategy.rank}.pt")
+    if strategy.is_main:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    strategy.barrier()  # every rank's files are on disk before the checkpoint becomes visible
+    if strategy.is_main:
+        _fsync_tree(tmp)
+        (tmp / COMPLETE).write_text(json.dumps({"world_size": strategy.world_size, "strategy": strategy.name}))
+        if final.exists():  # same step saved again (e.g. interrupt right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / LATEST, final.name + "\n")  # moves last
+        _prune(root, keep_last)
+    strategy.barrier()
+    return final
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = complete_checkpoints(root)
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / COMPLETE).is_file())
+
+
+def resumable_checkpoints(run_dir: Path) -> list[Path]:
+    """Candidates to resume from, best first: `latest`, then every other complete checkpoint, newest first."""
+    root = checkpoints_dir(run_dir)
+    complete = complete_checkpoints(root)
+    ordered = list(reversed(complete))
+    latest_file = root / LATEST
+    if latest_file.is_file():
+        pointed = root / latest_file.read_text().strip()
+        if pointed in ordered:
+            ordered.remove(pointed)
+            ordered.insert(0, pointed)
+        else:
+            log.warning("checkpoints/latest points at %s, which is not a complete checkpoint; ignoring it", pointed.name)
+    return ordered
+
+
+def load_checkpoint(run_dir: Path, strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainerState | None:
+    """Restore the newest usable checkpoint; a damaged one is skipped with a warning. None when there is none."""
+    for candidate in resumable_checkpoints(run_dir):
+        try:
+            state = TrainerState(**json.loads((candidate / STATE_FILE).read_text()))
+            strategy.load(model, optimizer, candidate)
+            scheduler.load_state_dict(torch.load(candidate / SCHEDULER_FILE, weights_only=False))
+            rng_file = candidate / f"rng-rank{strategy.rank}.pt"
+            if rng_file.is_file() and state.world_size == strategy.world_size:
+                _set_rng_state(torch.load(rng_file, weights_only=False))
+            else:
+                log.warning("resuming on world size %d from a checkpoint written by %d ranks: RNG streams restart",
+                            strategy.world_size, state.world_size)
+        except Exception as err:  # noqa: BLE001 — any damage means "try the previous one"
+            log.warning("checkpoint %s is damaged (%s: %s); trying the previous one", candidate.name,
+                        type(err).__name__, err)
+            continue
+        if state.world_size != strategy.world_size:
+            _rescale_data_position(state, strategy.world_size)
+        log.info("resumed from %s (step %d)", candidate.name, state.step)
+        return state
+    return None
+
+
+def _rescale_data_position(state: TrainerState, world_size: int) -> None:
+    """Resume on another world size: keep the position in the epoch's example order (launcher.train.trainer.micro_batches).
+
+    A rank's micro batch j covers examples [j*B*W, (j+1)*B*W) of the epoch's permutation, so `batch_in_epoch`
+    micro batches per rank on W ranks are batch_in_epoch*W/W' on W' ranks. When that is not whole, the partial
+    micro batch is seen again.
+    """
+    consumed = state.batch_in_epoch * state.world_size
+    if consumed % world_size:
+        log.warning("resuming %d ranks' position on %d ranks: %d rank micro batches are repeated", state.world_size,
+                    world_size, consumed % world_size)
+    state.batch_in_epoch = consumed // world_size
+    state.world_size = world_size

@@ -1,0 +1,714 @@
+"""Dataset formats -> tokenized, label-masked, optionally packed examples; plus a tokenization cache.
+
+Pipeline (one call: :func:`tokenize_cached`)::
+
+    DataSource files --load_rows--> rows --normalise--> Sample (conversation | prompt/completion | text)
+        --eval split--> train / eval samples --tokenize--> Example(input_ids, labels) --length policy-->
+        --packing (train only)--> DataBundle
+
+Labels. A label of -100 (IGNORE_INDEX) carries no loss. The first token of every example never carries a label (a
+causal LM never predicts its first token; masking it explicitly also keeps packed examples from being trained to
+predict the start of the next example from the end of the previous one).
+
+* chat formats (alpaca, messages incl. ShareGPT): rendered with the chat template. `loss_on: assistant` labels what
+  the template wraps in `{% generation %}...{% endgeneration %}` (transformers' `return_assistant_tokens_mask`);
+  the shipped templates wrap the assistant content *and* its end-of-turn token, so the model learns to stop.
+  `loss_on: all` labels every token. EOS is appended only when the template does not end a conversation with it.
+* prompt_completion: TRL's convention for non-conversational prompt/completion data: no chat template, plain string
+  concatenation `prompt + completion + eos`; labels start where the tokenized prompt and the tokenized whole diverge
+  (`trl.data_utils.common_prefix_length`), so BPE merges across the boundary cannot shift the mask.
+  `loss_on: all` labels the prompt too.
+* text: `text + eos`, every token labelled (`loss_on` does not apply: there is no assistant part).
+
+Packing (`packing: true`, training examples only; eval stays unpacked). Examples are binned with TRL's best-fit-
+decreasing `pack_dataset` (no example is split), each packed row gets `position_ids` restarting at 0 per example, and
+`collate` returns NO attention_mask for packed batches. transformers (checked on 5.23, `masking_utils.
+find_packed_sequence_indices`) then derives a block-diagonal causal mask from the position resets, for eager, sdpa
+and flex attention, and flash-attention uses the same position ids for its varlen path. Caveats, stated plainly:
+  - the detection only runs when attention_mask is None AND no KV cache is passed: call the model with
+    `use_cache=False` (the trainer does). With a cache object (e.g. `model.eval()` and default `use_cache=True`)
+    packed examples DO attend to each other, silently.
+  - a 2-D attention_mask disables the detection, so never add one to a packed batch.
+  tests/test_data.py checks that each example's logits inside a packed row equal its logits alone (eager and sdpa).
+
+Cache. `cache_key(cfg, tokenizer)` = hash(`data_fingerprint(cfg)`, `tokenizer_fingerprint(tokenizer)`).
+`data_fingerprint` hashes the data files (path, size, mtime) and every DataConfig field that changes the result, with
+the standard library only, so the planning side can compute it without torch/transformers.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from launcher.config.schema import DataConfig, DataSource
+
+if TYPE_CHECKING:  # training side only; imported lazily below
+    import torch
+
+log = logging.getLogger("ftlaunch")
+
+IGNORE_INDEX = -100
+
+FORMAT_VERSION = 1
+"""Bumped whenever tokenization logic changes what gets cached, so stale caches are never reused."""
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+SHIPPED_TEMPLATES = {"chatml": "chatml.jinja", "smollm2": "smollm2.jinja"}
+"""Names accepted by `data.chat_template`. Both carry `{% generation %}` markers. `smollm2` renders exactly what
+SmolLM2-Instruct's own template renders (including its default system prompt)."""
+
+_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")  # the same test transformers applies
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+class DataError(Exception):
+    """A problem with the training data, worded for the person who wrote the recipe: which file, which row
+    (1-based; in JSON Lines files the line number), which field, and how to fix it."""
+
+
+def _row_error(path: str, row: int, fieldname: str, problem: str, fix: str) -> DataError:
+    return DataError(f"{path}: row {row}: field '{fieldname}': {problem}. Fix: {fix}")
+
+
+# --------------------------------------------------------------------------------------------------- data types
+@dataclass
+class Example:
+    """One training/eval sequence. `labels` is aligned with `input_ids` (not shifted); -100 carries no loss.
+    `position_ids` is set only for packed rows (positions restart at 0 for each packed example)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer needs from the data."""
+
+    train: list[Example]
+    eval: list[Example]
+    eval_generation: list[tuple[list[int], str]]
+    """For exact match: (prompt ids ending with the generation prompt, reference answer text) per eval example."""
+    stats: dict[str, int] = field(default_factory=dict)
+    """Counts for the log: rows, kept, truncated, dropped, empty, tokens, label_tokens (eval_* likewise)."""
+    packed: bool = False
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A normalised row: exactly one of `messages`, (`prompt`, `completion`) or `text` is set."""
+
+    where: str
+    """`file: row N`, for error messages."""
+    messages: tuple[tuple[str, str], ...] | None = None
+    """(role, content) pairs, roles in system/user/assistant/tool."""
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+
+    def chat(self) -> list[dict[str, str]]:
+        assert self.messages is not None
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def load_rows(source: DataSource) -> list[dict[str, Any]]:
+    """Rows of one source as dicts, at most `source.max_rows` of them.
+
+    .jsonl (and .json holding JSON Lines) is read line by line so a bad line is reported by its number;
+    .json holding one array; .parquet (pyarrow); .csv (stdlib csv: every value a string, row 1 = first data row);
+    a `datasets.save_to_disk` directory (a Dataset, or a DatasetDict with `source.split`, default `train`).
+
+    Raises:
+        DataError: missing file, unreadable or malformed content, a row that is not an object, or no rows.
+    """
+    return [row for _, row in _load_numbered(source)]
+
+
+def _load_numbered(source: DataSource) -> list[tuple[int, dict[str, Any]]]:
+    """(row number, row) pairs; row numbers are line numbers for JSON Lines."""
+    path = Path(source.path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found. Fix: check data path (relative paths are resolved against the "
+                        f"recipe file)")
+    limit = source.max_rows
+    if path.is_dir():
+        rows = _load_saved_dataset(path, source.split, limit)
+    else:
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            rows = _load_jsonl(path, limit)
+        elif suffix == ".json":
+            rows = _load_json(path, limit)
+        elif suffix == ".parquet":
+            rows = _load_parquet(path, limit)
+        elif suffix == ".csv":
+            rows = _load_csv(path, limit)
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix!r}. Fix: use .jsonl, .json, .parquet, .csv or a "
+                            f"datasets.save_to_disk directory")
+    if not rows:
+        raise DataError(f"{path}: no rows. Fix: point data path at a non-empty dataset")
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}. Fix: write one "
+                            f"object per row")
+    return rows
+
+
+def _load_jsonl(path: Path, limit: int | None) -> list[tuple[int, Any]]:
+    rows: list[tuple[int, Any]] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue  # blank lines (often a trailing one) are harmless
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: row {number}: invalid JSON ({err.msg} at column {err.colno}). Fix: each "
+                                f"line of a .jsonl file must be one complete JSON object") from None
+    return rows
+
+
+def _load_json(path: Path, limit: int | None) -> list[tuple[int, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("{") and err.msg == "Extra data":
+            return _load_jsonl(path, limit)  # JSON Lines saved as .json (as datasets' to_json writes it)
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}). Fix: the "
+                        f"file must hold one JSON array of objects, or one object per line") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects. Fix: write [{{...}}, {{...}}] or JSON Lines")
+    return list(enumerate(data[:limit] if limit else data, start=1))
+
+
+def _load_parquet(path: Path, limit: int | None) -> list[tuple[int, Any]]:
+    import pyarrow.parquet as pq  # a dependency of datasets
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for damaged files
+        raise DataError(f"{path}: unreadable parquet file ({err}). Fix: rewrite the file") from None
+    if limit is not None:
+        table = table.slice(0, limit)
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def _load_csv(path: Path, limit: int | None) -> list[tuple[int, Any]]:
+    # stdlib csv rather than datasets: values stay strings (no type guessing turning "0042" into 42) and row numbers
+    # are exact; the header line is not counted.
+    rows: list[tuple[int, Any]] = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.DictReader(handle), start=1):
+            if limit is not None and len(rows) >= limit:
+                break
+            rows.append((number, dict(row)))
+    return rows
+
+
+def _load_saved_dataset(path: Path, split: str | None, limit: int | None) -> list[tuple[int, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: not a datasets.save_to_disk directory ({err}). Fix: point data path at a file or "
+                        f"at a directory written by save_to_disk") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        name = split or "train"
+        if name not in loaded:
+            raise DataError(f"{path}: no split {name!r} (splits: {', '.join(loaded)}). Fix: set split to one of them")
+        loaded = loaded[name]
+    if limit is not None:
+        loaded = loaded.select(range(min(limit, len(loaded))))
+    return list(enumerate(loaded.to_list(), start=1))
+
+
+# -------------------------------------------------------------------------------------------------- normalising
+def _text_field(row: dict[str, Any], name: str, path: str, number: int, fix: str,
+                required: bool = True) -> str | None:
+    value = row.get(name)
+    if value is None:
+        if required:
+            raise _row_error(path, number, name, "missing", fix)
+        return None
+    if not isinstance(value, str):
+        raise _row_error(path, number, name, f"expected a string, got {type(value).__name__}", fix)
+    return value
+
+
+def normalise_row(row: dict[str, Any], fmt: str, path: str, number: int, need_assistant: bool = False) -> Sample:
+    """Turn one row of `fmt` into a Sample; `need_assistant` requires an assistant turn (assistant-only loss).
+
+    Raises:
+        DataError: naming file, row and field.
+    """
+    where = f"{path}: row {number}"
+    if fmt == "alpaca":
+        fix = "alpaca rows need instruction and output strings (input and system are optional)"
+        instruction = _text_field(row, "instruction", path, number, fix)
+        output = _text_field(row, "output", path, number, fix)
+        extra = _text_field(row, "input", path, number, fix, required=False)
+        system = _text_field(row, "system", path, number, fix, required=False)
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        turns = ([("system", system)] if system else []) + [("user", user), ("assistant", output)]
+        return Sample(where, messages=tuple(turns))  # type: ignore[arg-type]
+    if fmt == "messages":
+        return Sample(where, messages=_messages(row, path, number, need_assistant))
+    if fmt == "prompt_completion":
+        fix = "prompt_completion rows need prompt and completion strings (for chat data use format: messages)"
+        return Sample(where, prompt=_text_field(row, "prompt", path, number, fix),
+                      completion=_text_field(row, "completion", path, number, fix))
+    if fmt == "text":
+        return Sample(where, text=_text_field(row, "text", path, number, "text rows need a text string"))
+    raise DataError(f"{path}: unknown format {fmt!r}. Fix: use alpaca, messages, prompt_completion or text")
+
+
+def _messages(row: dict[str, Any], path: str, number: int, need_assistant: bool) -> tuple[tuple[str, str], ...]:
+    # TRL's maybe_convert_to_chatml renames from/value but keeps ShareGPT role names (human/gpt), which chat templates
+    # do not know; so both variants are mapped here, with a field path in every error.
+    fix = ("messages rows need `messages`: [{role, content}, ...] (OpenAI) or `conversations`: [{from, value}, ...] "
+           "(ShareGPT)")
+    key = "messages" if "messages" in row else "conversations" if "conversations" in row else None
+    if key is None:
+        raise _row_error(path, number, "messages", "missing", fix)
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        raise _row_error(path, number, key, "expected a non-empty list of messages", fix)
+    out: list[tuple[str, str]] = []
+    for i, message in enumerate(turns):
+        if not isinstance(message, dict):
+            raise _row_error(path, number, f"{key}[{i}]", f"expected an object, got {type(message).__name__}", fix)
+        sharegpt = "from" in message and "role" not in message
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+        role = message.get(role_key)
+        if not isinstance(role, str):
+            raise _row_error(path, number, f"{key}[{i}].{role_key}", "missing", fix)
+        role = _SHAREGPT_ROLES.get(role, role) if sharegpt else role
+        if role not in _ROLES:
+            raise _row_error(path, number, f"{key}[{i}].{role_key}", f"unknown role {message.get(role_key)!r}",
+                             "roles are system, user, assistant, tool (ShareGPT: system, human, gpt)")
+        content = message.get(content_key)
+        if not isinstance(content, str):
+            problem = "missing" if content is None else f"expected a string, got {type(content).__name__}"
+            raise _row_error(path, number, f"{key}[{i}].{content_key}", problem, fix)
+        out.append((role, content))
+    if need_assistant and not any(role == "assistant" for role, _ in out):
+        raise _row_error(path, number, key, "no assistant message, so nothing to learn with loss_on: assistant",
+                         "add the assistant answer, drop the row, or set data.loss_on: all")
+    return tuple(out)
+
+
+def load_samples(sources: Iterable[DataSource], loss_on: str) -> list[Sample]:
+    """Load and normalise every row of `sources`, in order."""
+    samples: list[Sample] = []
+    for source in sources:
+        for number, row in _load_numbered(source):
+            samples.append(normalise_row(row, source.format, source.path, number,
+                                         need_assistant=loss_on == "assistant"))
+    return samples
+
+
+def split_eval(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out round(fraction * n) rows (at least 1), chosen by `seed`; both parts keep the original order.
+
+    Deterministic: depends only on n, fraction and seed (random.Random, not the global RNG)."""
+    n = len(samples)
+    k = max(1, round(fraction * n))
+    if n - k < 1:
+        raise DataError(f"eval_fraction {fraction} of {n} training rows leaves no training rows. Fix: lower "
+                        f"data.eval_fraction or add rows")
+    held = set(random.Random(seed).sample(range(n), k))
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+# ---------------------------------------------------------------------------------------------- chat templates
+def resolve_chat_template(value: str | None) -> str | None:
+    """The Jinja text of `data.chat_template`: None (use the tokenizer's), a shipped name (`chatml`, `smollm2`),
+    a path to a .jinja/.j2 file, or a Jinja string. Standard library only (the planning side hashes it)."""
+    if value is None:
+        return None
+    if value in SHIPPED_TEMPLATES:
+        return (TEMPLATES_DIR / SHIPPED_TEMPLATES[value]).read_text(encoding="utf-8")
+    if value.endswith((".jinja", ".j2")) or ("{" not in value and "/" in value):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise DataError(f"chat template file not found: {value}. Fix: give an existing .jinja file, a Jinja "
+                            f"string, or one of {', '.join(SHIPPED_TEMPLATES)}")
+        return path.read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise DataError(f"data.chat_template {value!r} is not a shipped template, a .jinja file or a Jinja string. "
+                    f"Fix: use one of {', '.join(SHIPPED_TEMPLATES)}, a path ending in .jinja, or Jinja text")
+
+
+def has_generation_markers(template: str) -> bool:
+    """Whether assistant-only masks can be computed from this template."""
+    return bool(_MARKER.search(template))
+
+
+def _tokenizer_template(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one renders conversations
+        template = template.get("default")
+    return template
+
+
+_PROBE = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+          [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+           {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]]
+
+
+def _render(tokenizer: Any, template: str, messages: list[dict[str, str]], **kwargs: Any) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+
+
+def _matching_shipped(tokenizer: Any, template: str) -> str | None:
+    """The shipped template rendering exactly like `template` (the marked twin to suggest), if any."""
+    for name in SHIPPED_TEMPLATES:
+        shipped = resolve_chat_template(name)
+        assert shipped is not None
+        try:
+            if all(_render(tokenizer, template, m) == _render(tokenizer, shipped, m) for m in _PROBE):
+                return name
+        except Exception:  # a template that cannot render the probe simply does not match
+            continue
+    return None
+
+
+def _check_template(tokenizer: Any, cfg: DataConfig) -> str:
+    """The template to use for chat formats, or a DataError that says how to get one that works."""
+    template = resolve_chat_template(cfg.chat_template) or _tokenizer_template(tokenizer)
+    if template is None:
+        raise DataError("the tokenizer has no chat template and data.chat_template is not set. Fix: set "
+                        "data.chat_template: chatml (or a .jinja file)")
+    if cfg.loss_on == "assistant" and not has_generation_markers(template):
+        source = "data.chat_template" if cfg.chat_template else f"the tokenizer's chat template ({_name(tokenizer)})"
+        twin = _matching_shipped(tokenizer, template)
+        if twin:
+            fix = f"set data.chat_template: {twin} (renders the same text, with markers)"
+        elif "<|im_start|>" in template:
+            fix = "set data.chat_template: chatml (the tokenizer uses ChatML tokens)"
+        else:
+            fix = ("give data.chat_template a copy of the template with each assistant content wrapped in "
+                   "{% generation %}...{% endgeneration %}, or set data.loss_on: all")
+        raise DataError(f"{source} has no {{% generation %}} markers, so assistant-only loss (data.loss_on: "
+                        f"assistant) cannot find the assistant tokens. Fix: {fix}")
+    return template
+
+
+def _name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+# -------------------------------------------------------------------------------------------------- tokenizing
+class _Tokenize:
+    """Sample -> (input_ids, labels) for one tokenizer and config; labels not yet length-limited."""
+
+    def __init__(self, tokenizer: Any, cfg: DataConfig, chat: bool) -> None:
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.eos_id: int = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise DataError(f"tokenizer {_name(tokenizer)} has no eos_token. Fix: use a tokenizer that defines one")
+        self.template = _check_template(tokenizer, cfg) if chat else None
+        self.append_eos = False
+        if self.template is not None:
+            # Decided once per template: ChatML ends each turn with <|im_end|> (the EOS of ChatML tokenizers), so no
+            # EOS is added; a template that ends without EOS gets one, so generation learns to stop.
+            try:
+                rendered = _render(tokenizer, self.template, _PROBE[0])
+            except Exception as err:  # jinja syntax errors, undefined variables...
+                raise DataError(f"the chat template cannot render a simple user/assistant exchange ({err}). Fix: "
+                                f"check data.chat_template") from None
+            self.append_eos = not rendered.rstrip().endswith(tokenizer.eos_token)
+
+    def messages(self, sample: Sample) -> list[dict[str, str]]:
+        messages = sample.chat()
+        if self.cfg.system_prompt is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        return messages
+
+    def __call__(self, sample: Sample) -> tuple[list[int], list[int]]:
+        if sample.messages is not None:
+            ids, labels = self._chat(sample)
+        elif sample.text is not None:
+            ids = self._encode(sample.text + self.tok.eos_token)
+            labels = list(ids)
+        else:
+            assert sample.prompt is not None and sample.completion is not None
+            prompt_ids = self._encode(sample.prompt)
+            ids = self._encode(sample.prompt + sample.completion + self.tok.eos_token)
+            from trl.data_utils import common_prefix_length
+
+            start = 0 if self.cfg.loss_on == "all" else common_prefix_length(prompt_ids, ids)
+            labels = [IGNORE_INDEX] * start + ids[start:]
+        if labels:
+            labels[0] = IGNORE_INDEX  # never predicted (see the module docstring)
+        return ids, labels
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tok(text)["input_ids"])
+
+    def _chat(self, sample: Sample) -> tuple[list[int], list[int]]:
+        assistant = self.cfg.loss_on == "assistant"
+        out = self._apply(sample, self.messages(sample), return_assistant_tokens_mask=assistant)
+        ids = list(out["input_ids"])
+        if assistant:
+            mask = out["assistant_masks"]
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+            if all(label == IGNORE_INDEX for label in labels):
+                raise DataError(f"{sample.where}: the chat template marked no assistant tokens. Fix: check that "
+                                f"its {{% generation %}} block wraps the assistant content")
+        else:
+            labels = list(ids)
+        if self.append_eos:
+            ids.append(self.eos_id)
+            ends_with_answer = bool(sample.messages) and sample.messages[-1][0] == "assistant"
+            labels.append(self.eos_id if ends_with_answer or not assistant else IGNORE_INDEX)
+        return ids, labels
+
+    def generation_prompt(self, sample: Sample) -> tuple[list[int], str] | None:
+        """(prompt ids, reference) for exact match; None for text samples or chats without an assistant turn."""
+        if sample.prompt is not None and sample.completion is not None:
+            return self._encode(sample.prompt), sample.completion
+        if sample.messages is None:
+            return None
+        messages = self.messages(sample)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            return None
+        out = self._apply(sample, messages[:last], add_generation_prompt=True)
+        return list(out["input_ids"]), messages[last]["content"]
+
+    def _apply(self, sample: Sample, messages: list[dict[str, str]], **kwargs: Any) -> Any:
+        import jinja2
+
+        try:
+            return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=True,
+                                                return_dict=True, **kwargs)
+        except jinja2.TemplateError as err:  # e.g. templates that raise "roles must alternate"
+            raise DataError(f"{sample.where}: the chat template rejected this conversation ({err}). Fix: correct "
+                            f"the row or use a template that accepts it (data.chat_template)") from None
+
+
+def _limit(pairs: Iterable[tuple[list[int], list[int]]], cfg: DataConfig, prefix: str,
+           stats: dict[str, int]) -> list[Example]:
+    """Apply max_length/truncation; examples left without label tokens are dropped (they would train nothing)."""
+    kept: list[Example] = []
+    counts = dict.fromkeys(("rows", "kept", "truncated", "dropped", "empty", "tokens", "label_tokens"), 0)
+    for ids, labels in pairs:
+        counts["rows"] += 1
+        if len(ids) > cfg.max_length:
+            if cfg.truncation == "drop":
+                counts["dropped"] += 1
+                continue
+            ids, labels = ids[:cfg.max_length], labels[:cfg.max_length]
+            counts["truncated"] += 1
+        n_labels = sum(1 for label in labels if label != IGNORE_INDEX)
+        if n_labels == 0:
+            counts["empty"] += 1
+            continue
+        counts["kept"] += 1
+        counts["tokens"] += len(ids)
+        counts["label_tokens"] += n_labels
+        kept.append(Example(ids, labels))
+    stats.update({prefix + key: value for key, value in counts.items()})
+    return kept
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Bin examples into rows of at most max_length tokens (TRL's best-fit decreasing; no example is split) with
+    position ids restarting at 0 per example. Examples must already be at most max_length long."""
+    if not examples:
+        return []
+    import datasets
+    from trl.data_utils import pack_dataset
+
+    table = datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
+                                        "labels": [e.labels for e in examples]})
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a "Map" bar per call is noise in the training log
+    try:
+        packed = pack_dataset(table, seq_length=max_length, strategy="bfd")
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    out = []
+    for row in packed:
+        positions = [p for length in row["seq_lengths"] for p in range(length)]
+        out.append(Example(list(row["input_ids"]), list(row["labels"]), positions))
+    return out
+
+
+def build_bundle(cfg: DataConfig, tokenizer: Any) -> DataBundle:
+    """Load, normalise, split, tokenize, length-limit and pack: the uncached path of :func:`tokenize_cached`."""
+    train_samples = load_samples(cfg.train, cfg.loss_on)
+    if cfg.eval:
+        eval_samples = load_samples(cfg.eval, cfg.loss_on)
+    elif cfg.eval_fraction > 0:
+        train_samples, eval_samples = split_eval(train_samples, cfg.eval_fraction, cfg.eval_seed)
+    else:
+        eval_samples = []
+    chat = any(s.messages is not None for s in train_samples + eval_samples)
+    tokenize = _Tokenize(tokenizer, cfg, chat)
+    stats: dict[str, int] = {}
+    train = _limit((tokenize(s) for s in train_samples), cfg, "", stats)
+    if not train:
+        raise DataError(f"no training examples left: {stats['dropped']} longer than max_length {cfg.max_length} "
+                        f"were dropped, {stats['empty']} had no label tokens after truncation. Fix: raise "
+                        f"data.max_length or use data.truncation: truncate")
+    evals = _limit((tokenize(s) for s in eval_samples), cfg, "eval_", stats)
+    generation = []
+    for sample in eval_samples:
+        prompt = tokenize.generation_prompt(sample)
+        if prompt is not None and len(prompt[0]) < cfg.max_length:
+            generation.append(prompt)
+    stats["eval_prompts"] = len(generation)
+    if cfg.packing:
+        train = pack(train, cfg.max_length)
+        stats["packed_sequences"] = len(train)
+    return DataBundle(train=train, eval=evals, eval_generation=generation, stats=stats, packed=cfg.packing)
+
+
+# --------------------------------------------------------------------------------------------------- collation
+def collate(batch: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
+    """Right-padded tensors: input_ids, labels (-100 on padding), and either attention_mask (unpacked) or
+    position_ids (packed: no attention_mask, so transformers builds the per-example block mask; padding gets its
+    own position block starting at 0, so it forms a separate 'example' that attends only to itself and carries no
+    labels)."""
+    import torch
+
+    width = max(len(e) for e in batch)
+    packed = any(e.position_ids is not None for e in batch)
+    ids, labels, extra = [], [], []
+    for e in batch:
+        pad = width - len(e)
+        ids.append(e.input_ids + [pad_id] * pad)
+        labels.append(e.labels + [IGNORE_INDEX] * pad)
+        if packed:
+            positions = e.position_ids if e.position_ids is not None else list(range(len(e)))
+            extra.append(positions + list(range(pad)))
+        else:
+            extra.append([1] * len(e) + [0] * pad)
+    out = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+    out["position_ids" if packed else "attention_mask"] = torch.tensor(extra, dtype=torch.long)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- cache
+def _sha(parts: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _file_identity(path: Path) -> list[str]:
+    """(path, size, mtime_ns) of a file, or of every file under a directory: cheap, and any edit changes it."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    out = []
+    for file in files:
+        try:
+            st = file.stat()
+            out.append(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+        except FileNotFoundError:
+            out.append(f"{file}|missing")
+    return out
+
+
+def data_fingerprint(cfg: DataConfig) -> str:
+    """Hash of the data files and every setting that changes the tokenized result. Standard library only."""
+    try:
+        template = resolve_chat_template(cfg.chat_template) or ""
+    except DataError:
+        template = f"unresolved:{cfg.chat_template}"
+    parts = [f"format_version={FORMAT_VERSION}", f"template={template}"]
+    for name in ("system_prompt", "max_length", "truncation", "packing", "loss_on", "eval_fraction", "eval_seed"):
+        parts.append(f"{name}={getattr(cfg, name)!r}")
+    for split, sources in (("train", cfg.train), ("eval", cfg.eval)):
+        for source in sources:
+            parts.append(f"{split}:{source.format}:{source.split}:{source.max_rows}")
+            parts.extend(_file_identity(Path(source.path)))
+    return _sha(parts)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of what changes token ids: the backend tokenizer (vocab, merges, normalizer, post-processor), special
+    tokens and the chat template. Needs the tokenizer object (tokenizers/transformers, not torch)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    template = getattr(tokenizer, "chat_template", None)
+    specials = json.dumps({k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())})
+    return _sha([type(tokenizer).__name__, body, json.dumps(template, sort_keys=True), specials])
+
+
+def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
+    """Key of the tokenization cache: data_fingerprint(cfg) combined with tokenizer_fingerprint(tokenizer)."""
+    return _sha([data_fingerprint(cfg), tokenizer_fingerprint(tokenizer)])[:32]
+
+
+def cache_entry(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> Path:
+    """Where the tokenized bundle of these settings and this tokenizer is cached: `cache_dir/<cache_key>.pkl`."""
+    return Path(cache_dir) / f"{cache_key(cfg, tokenizer)}.pkl"
+
+
+def tokenize_cached(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> DataBundle:
+    """`build_bundle`, memoised on disk at :func:`cache_entry` (see :func:`tokenize_into`)."""
+    return tokenize_into(cache_entry(cfg, tokenizer, cache_dir), cfg, tokenizer)
+
+
+def tokenize_into(path: Path, cfg: DataConfig, tokenizer: Any) -> DataBundle:
+    """The bundle cached at `path` (a :func:`cache_entry`), built and written there first when missing (atomically:
+    a temporary file in the same directory, then os.replace, so concurrent ranks never read half a file). A damaged
+    entry is rebuilt."""
+    cache_dir = path.parent
+    if path.is_file():
+        try:
+            with path.open("rb") as handle:
+                payload = pickle.load(handle)
+            if payload.get("format_version") == FORMAT_VERSION:
+                return DataBundle(**payload["bundle"])
+        except Exception as err:  # truncated or foreign file: rebuild rather than fail the run
+            log.warning("tokenization cache %s unreadable (%s): rebuilding", path, err)
+    bundle = build_bundle(cfg, tokenizer)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION,
+               "bundle": {"train": bundle.train, "eval": bundle.eval, "eval_generation": bundle.eval_generation,
+                          "stats": bundle.stats, "packed": bundle.packed}}
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".pkl")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return bundle

@@ -1,0 +1,82 @@
+"""`launch export RUN_DIR`: the latest checkpoint as a Hugging Face directory, on one CPU process.
+
+Builds the model the run trained (base weights + method), then streams the checkpoint's tensors into it one at a time
+(any strategy: DDP safetensors, FSDP DCP shards, DeepSpeed ZeRO partitions; see `checkpoint_tensors`), and writes the
+adapter (PEFT format) or the full model; `--merge` folds a LoRA adapter into the base weights. Peak RAM is one copy
+of the model plus what the strategy's reader holds (one tensor for DDP/FSDP; the fp32 master partitions for ZeRO).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from launcher.train.checkpoint import COMPLETE, resumable_checkpoints
+from launcher.plan.build import Plan
+from launcher.common.rundir import read_plan
+
+log = logging.getLogger("ftlaunch")
+
+
+def export_run(run_dir: Path, merge: bool, out: Path | None) -> Path:
+    """Write the latest checkpoint of a run as a Hugging Face directory (adapter, or a merged/full model)."""
+    return export_checkpoint(run_dir, merge=merge, out=out or run_dir / "export")
+
+
+def export_checkpoint(run_dir: Path, merge: bool, out: Path) -> Path:
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+    write_outputs_from_checkpoint(run_dir, merge, out)
+    return out
+
+
+def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path) -> list[Path]:
+    """Rebuild the trained model from the newest complete checkpoint and write its outputs under `out`."""
+    from launcher.train.model import build_model
+    from launcher.common.model_files import load_tokenizer
+    from launcher.train.outputs import save_outputs
+    from launcher.strategies import checkpoint_tensors
+
+    plan = Plan.from_json(read_plan(run_dir))
+    recipe = plan.typed_recipe()
+    candidates = resumable_checkpoints(run_dir)
+    if not candidates:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export")
+    checkpoint = candidates[0]
+    written_by = json.loads((checkpoint / COMPLETE).read_text() or "{}").get("strategy", plan.strategy)
+    _plain_loading()
+    torch.manual_seed(recipe.optim.seed)
+    model = build_model(recipe, torch.device("cpu"))
+    # Tied weights (lm_head = embed_tokens) are one parameter under two names; checkpoints may hold either or both.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = {name for name, _ in model.named_buffers()}
+    trainable_only = any(not p.requires_grad for p in params.values())
+    loaded: set[int] = set()
+    with torch.no_grad():
+        for name, tensor in checkpoint_tensors(written_by, checkpoint, trainable_only):
+            if name in buffers:
+                continue  # recomputed by the model's constructor
+            if name not in params:
+                raise ValueError(f"{checkpoint.name}: tensor {name!r} is not a parameter of the model built from "
+                                 "the recipe (was the recipe's model or method changed?)")
+            params[name].copy_(tensor)
+            loaded.add(id(params[name]))
+            del tensor  # one tensor at a time
+    missing = len({id(p) for p in params.values() if p.requires_grad} - loaded)
+    if missing > 0:
+        raise ValueError(f"{checkpoint.name} lacks {missing} trainable tensors of the model")
+    out.mkdir(parents=True, exist_ok=True)
+    written = save_outputs(model, load_tokenizer(recipe.model), out, merge)
+    log.info("exported %s from %s (%s checkpoint)", ", ".join(map(str, written)), checkpoint.name, written_by)
+    return written
+
+
+def _plain_loading() -> None:
+    """Export builds one plain CPU model: after a ZeRO-3 run in this process, transformers must stop partitioning
+    weights while loading (it does so as long as the run's HfDeepSpeedConfig is registered)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()

@@ -1,0 +1,148 @@
+"""What runs on every rank: `python -m launcher.train.job RUN_DIR`.
+
+Reads only the run directory and the environment (ARCHITECTURE.md), so a job can be resumed, requeued or re-submitted
+from its run directory alone. Exit codes: 0 finished, 2 bad input (message printed), 3 stopped by a signal after
+writing a checkpoint (resumable; Slurm requeues on it), 4 diverged (non-finite losses: `optim.max_nonfinite_steps`;
+the last good checkpoint is intact, nothing is requeued).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+from pathlib import Path
+
+from launcher.common.exits import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK  # noqa: F401 (re-exported)
+from launcher.common.logs import setup_logging
+
+log = logging.getLogger("ftlaunch")
+
+
+def run_job(run_dir: Path) -> int:
+    from cluster.env import detect_dist_env
+    from launcher.plan.build import Plan
+    from launcher.common.rundir import read_plan
+
+    plan = Plan.from_json(read_plan(run_dir))
+    env = detect_dist_env()
+    setup_logging(run_dir, env.rank)
+    if env.world_size != plan.world_size:
+        log.warning("plan.json says world size %d, this job has %d ranks: continuing with %d (the global batch changes)",
+                    plan.world_size, env.world_size, env.world_size)
+    os.environ.update({"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
+                       "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank)})
+
+    import torch
+    import torch.distributed as dist
+
+    from launcher.train.data import DataError
+    from launcher.train.trainer import NonFiniteError, Trainer
+
+    if plan.device == "cuda":
+        device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # N ranks share this node's cores: oversubscribing threads makes every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
+    failed = False
+    if env.world_size > 1:
+        dist.init_process_group(backend=plan.backend, rank=env.rank, world_size=env.world_size)
+    try:
+        recipe = plan.typed_recipe()
+        from launcher.strategies import get_strategy
+
+        strategy = get_strategy(plan.strategy, env.world_size, env.rank, device, plan.strategy_config)
+        try:
+            tokenizer, data = _prepare_data(recipe, strategy)
+        except (DataError, FileNotFoundError) as err:
+            log.error("%s", err)
+            return EXIT_BAD_INPUT
+        from launcher.train.model import build_model
+
+        torch.manual_seed(recipe.optim.seed)  # adapter init is identical on every rank and every run
+        with strategy.model_init():  # ZeRO-3 partitions while loading; FSDP ranks > 0 build on meta
+            model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
+                                dtype=strategy.weights_dtype(recipe.model.dtype))
+        trainer = Trainer(plan, recipe, strategy, model, tokenizer, data, device)
+        try:
+            result = trainer.run()
+        except NonFiniteError as err:
+            if strategy.is_main:
+                log.error("training diverged: %s", err)
+            return EXIT_DIVERGED
+        if not result.stopped_by.finished:
+            if strategy.is_main:
+                log.warning("stopped by %s at step %d; checkpoint written. Resume: launch %s --resume %s",
+                            result.signal, result.state.step, plan.recipe_file, run_dir)
+            return EXIT_INTERRUPTED
+        if strategy.is_main:
+            _finish(trainer, run_dir, recipe.output.merge, from_checkpoint=strategy.spec.exports_from_checkpoint)
+        return EXIT_OK
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        # Free the wrapped model while the process group is still registered: otherwise DDP's reducer drops the last
+        # reference to the gloo group from its destructor at exit, holding the GIL while joining a gloo thread that
+        # waits for the GIL (a deadlock seen with 2 CPU ranks).
+        trainer = model = None  # noqa: F841
+        gc.collect()
+        if dist.is_initialized():
+            if not failed:
+                dist.barrier()  # no rank tears its group down while another still uses it
+            dist.destroy_process_group()
+
+
+def _prepare_data(recipe: "object", strategy: "object") -> tuple[object, object]:
+    """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. On Slurm a CPU job has
+    usually filled it already (launcher/train/prepare.py)."""
+    from launcher.train.data import cache_entry, tokenize_into
+    from launcher.train.prepare import tokenized_cache_dir
+    from launcher.common.model_files import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)  # type: ignore[attr-defined]
+    if not strategy.is_main:  # type: ignore[attr-defined]
+        strategy.barrier()  # type: ignore[attr-defined]
+    entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir())  # type: ignore[attr-defined]
+    cached = entry.is_file()
+    data = tokenize_into(entry, recipe.data, tokenizer)  # type: ignore[attr-defined]
+    if strategy.is_main:  # type: ignore[attr-defined]
+        log.info("data (%s %s): %s", "read from the tokenization cache" if cached else "tokenized into the cache",
+                 entry.stem, "  ".join(f"{name}={value}" for name, value in data.stats.items()))
+        strategy.barrier()  # type: ignore[attr-defined]
+    return tokenizer, data
+
+
+def _finish(trainer: "object", run_dir: Path, merge: bool, from_checkpoint: bool) -> None:
+    from launcher.train.model import unwrap
+    from launcher.train.outputs import plot_losses, save_outputs
+
+    if from_checkpoint:  # sharded weights: consolidate the final checkpoint on this process, tensor by tensor
+        from launcher.train.export import write_outputs_from_checkpoint
+
+        written = write_outputs_from_checkpoint(run_dir, merge, run_dir)
+    else:
+        written = save_outputs(unwrap(trainer.model), trainer.tokenizer, run_dir, merge)  # type: ignore[attr-defined]
+    plot = plot_losses(run_dir)
+    history = trainer.state.history  # type: ignore[attr-defined]
+    if history:
+        first, last = history[0], history[-1]
+        for key in sorted(k for k in last if k.startswith("eval_")):
+            if key in first:
+                log.info("%s: %.4f -> %.4f (step %d -> %d)", key, first[key], last[key], first["step"], last["step"])
+    log.info("outputs: %s%s", ", ".join(str(p) for p in written), f", {plot}" if plot else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m launcher.train.job RUN_DIR", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_job(Path(args[0]).resolve())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

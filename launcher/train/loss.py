@@ -1,0 +1,44 @@
+"""The loss of a micro batch and the token counts it is normalised by (see launcher/train/trainer.py's docstring for how
+a step's loss is normalised), shared by training and evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+"""Label of a position that carries no loss."""
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry a label after the causal shift."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) input tokens; packed batches carry no attention mask and are nearly pad-free."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Sum of next-token cross-entropy over labelled positions (fp32)."""
+    shift_logits = logits[:, :-1, :].float().reshape(-1, logits.size(-1))
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum",
+                           label_smoothing=label_smoothing)
+
+
+def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float,
+                     fused_ce: bool) -> torch.Tensor:
+    """Summed loss of a micro batch. With the fused CE kernel the model computes it without materialising logits."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if fused_ce:
+        from ftkernels.patch import set_loss_options
+
+        set_loss_options(model, label_smoothing=label_smoothing)  # per call: training smooths, evaluation does not
+        n_items = torch.tensor(max(1, count_label_tokens(batch["labels"])), device=batch["labels"].device)
+        out = model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False)
+        return out.loss * n_items  # the patched loss is sum / n_items
+    out = model(**inputs, use_cache=False)
+    return causal_lm_loss_sum(out.logits, batch["labels"], label_smoothing)

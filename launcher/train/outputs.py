@@ -1,0 +1,89 @@
+"""Final outputs of a run: the adapter (PEFT format) or the model, the tokenizer, a merged model, loss.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("ftlaunch")
+
+
+def save_outputs(model: torch.nn.Module, tokenizer: Any, run_dir: Path, merge: bool) -> list[Path]:
+    """Write what a user loads with `from_pretrained`: RUN_DIR/adapter (PEFT) or RUN_DIR/model, and RUN_DIR/merged."""
+    from peft import PeftModel
+
+    from launcher.train.model import is_quantized
+
+    written: list[Path] = []
+    if isinstance(model, PeftModel):
+        model.save_pretrained(run_dir / "adapter")
+        tokenizer.save_pretrained(run_dir / "adapter")
+        written.append(run_dir / "adapter")
+        if merge:
+            if is_quantized(model):
+                # Folding a delta into packed 4/8-bit weights would re-quantize it away: merge into the base
+                # loaded again, unquantized, in the training dtype (policy: docs of OutputConfig.merge / QLoraMethod).
+                merged = merge_into_unquantized_base(model, run_dir / "adapter")
+            else:
+                merged = model.merge_and_unload()  # folds the adapter in place: the last use of this model
+            merged.save_pretrained(run_dir / "merged")
+            tokenizer.save_pretrained(run_dir / "merged")
+            written.append(run_dir / "merged")
+    else:
+        model.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
+        written.append(run_dir / "model")
+    return written
+
+
+def merge_into_unquantized_base(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """The adapter saved in `adapter_dir` merged into the trained model's base, loaded unquantized on the CPU.
+
+    The base is loaded in the dtype the run trained in (the quantized model's config dtype), the adapter applied
+    with PEFT and folded in with `merge_and_unload`. The result is the original-precision base plus the update, not
+    the dequantized 4-bit weights plus the update (QLoRA's usual export; the two differ by the quantization error).
+    Needs host RAM for one copy of the base in that dtype.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_model = model.get_base_model()  # type: ignore[operator]
+    source = base_model.config._name_or_path
+    dtype = getattr(base_model.config, "dtype", None) or torch.float32
+    log.info("merge: loading %s unquantized (%s) on CPU to fold the adapter in", source, dtype)
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map={"": "cpu"})
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """RUN_DIR/loss.png: train loss per step and eval loss per evaluation, from metrics.jsonl."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("kind") == "eval" and "eval_loss" in r]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if train:
+        axis.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        axis.plot(*zip(*evals), "o-", label="eval loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.set_title(run_dir.name)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    out = run_dir / "loss.png"
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out

@@ -1,0 +1,430 @@
+"""The training loop: data order, accumulation, loss normalisation, clipping, schedule, eval, early stopping,
+checkpoints, logging. One loop for every strategy: it asks the strategy object, never its name.
+
+Loss normalisation. The loss of an optimizer step is the mean cross-entropy over every label token of the step,
+across all its micro batches and all ranks:
+
+    loss_step = sum_{ranks, micro batches} sum_tokens CE  /  N_step,   N_step = label tokens of the whole step
+
+Each micro batch contributes `sum CE / N_step`, so accumulation and world size change nothing: 2 ranks x micro batch 2
+equals 1 rank x micro batch 4 (up to float summation order). DDP averages gradients over ranks, so each rank scales
+its contribution by world_size to turn that average back into the sum. (HF Trainer's `num_items_in_batch` does the
+same; per-micro-batch means, the older default, weight short examples more than long ones.)
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Iterator
+
+import torch
+
+from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from launcher.train.data import DataBundle, collate
+from launcher.train.loss import count_label_tokens, forward_loss_sum, input_tokens
+from launcher.train.model import count_parameters, unwrap
+from launcher.plan.build import Plan
+from launcher.config.schema import OptimConfig, Recipe
+from launcher.strategies.base import Strategy
+
+log = logging.getLogger("ftlaunch")
+
+
+# ------------------------------------------------------------------------------------------------- schedule/optim
+def lr_lambda(optim: OptimConfig, total_steps: int) -> Any:
+    """Multiplier of the peak lr at optimizer step `step`: linear warmup, then linear/cosine decay to min_lr_ratio."""
+    warmup = optim.warmup_steps or int(optim.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        decay = 1.0 - progress if optim.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * decay
+
+    return factor
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The AdamW implementation for `optim.name`: torch's, or one of bitsandbytes' 8-bit / paged variants.
+
+    bitsandbytes is imported only when asked for, so full-precision runs do not depend on it.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW
+    import bitsandbytes.optim as bnb_optim
+
+    classes: dict[str, type[torch.optim.Optimizer]] = {
+        "adamw_8bit": bnb_optim.AdamW8bit,
+        "paged_adamw_8bit": bnb_optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb_optim.PagedAdamW32bit,
+    }
+    if name not in classes:
+        raise ValueError(f"optim.name: unknown optimizer {name!r} (one of adamw, {', '.join(classes)})")
+    return classes[name]
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (`optim.name` picks the implementation); no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Every class takes the same AdamW arguments; the groups' weight_decay overrides each class's own default
+    # (bitsandbytes' is 1e-2, torch's 1e-2 too), so the recipe's value is the only one that applies.
+    return optimizer_class(optim.name)([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas,
+                                       eps=optim.eps)
+
+
+# -------------------------------------------------------------------------------------------------------- data
+def micro_batches(n_examples: int, micro_batch: int, world_size: int, rank: int, seed: int, epoch: int,
+                  start: int) -> Iterator[list[int]]:
+    """This rank's micro batches of one epoch, from micro batch `start` on (resume).
+
+    The epoch's order is a permutation seeded by (seed, epoch), identical on every rank; global micro batch j holds
+    examples perm[j*B*W:(j+1)*B*W] and rank r takes its B of them, so the union over ranks does not depend on W.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    per_global = micro_batch * world_size
+    for j in range(start, n_examples // per_global):
+        chunk = order[j * per_global:(j + 1) * per_global]
+        yield chunk[rank * micro_batch:(rank + 1) * micro_batch]
+
+
+# --------------------------------------------------------------------------------------------------- interrupts
+class StopFlag:
+    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag checked between optimizer steps (so a checkpoint can be written).
+
+    A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, then checkpointing", self.reason)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+class StopReason(enum.Enum):
+    """Why a run's loop ended."""
+
+    MAX_STEPS = "max_steps"
+    EPOCHS = "epochs"
+    EARLY_STOPPING = "early_stopping"
+    SIGNAL = "signal"
+    """SIGINT, SIGTERM or SIGUSR1 (on this rank or another): checkpointed, resumable."""
+
+    @property
+    def finished(self) -> bool:
+        """The run is done (outputs follow); False when it stopped to be resumed."""
+        return self is not StopReason.SIGNAL
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a NaN/inf loss or gradient norm (or DeepSpeed met one), or the weights are not
+    finite at a checkpoint: the run stops, and no non-finite update is applied or checkpointed."""
+
+
+@dataclass
+class RunResult:
+    state: TrainerState
+    stopped_by: StopReason
+    signal: str | None = None
+    """The signal's name when stopped_by is SIGNAL."""
+
+
+class Trainer:
+    """Owns the model, optimizer, data and state of one rank for one run."""
+
+    def __init__(self, plan: Plan, recipe: Recipe, strategy: Strategy, model: torch.nn.Module,
+                 tokenizer: Any, data: DataBundle, device: torch.device) -> None:
+        self.plan, self.recipe, self.strategy, self.device = plan, recipe, strategy, device
+        self.run_dir = Path(plan.run_dir)
+        self.tokenizer = tokenizer
+        self.data = data
+        self.fused_ce = "fused_ce" in recipe.kernels or recipe.kernels == "all"
+        self.model, self.optimizer = strategy.wrap(model, lambda m: make_optimizer(m, recipe.optim))
+        optim = recipe.optim
+        per_step = optim.micro_batch * optim.grad_accum * strategy.world_size
+        self.micro_per_epoch = len(data.train) // (optim.micro_batch * strategy.world_size)
+        self.steps_per_epoch = self.micro_per_epoch // optim.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(data.train)} training examples < one optimizer step "
+                             f"(micro_batch({optim.micro_batch}) * grad_accum({optim.grad_accum}) * "
+                             f"world_size({strategy.world_size}) = {per_step}); lower the batch or add data")
+        self.total_steps = optim.max_steps or math.ceil(optim.epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, self.total_steps))
+        self.state = TrainerState(world_size=strategy.world_size)
+        self.nonfinite_in_row = 0
+        """Steps not applied (non-finite loss or gradient norm) since the last applied one."""
+        self.metrics = MetricsLog(self.run_dir, enabled=strategy.is_main, tensorboard=recipe.logging.tensorboard)
+
+    # ------------------------------------------------------------------------------------------------ batches
+    def _batch_stream(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro batches from the saved position on, across epochs; updates the data position as it goes."""
+        optim = self.recipe.optim
+        while True:
+            for indices in micro_batches(len(self.data.train), optim.micro_batch, self.strategy.world_size,
+                                         self.strategy.rank, optim.seed, self.state.epoch, self.state.batch_in_epoch):
+                self.state.batch_in_epoch += 1
+                batch = collate([self.data.train[i] for i in indices], self.tokenizer.pad_token_id)
+                yield {k: v.to(self.device) for k, v in batch.items()}
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    # --------------------------------------------------------------------------------------------------- step
+    def train_step(self, stream: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        optim = self.recipe.optim
+        self.model.train()
+        batches = [next(stream) for _ in range(optim.grad_accum)]
+        local_tokens = torch.tensor([sum(count_label_tokens(b["labels"]) for b in batches),
+                                     sum(input_tokens(b) for b in batches)], dtype=torch.float64)
+        n_label, n_input = self.strategy.all_reduce_sum(local_tokens.to(self.device)).tolist()
+        scale = self.strategy.world_size / max(1.0, n_label)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(batches):
+            with self.strategy.no_sync(self.model, last_micro_batch=i == len(batches) - 1):
+                loss = forward_loss_sum(self.model, batch, optim.label_smoothing, self.fused_ce)
+                self.strategy.backward(self.model, loss * scale)
+            loss_sum += loss.detach().double()
+        lr = self.scheduler.get_last_lr()[0]
+        # Reduced before the step, so that every rank decides alike whether to apply it.
+        total_loss = float(self.strategy.all_reduce_sum(loss_sum)) / max(1.0, n_label)
+        if math.isfinite(total_loss):
+            # Clipping, the step and zeroing belong to the strategy (DeepSpeed's engine does all three itself); a
+            # non-finite gradient norm is not applied (Strategy.optimizer_step).
+            grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, optim.max_grad_norm)
+        elif self.strategy.can_skip_step:
+            self.strategy.discard_gradients(self.model, self.optimizer)
+            grad_norm = float("nan")
+        else:
+            raise NonFiniteError(f"step {self.state.step + 1}: the loss is {total_loss} and {self.strategy.name}'s "
+                                 "engine cannot skip a step; nothing of it was applied or checkpointed. Lower "
+                                 "optim.lr or check the data (ddp and fsdp skip such steps)")
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.tokens_seen += int(n_input)
+        # A strategy that cannot skip (DeepSpeed) has applied any step with a finite loss, whatever norm it reports
+        # (its engine may report none): only the strategies that skip turn a non-finite norm into a skipped step.
+        applied = math.isfinite(total_loss) and (math.isfinite(grad_norm) or not self.strategy.can_skip_step)
+        self._count_nonfinite(applied, total_loss, grad_norm)
+        return {"loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_input, "skipped": not applied}
+
+    def _count_nonfinite(self, applied: bool, loss: float, grad_norm: float) -> None:
+        """Count and log a step that was not applied."""
+        if applied:
+            self.nonfinite_in_row = 0
+            return
+        self.nonfinite_in_row += 1
+        limit = self.recipe.optim.max_nonfinite_steps
+        if self.strategy.is_main:
+            log.warning("step %d: loss %s, gradient norm %s: not applied (%d in a row; the run stops at %d)",
+                        self.state.step, loss, grad_norm, self.nonfinite_in_row, limit)
+
+    def _check_divergence(self) -> None:
+        """Stop (after the step's metrics row is written) once `optim.max_nonfinite_steps` were skipped in a row."""
+        limit = self.recipe.optim.max_nonfinite_steps
+        if self.nonfinite_in_row >= limit:
+            raise NonFiniteError(
+                f"steps {self.state.step - limit + 1}-{self.state.step}: {limit} steps in a row had a non-finite "
+                "loss or gradient norm; none was applied, so every checkpoint holds finite weights. Lower optim.lr, "
+                "check the data, or raise optim.max_nonfinite_steps")
+
+    # --------------------------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Eval loss and perplexity over the eval set; exact match of greedy generations when asked."""
+        from launcher.train.evaluate import exact_match, eval_loss
+
+        results: dict[str, float] = {}
+        if self.data.eval:
+            loss = eval_loss(unwrap(self.model), self.data.eval, self.tokenizer.pad_token_id, self.strategy,
+                             self.device, self.recipe.optim.micro_batch, self.recipe.eval.max_batches, self.fused_ce)
+            results["eval_loss"] = loss
+            results["eval_perplexity"] = math.exp(min(loss, 50.0))
+        if self.recipe.eval.exact_match and self.data.eval_generation:
+            results["eval_exact_match"] = exact_match(unwrap(self.model), self.tokenizer, self.data.eval_generation,
+                                                      self.recipe.eval, self.strategy, self.device)
+        return results
+
+    def _early_stop(self, results: dict[str, float]) -> bool:
+        cfg = self.recipe.early_stopping
+        if cfg is None or cfg.metric not in results:
+            return False
+        value = results[cfg.metric]
+        best = self.state.best_metric
+        improved = best is None or (value < best - cfg.min_delta if cfg.mode == "min" else value > best + cfg.min_delta)
+        if improved:
+            self.state.best_metric, self.state.evals_without_improvement = value, 0
+            return False
+        self.state.evals_without_improvement += 1
+        return self.state.evals_without_improvement >= cfg.patience
+
+    def _eval_and_record(self, label: str) -> bool:
+        results = self.evaluate()
+        if not results:
+            return False
+        results_row = {"step": self.state.step, "when": label, **results}
+        self.state.history.append(results_row)
+        self.metrics.write({"kind": "eval", **results_row})
+        if self.strategy.is_main:
+            shown = "  ".join(f"{k}={v:.4f}" for k, v in results.items())
+            log.info("eval (%s, step %d): %s", label, self.state.step, shown)
+        return self._early_stop(results)
+
+    def _checkpoint(self) -> None:
+        if not self.strategy.weights_finite(self.model):
+            raise NonFiniteError(f"step {self.state.step}: the weights hold NaN/inf values; they were not "
+                                 "checkpointed (the previous checkpoint is intact). Lower optim.lr or check the data")
+        save_checkpoint(self.run_dir, self.strategy, self.model, self.optimizer, self.scheduler, self.state,
+                        self.recipe.checkpoint.keep_last)
+
+    # ---------------------------------------------------------------------------------------------------- run
+    def run(self) -> RunResult:
+        recipe = self.recipe
+        resumed = load_checkpoint(self.run_dir, self.strategy, self.model, self.optimizer, self.scheduler)
+        if resumed is not None:
+            self.state = resumed
+            self.metrics.truncate_after(resumed.step)  # steps after the checkpoint are about to be redone
+        trainable, total = count_parameters(unwrap(self.model))
+        if self.strategy.is_main:
+            log.info("params: %s trainable of %s (%.2f%%); %d train / %d eval examples; %d steps (%d per epoch)",
+                     f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total), len(self.data.train),
+                     len(self.data.eval), self.total_steps, self.steps_per_epoch)
+        if resumed is None and recipe.eval.at_start:
+            self._eval_and_record("start")
+        stream = self._batch_stream()
+        stopped_by = StopReason.MAX_STEPS if recipe.optim.max_steps else StopReason.EPOCHS
+        every_ckpt, every_eval = recipe.checkpoint.every_steps, recipe.eval.every_steps
+        last_saved = self.state.step
+        with StopFlag() as stop, Progress(self.strategy.is_main and recipe.logging.progress, self.total_steps,
+                                          self.state.step) as progress:
+            while self.state.step < self.total_steps:
+                started = time.perf_counter()
+                row = self.train_step(stream)
+                row["tokens_per_s"] = row["tokens"] / max(1e-9, time.perf_counter() - started)
+                progress.update(self.state.step, row)
+                if self.state.step % recipe.logging.every_steps == 0:
+                    self.metrics.write({"kind": "train", "step": self.state.step, "epoch": self.state.epoch, **row})
+                self._check_divergence()
+                if every_ckpt and self.state.step % every_ckpt == 0:
+                    self._checkpoint()
+                    last_saved = self.state.step
+                if every_eval and self.state.step % every_eval == 0 and self.state.step < self.total_steps:
+                    if self._eval_and_record("periodic"):
+                        stopped_by = StopReason.EARLY_STOPPING
+                        break
+                if self._stop_requested(stop):
+                    stopped_by = StopReason.SIGNAL
+                    break
+        interrupted = not stopped_by.finished
+        if self.state.step != last_saved and (not interrupted or recipe.checkpoint.on_interrupt):
+            self._checkpoint()
+        if not interrupted:
+            self._eval_and_record("end")
+        self.metrics.close()
+        return RunResult(self.state, stopped_by, stop.reason if interrupted else None)
+
+    def _stop_requested(self, stop: StopFlag) -> bool:
+        """Every rank stops at the same step when any rank was signalled."""
+        flag = torch.tensor([1.0 if stop.reason else 0.0], device=self.device)
+        if float(self.strategy.all_reduce_sum(flag)) > 0:
+            stop.reason = stop.reason or "SIGTERM"
+            return True
+        return False
+
+
+# ------------------------------------------------------------------------------------------------------ logging
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl (one object per line) and TensorBoard scalars, from rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            prefix = "train" if row.get("kind") == "train" else "eval"
+            for key, value in row.items():
+                if key not in ("kind", "step", "when", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{prefix}/{key.removeprefix('eval_')}", value, row["step"])
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows of steps later than `step` (they were lost with the process that logged them)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Progress:
+    """A rich progress bar with loss, lr and tokens/s (rank 0); plain log lines when disabled."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled, total, done
+        self._progress: Any = None
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._progress = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                          TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                                          TimeRemainingColumn(), transient=False)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total, completed=self.done, stats="")
+        return self
+
+    def update(self, step: int, row: dict[str, float]) -> None:
+        stats = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, stats=stats)
+        else:
+            log.debug("step %d: %s", step, stats)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
