@@ -1,4 +1,4 @@
-"""Local executor: run a plan on this machine (one process, or N ranks under torchrun).
+"""Local executor: run a plan on this machine (one process, or N ranks under torchrun), in the foreground.
 
 The job always runs in a child process, so the launcher stays torch-free and a Ctrl-C reaches the ranks, which write a
 checkpoint before exiting; the launcher waits for that instead of dying first.
@@ -9,9 +9,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from cluster.executor import Executor, PreparedRun, Submission, loaded_from_plan, require_runnable, resume_notes
+from launcher.config.recipe import LoadedRecipe
+from launcher.plan.build import make_plan, replan_for_resume
+from launcher.plan.files import load_plan
+from launcher.plan.resources import Resources
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -43,3 +50,29 @@ def run_local(plan: Any) -> int:
             except KeyboardInterrupt:
                 process.send_signal(signal.SIGINT)
                 return process.wait()
+
+
+class LocalExecutor(Executor):
+    """This machine, on the given resources (nodes=1)."""
+
+    kind = "local"
+
+    def __init__(self, resources: Resources) -> None:
+        self.resources = resources
+
+    def plan_run(self, loaded: LoadedRecipe, run_dir: Path) -> PreparedRun:
+        return PreparedRun(run_dir=run_dir, plan=make_plan(loaded, self.resources, run_dir), loaded=loaded)
+
+    def prepare_resume(self, run_dir: Path, *, replan: bool = True) -> PreparedRun:
+        plan = load_plan(run_dir)
+        if not replan:
+            return PreparedRun(run_dir=run_dir, plan=plan, loaded=loaded_from_plan(plan), resumed=True)
+        plan = replan_for_resume(plan, self.resources, run_dir)  # here, on the resources named now
+        require_runnable(plan)
+        run = PreparedRun(run_dir=run_dir, plan=plan, loaded=loaded_from_plan(plan), resumed=True,
+                          notes=resume_notes(plan))
+        self.write(run, keep_previous=True)
+        return run
+
+    def start(self, run: PreparedRun) -> Submission:
+        return Submission(run_dir=run.run_dir, returncode=run_local(run.plan))

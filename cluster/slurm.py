@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from cluster.errors import SubmitError
 from cluster.events import EXIT_INTERRUPTED, JOBS_FILE, SIGNAL_DELAY_S, record_event  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ _TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d{1,2})(?::(?P<ds>\d{
                    r"|(?P<a>\d+)(?::(?P<b>\d{1,2})(?::(?P<c>\d{1,2}))?)?)$")
 
 
-class SlurmError(Exception):
+class SlurmError(SubmitError):
     """A problem found before submitting (no Slurm, unknown partition, too many nodes, ...): says what to change."""
 
 

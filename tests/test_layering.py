@@ -22,7 +22,8 @@ PLANNING_PACKAGES = ("launcher.config", "launcher.plan", "launcher.common", "lau
 """The torch-free side, by package: what `launch plan`, the login node and `launch runs/status/logs/cancel` import."""
 
 PLANNING_EXTRA = {"launcher", "launcher.__main__", "launcher.strategies", "launcher.strategies.registry",
-                  "cluster", "cluster.env", "cluster.events", "cluster.slurm", "cluster.runs", "cluster.local"}
+                  "cluster", "cluster.env", "cluster.events", "cluster.errors", "cluster.executor", "cluster.local",
+                  "cluster.slurm", "cluster.slurm_executor", "cluster.runs"}
 """Planning-side modules outside those packages: the strategy registry and the cluster side that submits."""
 
 RANK_PACKAGES = ("launcher.train",)

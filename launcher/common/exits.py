@@ -1,5 +1,5 @@
-"""Exit codes of the rank processes (`python -m launcher.train.job`, `python -m launcher.train.prepare`), read by the Slurm task
-(requeue on EXIT_INTERRUPTED only) and by tests. A leaf module: both sides import it without importing each other."""
+"""Exit codes of `launch` and of the rank processes (`python -m launcher.train.job`, `python -m launcher.train.prepare`),
+read by the Slurm task (requeue on EXIT_INTERRUPTED only) and by tests. A leaf module: both sides import it."""
 
 EXIT_OK = 0
 """Finished (or prepared)."""
@@ -12,3 +12,6 @@ EXIT_INTERRUPTED = 3
 
 EXIT_DIVERGED = 4
 """Non-finite losses (`optim.max_nonfinite_steps` in a row): the last good checkpoint is intact; not requeued."""
+
+EXIT_CTRL_C = 130
+"""`launch` itself stopped by Ctrl-C before a run started (the shell's 128 + SIGINT)."""

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 PLAN_FILE = "plan.json"
-STARTED_MARKER = "logs"  # a run has started once its logs/ directory exists
+PLAN_HISTORY_DIR = "plan-history"
+METRICS_FILE = "metrics.jsonl"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -6,7 +6,6 @@ JSON types. Planning imports no torch: it must answer on a login node in well un
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -247,10 +246,6 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
         memory=memory.to_json() if memory is not None else None,
         strategy_config=strategy_config(recipe, resources, strategy, memory.chosen if memory is not None else None),
     )
-
-
-def dumps(plan: Plan) -> str:
-    return json.dumps(plan.to_json(), indent=2)
 
 
 def replan_for_resume(previous: Plan, resources: Resources, run_dir: Path | None = None) -> Plan:

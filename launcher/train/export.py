@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from launcher.train.checkpoint import COMPLETE, resumable_checkpoints
-from launcher.plan.build import Plan
-from launcher.common.rundir import read_plan
+from launcher.plan.files import load_plan
 
 log = logging.getLogger("ftlaunch")
 
@@ -40,7 +39,7 @@ def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path) -> list
     from launcher.train.outputs import save_outputs
     from launcher.strategies import checkpoint_tensors
 
-    plan = Plan.from_json(read_plan(run_dir))
+    plan = load_plan(run_dir)
     recipe = plan.typed_recipe()
     candidates = resumable_checkpoints(run_dir)
     if not candidates:

@@ -22,10 +22,9 @@ log = logging.getLogger("ftlaunch")
 
 def run_job(run_dir: Path) -> int:
     from cluster.env import detect_dist_env
-    from launcher.plan.build import Plan
-    from launcher.common.rundir import read_plan
+    from launcher.plan.files import load_plan
 
-    plan = Plan.from_json(read_plan(run_dir))
+    plan = load_plan(run_dir)
     env = detect_dist_env()
     setup_logging(run_dir, env.rank)
     if env.world_size != plan.world_size:

@@ -53,11 +53,10 @@ def missing_preparation(recipe: Any) -> str | None:
 def prepare(run_dir: Path) -> int:
     """Convert the model if needed and tokenize the data into the cache; the training ranks then only read."""
     from launcher.train.data import DataError, tokenize_cached
-    from launcher.plan.build import Plan
-    from launcher.common.rundir import read_plan
+    from launcher.plan.files import load_plan
     from launcher.common.model_files import load_tokenizer
 
-    plan = Plan.from_json(read_plan(run_dir))
+    plan = load_plan(run_dir)
     setup_logging(run_dir, 0, name="prepare")
     recipe = plan.typed_recipe()
     started = time.perf_counter()

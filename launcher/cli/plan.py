@@ -1,0 +1,32 @@
+"""`launch plan RECIPE ...`: resolve and check everything, write the run directory's plan files, start nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Sequence
+
+from launcher.cli import args as cli_args
+from launcher.cli.console import warnings, wide_console
+from launcher.config.recipe import load_recipe
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch plan", description="Resolve a recipe into a plan; runs nothing.")
+    cli_args.add_recipe_args(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return parser
+
+
+def cmd_plan(argv: Sequence[str]) -> int:
+    args = parser().parse_intermixed_args(argv)
+    loaded = load_recipe(args.recipe, args.overrides)
+    run, request_warnings = cli_args.executor(args).dry_run(loaded)
+    warnings(request_warnings)
+    if args.json:
+        print(json.dumps(run.plan.to_json(), indent=2))
+        return 0
+    from launcher.plan.report import print_plan  # rich tables; kept apart so --json stays lean
+
+    print_plan(run.plan, loaded, wide_console())
+    return 0

@@ -1,0 +1,60 @@
+"""`launch runs | status RUN | logs RUN | cancel RUN`: the runs under an output root, here or on Slurm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from rich.markup import escape
+
+from cluster.executor import Executor
+from cluster.runs import find_run, list_runs, runs_table, show_log, status_table
+from launcher.cli.console import console, wide_console
+
+
+def _run_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run directory, or a run name under the output root (--root)")
+    parser.add_argument("--root", type=Path, default=Path("runs"), help="output root holding run directories")
+
+
+def cmd_runs(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="launch runs", description="Recent runs under an output root.")
+    parser.add_argument("--root", type=Path, default=Path("runs"), help="output root (default ./runs)")
+    parser.add_argument("--limit", type=int, default=20, help="most recent N runs (default 20)")
+    args = parser.parse_args(argv)
+    wide_console().print(runs_table(list_runs(args.root.resolve(), args.limit)))
+    return 0
+
+
+def cmd_status(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="launch status", description="State of one run (Slurm or local).")
+    _run_arg(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    status = Executor.status(find_run(args.run, args.root))
+    if args.json:
+        print(json.dumps(status.to_json(), indent=2))
+    else:
+        wide_console().print(status_table(status))
+    return 0
+
+
+def cmd_logs(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="launch logs", description="Print (or follow) one rank's log.")
+    _run_arg(parser)
+    parser.add_argument("--rank", type=int, default=0, help="rank whose log to show (default 0)")
+    parser.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends (Ctrl-C stops)")
+    parser.add_argument("--lines", "-n", type=int, default=None, help="only the last N lines")
+    args = parser.parse_args(argv)
+    return show_log(find_run(args.run, args.root), args.rank, follow=args.follow, lines=args.lines)
+
+
+def cmd_cancel(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="launch cancel", description="Cancel a run's Slurm job(s).")
+    _run_arg(parser)
+    args = parser.parse_args(argv)
+    for line in Executor.cancel(find_run(args.run, args.root)):
+        console.print(escape(line))
+    return 0
