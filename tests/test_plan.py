@@ -118,9 +118,9 @@ def test_unimplemented_feature_is_planned_but_not_run(tmp_path: Path, monkeypatc
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # Every strategy and method runs now (issues 3 and 6), so the refusal path is exercised by pretending that only
     # ddp is implemented: the plan is still made and sized, but `launch` refuses it before any run directory exists.
-    import launcher.plan.build
+    import launcher.plan.checks
 
-    monkeypatch.setattr(launcher.plan.build, "IMPLEMENTED_STRATEGIES", ("ddp",))
+    monkeypatch.setattr(launcher.plan.checks, "IMPLEMENTED_STRATEGIES", ("ddp",))
     path = recipe_file(tmp_path, strategy={"name": "zero3"}, method={"name": "qlora"})
     plan = make_plan(load_recipe(path), Resources(), tmp_path / "runs" / "t")
     assert not plan.runnable and "strategy 'zero3' is not implemented" in plan.unsupported[0]

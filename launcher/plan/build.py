@@ -15,18 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.config.recipe import LoadedRecipe, Problem, RecipeError
 from launcher.plan.resources import Resources
-from launcher.config.schema import LoraFields, Recipe
+from launcher.config.schema import Recipe
 from launcher.strategies import STRATEGIES
 
 if TYPE_CHECKING:
     from launcher.plan.memory import MemoryPlan
 
 PLAN_VERSION = 1
-
-# Strategies whose rank-side implementation exists (the registry). Others accepted by the schema can be planned, and
-# are refused here with a clear message rather than failing after a job has queued for hours.
-IMPLEMENTED_STRATEGIES = tuple(STRATEGIES)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -138,60 +133,6 @@ def resolve_strategy(recipe: Recipe, resources: Resources, memory: "MemoryPlan |
                    "full weights, gradients and optimizer states")
 
 
-def check(recipe: Recipe, resources: Resources) -> list[Problem]:
-    """Recipe/resource combinations that can never work. Each names what to change."""
-    problems: list[Problem] = []
-    optim = recipe.optim
-    if optim.global_batch is not None and isinstance(optim.micro_batch, int):
-        actual = optim.micro_batch * optim.grad_accum * resources.world_size
-        if actual != optim.global_batch:
-            problems.append(Problem(
-                "optim.global_batch",
-                f"micro_batch({optim.micro_batch}) * grad_accum({optim.grad_accum}) * world_size"
-                f"({resources.world_size}) = {actual} != global_batch({optim.global_batch})",
-                hint=f"set optim.grad_accum={max(1, optim.global_batch // (optim.micro_batch * resources.world_size))}"
-                     " or change micro_batch"))
-    if recipe.early_stopping is not None and recipe.eval.every_steps is None:
-        problems.append(Problem("early_stopping", "early stopping needs periodic evaluation",
-                                hint="set eval.every_steps"))
-    if recipe.early_stopping is not None and recipe.early_stopping.metric == "eval_exact_match" and not recipe.eval.exact_match:
-        problems.append(Problem("early_stopping.metric", "eval_exact_match is watched but eval.exact_match is off",
-                                hint="set eval.exact_match: true"))
-    if recipe.eval.exact_match and not recipe.data.eval and recipe.data.eval_fraction == 0:
-        problems.append(Problem("eval.exact_match", "exact match needs held-out data",
-                                hint="add data.eval sources or set data.eval_fraction"))
-    if resources.device == "cpu" and recipe.model.dtype == "float16":
-        problems.append(Problem("model.dtype", "float16 training is not supported on CPU",
-                                hint="use float32 (or bfloat16) on CPU"))
-    fused_ce = recipe.kernels == "all" or "fused_ce" in recipe.kernels
-    lora_head = isinstance(recipe.method, LoraFields) and (
-        "lm_head" in recipe.method.modules_to_save
-        or (isinstance(recipe.method.target_modules, list) and "lm_head" in recipe.method.target_modules))
-    if fused_ce and lora_head:
-        problems.append(Problem("kernels", "fused_ce computes the loss from lm_head's plain weight, but the method "
-                                "wraps lm_head (modules_to_save or a LoRA target)",
-                                hint="drop fused_ce from kernels, or leave lm_head out of the adapter"))
-    if recipe.model.attn_implementation == "flash_attention_2" and resources.device == "cpu":
-        problems.append(Problem("model.attn_implementation", "flash_attention_2 needs a GPU",
-                                hint="use sdpa on CPU"))
-    return problems
-
-
-def unsupported(recipe: Recipe, strategy: str, world_size: int = 1) -> list[str]:
-    """What this version cannot run yet, although the recipe is valid (planning and sizing still work)."""
-    reasons = []
-    if recipe.method.name == "qlora" and strategy in STRATEGIES and STRATEGIES[strategy].broadcasts_from_rank0 \
-            and world_size > 1:
-        # FSDP ranks other than 0 start from an empty (meta) model and receive rank 0's weights; that broadcast does
-        # not carry bitsandbytes' quantization state yet, so their layers would not match rank 0's.
-        reasons.append("method.name: qlora under fsdp on more than one rank is not supported yet "
-                       "(use strategy ddp or zero2, or one rank)")
-    if strategy not in IMPLEMENTED_STRATEGIES:
-        reasons.append(f"strategy.name: strategy {strategy!r} is not implemented in this version "
-                       f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)}; `auto` without --gpu-mem picks ddp)")
-    return reasons
-
-
 def rank_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "launcher.train.job", str(run_dir)]
 
@@ -212,13 +153,12 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
     if memory is not None and memory.micro_batch is not None and recipe.optim.micro_batch == "auto":
         recipe = recipe.model_copy(update={"optim": recipe.optim.model_copy(update={"micro_batch": memory.micro_batch})})
     strategy, reason = resolve_strategy(recipe, resources, memory)
-    from launcher.plan.quant import quant_problems, quant_warnings, resolve_quant_storage  # torch-free
+    from launcher.plan import checks
+    from launcher.plan.quant import quant_warnings, resolve_quant_storage
+    from launcher.plan.strategy_config import strategy_config
 
     recipe = resolve_quant_storage(recipe, strategy)  # plan.json holds the concrete packed-weight dtype
-    from launcher.plan.strategy_config import check_strategy, strategy_config  # torch-free
-
-    problems = memory_problems + check(recipe, resources) + check_strategy(recipe, resources, strategy)
-    problems += quant_problems(recipe, strategy)
+    problems = memory_problems + checks.problems(recipe, resources, strategy)
     if problems:
         raise RecipeError(loaded.with_locations(problems), source=f"{loaded.source} (plan)")
     warnings: list[str] = list(memory.warnings) if memory is not None else []
@@ -242,7 +182,7 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
         command=local_command(run_dir.resolve(), resources),
         rank_command=rank_command(run_dir.resolve()),
         warnings=warnings,
-        unsupported=unsupported(recipe, strategy, resources.world_size),
+        unsupported=checks.unsupported(recipe, strategy, resources.world_size),
         memory=memory.to_json() if memory is not None else None,
         strategy_config=strategy_config(recipe, resources, strategy, memory.chosen if memory is not None else None),
     )

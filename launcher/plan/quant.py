@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from launcher.config.recipe import Problem
 from launcher.config.schema import QLoraMethod, Recipe
 from launcher.strategies import spec as strategy_spec
 
@@ -36,34 +35,6 @@ def resolve_quant_storage(recipe: Recipe, strategy: str) -> Recipe:
         return recipe
     resolved = method.model_copy(update={"quant_storage": quant_storage_for(recipe, strategy)})
     return recipe.model_copy(update={"method": resolved})
-
-
-def quant_problems(recipe: Recipe, strategy: str) -> list[Problem]:
-    """Quantization settings that cannot work. Each names the key and the fix.
-
-    The sharding rules shared with FSDP (8-bit weights under fsdp; a quant_storage other than the model dtype under
-    fsdp/zero3) live in `launcher.plan.strategy_config.check_strategy` with the rest of the strategy checks; this adds the ones
-    it leaves: 8-bit weights under ZeRO-3, a storage dtype given for 8-bit weights, and bitsandbytes optimizers
-    under FSDP.
-    """
-    problems: list[Problem] = []
-    if recipe.optim.name != "adamw" and strategy_spec(strategy).dtensor_parameters:
-        # Measured (torch 2.13, bitsandbytes 0.50.2): under fully_shard the parameters are DTensors and bitsandbytes'
-        # update ops have no sharding rule ("got mixed torch.Tensor and DTensor" / "no sharding strategy").
-        problems.append(Problem("optim.name", f"{recipe.optim.name} (bitsandbytes) cannot update FSDP's sharded "
-                                "DTensor parameters", hint="use optim.name: adamw with fsdp, or strategy.name: "
-                                "ddp/zero1/zero2/zero3 for the 8-bit or paged optimizer"))
-    method = recipe.method
-    if not isinstance(method, QLoraMethod) or method.bits != 8:
-        return problems
-    if method.quant_storage != "auto":
-        problems.append(Problem("method.quant_storage", "quant_storage applies to packed 4-bit weights only; 8-bit "
-                                "weights are stored as int8", hint="remove method.quant_storage, or set bits: 4"))
-    if strategy == "zero3":
-        problems.append(Problem("method.bits", "8-bit (LLM.int8) weights cannot be partitioned by zero3: it "
-                                "partitions floating-point parameters only",
-                                hint="use bits: 4 (quant_storage auto shards them), or strategy ddp/zero1/zero2"))
-    return problems
 
 
 def quant_warnings(recipe: Recipe, resources: "Resources", memory: "MemoryPlan | None") -> list[str]:

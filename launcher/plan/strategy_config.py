@@ -1,4 +1,4 @@
-"""Resolved strategy settings (the complete DeepSpeed JSON, the FSDP settings) and the strategy compatibility checks.
+"""Resolved strategy settings: the complete DeepSpeed JSON, the FSDP and DDP settings (their checks: checks.py).
 
 Planning side: no torch, no deepspeed. Every value is resolved here, never `"auto"`, so that what a rank runs is
 exactly what `launch plan` printed and what RUN_DIR/ds_config.json holds. The ranks re-derive only the batch fields,
@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.config.recipe import Problem
-from launcher.config.schema import DeepSpeedOptions, QuantFields, Recipe
+from launcher.config.schema import DeepSpeedOptions, Recipe
 from launcher.strategies import spec as strategy_spec
 
 if TYPE_CHECKING:
@@ -22,10 +21,6 @@ DS_CONFIG_FILE = "ds_config.json"
 
 # The memory planner's rows that imply options (the registry's memory_rows, launcher/strategies): `auto` may pick them.
 _ROW_OFFLOAD = {"zero3_offload_optimizer": ("cpu", "none"), "zero3_offload": ("cpu", "cpu")}
-
-
-def uses_fused_ce(recipe: Recipe) -> bool:
-    return recipe.kernels == "all" or "fused_ce" in recipe.kernels
 
 
 def model_hidden_size(recipe: Recipe) -> int | None:
@@ -167,76 +162,3 @@ def write_strategy_files(run_dir: Path, plan_json: dict[str, Any]) -> Path | Non
     return path
 
 
-# --------------------------------------------------------------------------------------------------------- checks
-def check_strategy(recipe: Recipe, resources: "Resources", strategy: str) -> list[Problem]:
-    """Combinations of strategy, options, method and kernels that cannot work. Each says what to change."""
-    problems: list[Problem] = []
-    ds, fsdp, method = recipe.strategy.deepspeed, recipe.strategy.fsdp, recipe.method
-    capabilities = strategy_spec(strategy)
-    stage = capabilities.zero_stage
-    explicit = recipe.strategy.name != "auto"
-
-    # Options for a strategy that is not the one running are silently ignored otherwise.
-    if explicit and capabilities.options != "deepspeed" and ds.model_fields_set:
-        problems.append(Problem("strategy.deepspeed", f"DeepSpeed options are set but strategy.name is {strategy}",
-                                hint="remove strategy.deepspeed, or set strategy.name to zero1, zero2 or zero3"))
-    if explicit and capabilities.options != "fsdp" and fsdp.model_fields_set:
-        problems.append(Problem("strategy.fsdp", f"FSDP options are set but strategy.name is {strategy}",
-                                hint="remove strategy.fsdp, or set strategy.name: fsdp"))
-
-    if stage is not None:
-        if stage < 3 and ds.offload_params != "none":
-            problems.append(Problem(
-                "strategy.deepspeed.offload_params",
-                f"ZeRO-{stage} keeps a full copy of the weights on every rank, so offload_params "
-                f"({ds.offload_params}) would be ignored",
-                hint="set strategy.name: zero3, or strategy.deepspeed.offload_params: none"))
-        if stage < 3 and ds.offload_optimizer == "nvme":
-            problems.append(Problem(
-                "strategy.deepspeed.offload_optimizer",
-                f"NVMe optimizer offload (ZeRO-Infinity) needs ZeRO-3; ZeRO-{stage} would silently use CPU memory",
-                hint="set strategy.name: zero3, or strategy.deepspeed.offload_optimizer: cpu"))
-        uses_nvme = "nvme" in (ds.offload_optimizer, ds.offload_params)
-        if uses_nvme and not ds.nvme_path:
-            problems.append(Problem("strategy.deepspeed.nvme_path", "nvme offload needs a directory",
-                                    hint="set strategy.deepspeed.nvme_path to a directory on a local NVMe disk"))
-        if ds.nvme_path and not uses_nvme:
-            problems.append(Problem("strategy.deepspeed.nvme_path", "nvme_path is set but nothing is offloaded to nvme",
-                                    hint="set offload_optimizer/offload_params: nvme, or remove nvme_path"))
-        if resources.device == "cpu" and (ds.offload_optimizer != "none" or ds.offload_params != "none"):
-            problems.append(Problem("strategy.deepspeed", "offloading to CPU/NVMe needs GPUs (on CPU everything "
-                                    "already lives in CPU memory)", hint="set offload_optimizer/offload_params: none"))
-        if stage == 3 and uses_fused_ce(recipe):
-            problems.append(Problem(
-                "kernels",
-                "fused_ce reads lm_head.weight directly inside the loss, so ZeRO-3 never gathers the partitioned "
-                "weight (it only gathers around a module's forward): the loss would use an empty tensor",
-                hint="remove fused_ce from kernels, or use strategy.name: zero2 / fsdp"))
-
-    if capabilities.options == "fsdp":
-        world = resources.world_size
-        if fsdp.hybrid_shard_size is not None and (world % fsdp.hybrid_shard_size or fsdp.hybrid_shard_size > world):
-            problems.append(Problem("strategy.fsdp.hybrid_shard_size",
-                                    f"hybrid_shard_size({fsdp.hybrid_shard_size}) must divide the world size({world})",
-                                    hint=f"use a divisor of {world}, e.g. the GPUs per node"))
-        if fsdp.cpu_offload and resources.device == "cpu":
-            problems.append(Problem("strategy.fsdp.cpu_offload", "cpu_offload needs GPUs (on CPU the shards are "
-                                    "already in CPU memory)", hint="set strategy.fsdp.cpu_offload: false"))
-        if "float16" in (recipe.model.dtype, fsdp.param_dtype):
-            problems.append(Problem("strategy.fsdp.param_dtype", "float16 under FSDP needs a sharded gradient "
-                                    "scaler, which this trainer does not have", hint="use bfloat16"))
-        # Our FSDP wrap keeps lm_head in the root unit, whose parameters stay gathered for the whole forward, so a
-        # fused CE reading lm_head.weight sees the full tensor. Tied embeddings are in the root unit too.
-
-    if isinstance(method, QuantFields):
-        if method.bits == 8 and capabilities.dtensor_parameters:
-            problems.append(Problem(
-                "method.bits", "8-bit weights (LLM.int8 Int8Params with their SCB statistics) cannot be sharded by "
-                "FSDP", hint="use method.bits: 4 with quant_storage matching model.dtype, or strategy.name: ddp"))
-        elif capabilities.shards_parameters and method.quant_storage not in ("auto", recipe.model.dtype):
-            problems.append(Problem(
-                "method.quant_storage",
-                f"{strategy} shards the packed 4-bit weights as {method.quant_storage} tensors, but the other weights "
-                f"are {recipe.model.dtype}: every sharded tensor of a unit must share one dtype",
-                hint=f"set method.quant_storage: {recipe.model.dtype} (or auto)"))
-    return problems

@@ -1,0 +1,184 @@
+"""Every cross-field check of a plan, in one place: combinations of recipe, resources and strategy that can never
+work (a Problem each, naming the key, what is wrong with the values, and the fix), and what this version cannot run
+yet although the recipe is valid (`unsupported`).
+
+Single fields are validated by the schema (launcher/config/schema.py); these need several fields, the resources or
+the resolved strategy. `make_plan` runs them all and raises one RecipeError listing every problem, each located at
+the YAML file:line of the key it names (LoadedRecipe.with_locations). Torch-free.
+"""
+
+from __future__ import annotations
+
+from launcher.config.recipe import Problem
+from launcher.config.schema import LoraFields, QLoraMethod, QuantFields, Recipe
+from launcher.plan.resources import Resources
+from launcher.strategies import STRATEGIES
+from launcher.strategies import spec as strategy_spec
+
+IMPLEMENTED_STRATEGIES = tuple(STRATEGIES)
+"""Strategies whose rank-side implementation exists (the registry). Others accepted by the schema can be planned, and
+are refused with a clear message rather than failing after a job has queued for hours."""
+
+def problems(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
+    """All of them, in the order a reader meets the keys: recipe-wide, then strategy, then quantization."""
+    return recipe_problems(recipe, resources) + strategy_problems(recipe, resources, strategy) + \
+        quant_problems(recipe, strategy)
+
+
+def uses_fused_ce(recipe: Recipe) -> bool:
+    return recipe.kernels == "all" or "fused_ce" in recipe.kernels
+
+
+def recipe_problems(recipe: Recipe, resources: Resources) -> list[Problem]:
+    """Recipe/resource combinations that can never work, whatever the strategy. Each names what to change."""
+    problems: list[Problem] = []
+    optim = recipe.optim
+    if optim.global_batch is not None and isinstance(optim.micro_batch, int):
+        actual = optim.micro_batch * optim.grad_accum * resources.world_size
+        if actual != optim.global_batch:
+            problems.append(Problem(
+                "optim.global_batch",
+                f"micro_batch({optim.micro_batch}) * grad_accum({optim.grad_accum}) * world_size"
+                f"({resources.world_size}) = {actual} != global_batch({optim.global_batch})",
+                hint=f"set optim.grad_accum={max(1, optim.global_batch // (optim.micro_batch * resources.world_size))}"
+                     " or change micro_batch"))
+    if recipe.early_stopping is not None and recipe.eval.every_steps is None:
+        problems.append(Problem("early_stopping", "early stopping needs periodic evaluation",
+                                hint="set eval.every_steps"))
+    if recipe.early_stopping is not None and recipe.early_stopping.metric == "eval_exact_match" and not recipe.eval.exact_match:
+        problems.append(Problem("early_stopping.metric", "eval_exact_match is watched but eval.exact_match is off",
+                                hint="set eval.exact_match: true"))
+    if recipe.eval.exact_match and not recipe.data.eval and recipe.data.eval_fraction == 0:
+        problems.append(Problem("eval.exact_match", "exact match needs held-out data",
+                                hint="add data.eval sources or set data.eval_fraction"))
+    if resources.device == "cpu" and recipe.model.dtype == "float16":
+        problems.append(Problem("model.dtype", "float16 training is not supported on CPU",
+                                hint="use float32 (or bfloat16) on CPU"))
+    fused_ce = uses_fused_ce(recipe)
+    lora_head = isinstance(recipe.method, LoraFields) and (
+        "lm_head" in recipe.method.modules_to_save
+        or (isinstance(recipe.method.target_modules, list) and "lm_head" in recipe.method.target_modules))
+    if fused_ce and lora_head:
+        problems.append(Problem("kernels", "fused_ce computes the loss from lm_head's plain weight, but the method "
+                                "wraps lm_head (modules_to_save or a LoRA target)",
+                                hint="drop fused_ce from kernels, or leave lm_head out of the adapter"))
+    if recipe.model.attn_implementation == "flash_attention_2" and resources.device == "cpu":
+        problems.append(Problem("model.attn_implementation", "flash_attention_2 needs a GPU",
+                                hint="use sdpa on CPU"))
+    return problems
+
+
+def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
+    """Combinations of strategy, options, method and kernels that cannot work. Each says what to change."""
+    problems: list[Problem] = []
+    ds, fsdp, method = recipe.strategy.deepspeed, recipe.strategy.fsdp, recipe.method
+    capabilities = strategy_spec(strategy)
+    stage = capabilities.zero_stage
+    explicit = recipe.strategy.name != "auto"
+
+    # Options for a strategy that is not the one running are silently ignored otherwise.
+    if explicit and capabilities.options != "deepspeed" and ds.model_fields_set:
+        problems.append(Problem("strategy.deepspeed", f"DeepSpeed options are set but strategy.name is {strategy}",
+                                hint="remove strategy.deepspeed, or set strategy.name to zero1, zero2 or zero3"))
+    if explicit and capabilities.options != "fsdp" and fsdp.model_fields_set:
+        problems.append(Problem("strategy.fsdp", f"FSDP options are set but strategy.name is {strategy}",
+                                hint="remove strategy.fsdp, or set strategy.name: fsdp"))
+
+    if stage is not None:
+        if stage < 3 and ds.offload_params != "none":
+            problems.append(Problem(
+                "strategy.deepspeed.offload_params",
+                f"ZeRO-{stage} keeps a full copy of the weights on every rank, so offload_params "
+                f"({ds.offload_params}) would be ignored",
+                hint="set strategy.name: zero3, or strategy.deepspeed.offload_params: none"))
+        if stage < 3 and ds.offload_optimizer == "nvme":
+            problems.append(Problem(
+                "strategy.deepspeed.offload_optimizer",
+                f"NVMe optimizer offload (ZeRO-Infinity) needs ZeRO-3; ZeRO-{stage} would silently use CPU memory",
+                hint="set strategy.name: zero3, or strategy.deepspeed.offload_optimizer: cpu"))
+        uses_nvme = "nvme" in (ds.offload_optimizer, ds.offload_params)
+        if uses_nvme and not ds.nvme_path:
+            problems.append(Problem("strategy.deepspeed.nvme_path", "nvme offload needs a directory",
+                                    hint="set strategy.deepspeed.nvme_path to a directory on a local NVMe disk"))
+        if ds.nvme_path and not uses_nvme:
+            problems.append(Problem("strategy.deepspeed.nvme_path", "nvme_path is set but nothing is offloaded to nvme",
+                                    hint="set offload_optimizer/offload_params: nvme, or remove nvme_path"))
+        if resources.device == "cpu" and (ds.offload_optimizer != "none" or ds.offload_params != "none"):
+            problems.append(Problem("strategy.deepspeed", "offloading to CPU/NVMe needs GPUs (on CPU everything "
+                                    "already lives in CPU memory)", hint="set offload_optimizer/offload_params: none"))
+        if stage == 3 and uses_fused_ce(recipe):
+            problems.append(Problem(
+                "kernels",
+                "fused_ce reads lm_head.weight directly inside the loss, so ZeRO-3 never gathers the partitioned "
+                "weight (it only gathers around a module's forward): the loss would use an empty tensor",
+                hint="remove fused_ce from kernels, or use strategy.name: zero2 / fsdp"))
+
+    if capabilities.options == "fsdp":
+        world = resources.world_size
+        if fsdp.hybrid_shard_size is not None and (world % fsdp.hybrid_shard_size or fsdp.hybrid_shard_size > world):
+            problems.append(Problem("strategy.fsdp.hybrid_shard_size",
+                                    f"hybrid_shard_size({fsdp.hybrid_shard_size}) must divide the world size({world})",
+                                    hint=f"use a divisor of {world}, e.g. the GPUs per node"))
+        if fsdp.cpu_offload and resources.device == "cpu":
+            problems.append(Problem("strategy.fsdp.cpu_offload", "cpu_offload needs GPUs (on CPU the shards are "
+                                    "already in CPU memory)", hint="set strategy.fsdp.cpu_offload: false"))
+        if "float16" in (recipe.model.dtype, fsdp.param_dtype):
+            problems.append(Problem("strategy.fsdp.param_dtype", "float16 under FSDP needs a sharded gradient "
+                                    "scaler, which this trainer does not have", hint="use bfloat16"))
+        # Our FSDP wrap keeps lm_head in the root unit, whose parameters stay gathered for the whole forward, so a
+        # fused CE reading lm_head.weight sees the full tensor. Tied embeddings are in the root unit too.
+
+    if isinstance(method, QuantFields):
+        if method.bits == 8 and capabilities.dtensor_parameters:
+            problems.append(Problem(
+                "method.bits", "8-bit weights (LLM.int8 Int8Params with their SCB statistics) cannot be sharded by "
+                "FSDP", hint="use method.bits: 4 with quant_storage matching model.dtype, or strategy.name: ddp"))
+        elif capabilities.shards_parameters and method.quant_storage not in ("auto", recipe.model.dtype):
+            problems.append(Problem(
+                "method.quant_storage",
+                f"{strategy} shards the packed 4-bit weights as {method.quant_storage} tensors, but the other weights "
+                f"are {recipe.model.dtype}: every sharded tensor of a unit must share one dtype",
+                hint=f"set method.quant_storage: {recipe.model.dtype} (or auto)"))
+    return problems
+
+
+def quant_problems(recipe: Recipe, strategy: str) -> list[Problem]:
+    """Quantization settings that cannot work. Each names the key and the fix.
+
+    The sharding rules shared with FSDP (8-bit weights under fsdp; a quant_storage other than the model dtype under
+    fsdp/zero3) are in `strategy_problems` with the rest of the strategy checks; these are the ones it leaves:
+    8-bit weights under ZeRO-3, a storage dtype given for 8-bit weights, and bitsandbytes optimizers under FSDP.
+    """
+    problems: list[Problem] = []
+    if recipe.optim.name != "adamw" and strategy_spec(strategy).dtensor_parameters:
+        # Measured (torch 2.13, bitsandbytes 0.50.2): under fully_shard the parameters are DTensors and bitsandbytes'
+        # update ops have no sharding rule ("got mixed torch.Tensor and DTensor" / "no sharding strategy").
+        problems.append(Problem("optim.name", f"{recipe.optim.name} (bitsandbytes) cannot update FSDP's sharded "
+                                "DTensor parameters", hint="use optim.name: adamw with fsdp, or strategy.name: "
+                                "ddp/zero1/zero2/zero3 for the 8-bit or paged optimizer"))
+    method = recipe.method
+    if not isinstance(method, QLoraMethod) or method.bits != 8:
+        return problems
+    if method.quant_storage != "auto":
+        problems.append(Problem("method.quant_storage", "quant_storage applies to packed 4-bit weights only; 8-bit "
+                                "weights are stored as int8", hint="remove method.quant_storage, or set bits: 4"))
+    if strategy == "zero3":
+        problems.append(Problem("method.bits", "8-bit (LLM.int8) weights cannot be partitioned by zero3: it "
+                                "partitions floating-point parameters only",
+                                hint="use bits: 4 (quant_storage auto shards them), or strategy ddp/zero1/zero2"))
+    return problems
+
+
+def unsupported(recipe: Recipe, strategy: str, world_size: int = 1) -> list[str]:
+    """What this version cannot run yet, although the recipe is valid (planning and sizing still work)."""
+    reasons = []
+    if recipe.method.name == "qlora" and strategy in STRATEGIES and STRATEGIES[strategy].broadcasts_from_rank0 \
+            and world_size > 1:
+        # FSDP ranks other than 0 start from an empty (meta) model and receive rank 0's weights; that broadcast does
+        # not carry bitsandbytes' quantization state yet, so their layers would not match rank 0's.
+        reasons.append("method.name: qlora under fsdp on more than one rank is not supported yet "
+                       "(use strategy ddp or zero2, or one rank)")
+    if strategy not in IMPLEMENTED_STRATEGIES:
+        reasons.append(f"strategy.name: strategy {strategy!r} is not implemented in this version "
+                       f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)}; `auto` without --gpu-mem picks ddp)")
+    return reasons
