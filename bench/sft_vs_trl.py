@@ -19,7 +19,7 @@ max_length 128, seed 0) through `launcher.config.recipe.load_recipe` with the sa
 checkpoints, no TensorBoard, no progress bar, a metrics row every step), so every number below comes from one place.
 
 * Ours: the real entry point `launcher.train.job.run_job(run_dir)` on a run directory planned like `launch` plans it
-  (tests/test_train.py's `start_run`/`run`). Nothing in launcher/ is edited; the child process only wraps
+  (tests/train/test_train.py's `start_run`/`run`). Nothing in launcher/ is edited; the child process only wraps
   `Trainer.train_step` (timestamps) and `launcher.train.trainer.collate` (token count) at run time.
 * TRL: `SFTTrainer` with `SFTConfig(assistant_only_loss=True, packing=<flag>, max_length, bf16=False,
   gradient_checkpointing=<recipe, False>, report_to="none", save_strategy="no", eval_strategy="no",
@@ -640,12 +640,13 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, overrides).recipe
     # The children get a private FTLAUNCH_CACHE (fresh tokenization cache) whose models/ is the real converted-model
     # cache, filled here once, so neither side's figures contain a GGUF conversion.
-    from launcher.common.gguf import convert_gguf_to_hf, default_cache_root, resolve_gguf
+    from launcher.common.cache import models_cache_dir
+    from launcher.common.gguf import convert_gguf_to_hf, resolve_gguf
 
     if recipe.model.gguf:
         convert_gguf_to_hf(resolve_gguf(recipe.model.gguf))
     (workdir / "cache").mkdir()
-    models = default_cache_root()
+    models = models_cache_dir()
     models.mkdir(parents=True, exist_ok=True)
     (workdir / "cache" / "models").symlink_to(models, target_is_directory=True)
 

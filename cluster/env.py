@@ -104,7 +104,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
     tests, CI, a laptop, the planning side), scontrol needs a readable slurm.conf even to parse a string,
     and a subprocess per rank at start-up is slow and one more thing to fail. It is also stricter:
     scontrol 22.05 rejects ``gpu[1,3-4]-ib`` and turns an unclosed ``n[1-2`` into ``n]``; we accept the
-    first and raise on the second. tests/test_cluster_env.py cross-checks us against scontrol where it exists.
+    first and raise on the second. tests/cluster/test_env.py cross-checks us against scontrol where it exists.
     """
     hosts: list[str] = []
     for item in _split_top_level(nodelist.strip()):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import SubmitError
-from launcher.common.rundir import claim_run_dir, next_run_dir
+from launcher.common.rundir import claim_run_dir, next_run_dir, release_run_dir
 from launcher.config.recipe import LoadedRecipe
 from launcher.plan.build import Plan
 from launcher.plan.files import write_plan
@@ -124,7 +124,7 @@ class Executor(ABC):
             run = self.check(run)
             self.write(run)
         except BaseException:
-            _release(run_dir)
+            release_run_dir(run_dir)
             raise
         return run
 
@@ -135,7 +135,7 @@ class Executor(ABC):
         """`launch plan`: the plan written to its run directory, nothing started; warnings about the request."""
         run = self.plan_run(loaded, new_run_dir(loaded))
         if not run.run_dir.exists():
-            run_dir = claim_run_dir(run.run_dir.parent, run.run_dir.name)
+            run_dir = claim_run_dir(run.run_dir.parent, run.run_dir.name, own=False)
             if run_dir != run.run_dir:
                 run = self.plan_run(loaded, run_dir)
         self.write(run)
@@ -155,10 +155,3 @@ class Executor(ABC):
 
         return cancel_run(run_dir)
 
-
-def _release(run_dir: Path) -> None:
-    """Give back a run directory claimed by a submission that was then refused, if nothing was written to it."""
-    try:
-        run_dir.rmdir()  # only succeeds while it is empty
-    except OSError:
-        pass

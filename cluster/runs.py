@@ -22,7 +22,7 @@ from typing import Any
 from rich.table import Table
 
 from cluster.slurm import CLUSTER_FILE, JOBS_FILE, SlurmError
-from launcher.common.rundir import PLAN_FILE
+from launcher.common.rundir import METRICS_FILE, PLAN_FILE
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
@@ -121,7 +121,7 @@ def _quiet(cmd: list[str]) -> str:
 
 
 def _last_train_row(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return None
     for line in reversed(path.read_text().splitlines()):
@@ -136,7 +136,7 @@ def _last_train_row(run_dir: Path) -> dict[str, Any] | None:
 
 def _local_state(run_dir: Path) -> tuple[str, str | None]:
     """State and elapsed time of a run started on this machine, from its files."""
-    logs, metrics = run_dir / "logs", run_dir / "metrics.jsonl"
+    logs, metrics = run_dir / "logs", run_dir / METRICS_FILE
     if not logs.is_dir():
         return "PLANNED", None
     last = max((p.stat().st_mtime for p in (metrics, *logs.glob("rank*.log")) if p.exists()), default=None)
@@ -191,7 +191,7 @@ def list_runs(root: Path, limit: int = 20) -> list[RunStatus]:
     dirs = [p for p in root.iterdir() if (p / PLAN_FILE).is_file()]
 
     def activity(p: Path) -> float:
-        return max((f.stat().st_mtime for f in (p / PLAN_FILE, p / "metrics.jsonl", p / JOBS_FILE) if f.exists()))
+        return max((f.stat().st_mtime for f in (p / PLAN_FILE, p / METRICS_FILE, p / JOBS_FILE) if f.exists()))
 
     return [run_status(p) for p in sorted(dirs, key=activity, reverse=True)[:limit]]
 

@@ -5,7 +5,7 @@
 * `kernels` imports nothing from `launcher` or `cluster`; `cluster` nothing from the rank side;
 * no import cycles, lazy and TYPE_CHECKING imports counted.
 
-One end-to-end check stays: `launch plan` really loads no torch (tests/test_plan.py runs it in a subprocess).
+One end-to-end check stays: `launch plan` really loads no torch (tests/plan/test_plan.py runs it in a subprocess).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ SPEC.json: {"device", "workdir", "runs": [{"name", "recipe", "steps", "save_at"}
      step. What a broken resume changes (the optimizer moments, the LR schedule position, the data position, the
      adapter weights) moves the loss by far more than that; what it cannot remove (non-deterministic reductions in
      the attention backward on the GPU) moves it far less. On the CPU (gloo, float32) the curves are bitwise equal
-     (tests/test_train.py), so the same bound is loose there.
+     (tests/train/test_train.py), so the same bound is loose there.
 """
 
 from __future__ import annotations

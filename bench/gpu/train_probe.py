@@ -75,7 +75,7 @@ def run_config(config: dict[str, Any], device_name: str, workdir: Path) -> dict[
     with strategy.model_init():
         model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
                             dtype=strategy.weights_dtype(recipe.model.dtype))
-    trainer = Trainer(plan, recipe, strategy, model, tokenizer, data, device)
+    trainer = Trainer(Path(plan.run_dir), recipe, strategy, model, tokenizer, data, device)
     setup_s = time.perf_counter() - started
     trainable, total = count_parameters(unwrap(trainer.model))
     stream = trainer._batch_stream()

@@ -10,7 +10,6 @@ from cluster.local import LocalExecutor
 from cluster.slurm_executor import SlurmExecutor, SlurmRequest
 from launcher.config.schema import Recipe
 from launcher.plan.build import local_gpu_count
-from launcher.plan.memory import parse_size
 from launcher.plan.resources import Resources
 
 
@@ -51,6 +50,18 @@ def layout_given(args: argparse.Namespace) -> bool:
 def on_slurm(args: argparse.Namespace) -> bool:
     """Slurm when asked for several nodes or a cluster profile; this machine otherwise."""
     return nodes(args) > 1 or args.cluster is not None
+
+
+def parse_size(text: str) -> int:
+    """`80GiB`, `80GB`, `141G`, `24576MiB` -> bytes (GB = 10^9, GiB and bare G = 2^30, as nvidia-smi prints GiB)."""
+    units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "tb": 10**12, "gb": 10**9, "mb": 10**6, "t": 2**40,
+             "g": 2**30, "m": 2**20, "": 1}
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number):]
+    if unit not in units or not number:
+        raise ValueError(f"cannot read a memory size from {text!r}: write e.g. 80GiB, 141GB or 24576MiB")
+    return int(float(number) * units[unit])
 
 
 def gpu_mem(args: argparse.Namespace) -> int | None:

@@ -21,13 +21,13 @@ import time
 import uuid
 from pathlib import Path
 
+from launcher.common.cache import models_cache_dir
+
 __all__ = [
     "COMPLETE_MARKER",
     "cache_key",
     "convert_gguf_to_hf",
     "converted_dir",
-    "default_cache_root",
-    "ftlaunch_cache",
     "is_complete",
     "resolve_gguf",
 ]
@@ -101,18 +101,6 @@ def resolve_gguf(spec: str) -> Path:
     return path.resolve()
 
 
-def ftlaunch_cache() -> Path:
-    """ftlaunch's whole cache: ``$FTLAUNCH_CACHE`` when set, else ``~/.cache/ftlaunch``. Converted models live in
-    ``models/`` (:func:`default_cache_root`), tokenized datasets in ``tokenized/`` (launcher/train/prepare.py)."""
-    env = os.environ.get("FTLAUNCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ftlaunch"
-
-
-def default_cache_root() -> Path:
-    """Directory holding converted models: ``<ftlaunch_cache()>/models``."""
-    return ftlaunch_cache() / "models"
-
-
 def cache_key(gguf_path: Path) -> str:
     """Short content key for a GGUF file: sha256 of its size and first MiB (12 hex chars)."""
     h = hashlib.sha256()
@@ -125,7 +113,7 @@ def cache_key(gguf_path: Path) -> str:
 def converted_dir(gguf_path: Path, cache_root: Path | None = None) -> Path:
     """Where the conversion of `gguf_path` is (or will be): ``<cache_root>/<stem>-<cache_key>``."""
     gguf_path = Path(gguf_path).expanduser().resolve()
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    root = Path(cache_root).expanduser() if cache_root is not None else models_cache_dir()
     return root / f"{gguf_path.stem}-{cache_key(gguf_path)}"
 
 
@@ -182,7 +170,7 @@ def convert_gguf_to_hf(gguf_path: Path, cache_root: Path | None = None) -> Path:
     Args:
         gguf_path: Path of the ``.gguf`` file (see :func:`resolve_gguf`).
         cache_root: Directory for converted models; defaults to
-            :func:`default_cache_root`.
+            :func:`launcher.common.cache.models_cache_dir`.
 
     Returns:
         The converted model directory (load it with ``from_pretrained(dir)``).

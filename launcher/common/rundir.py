@@ -26,6 +26,8 @@ from typing import Any
 PLAN_FILE = "plan.json"
 PLAN_HISTORY_DIR = "plan-history"
 METRICS_FILE = "metrics.jsonl"
+CLAIM_FILE = ".claimed"
+"""Created (O_EXCL) by the launch that owns a run directory: of two launches racing for one name, one gets it."""
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -77,18 +79,39 @@ def next_run_dir(root: Path, name: str) -> Path:
     raise RuntimeError(f"more than 10000 runs named {name!r} under {root}")
 
 
-def claim_run_dir(root: Path, name: str) -> Path:
-    """Create and return the next run directory; safe against two launches racing for the same name."""
+def claim_run_dir(root: Path, name: str, *, own: bool = True) -> Path:
+    """Create (or reuse, when only planned) and return the next run directory of `name`.
+
+    own=True (a launch): the directory becomes this process's alone. Two launches racing for one name both may see
+    it free, but only one creates its CLAIM_FILE (O_EXCL, atomic on local and NFSv3+ file systems); the other
+    moves on to the next name. own=False (`launch plan`): the directory stays free for the next launch to reuse."""
     root.mkdir(parents=True, exist_ok=True)
     while True:
         candidate = next_run_dir(root, name)
         try:
             candidate.mkdir()
         except FileExistsError:
-            if is_fresh(candidate):
-                return candidate
-            continue  # another launch took it between our look and our mkdir
+            if not is_fresh(candidate):
+                continue  # another launch took it between our look and our mkdir
+        if not own:
+            return candidate
+        try:
+            fd = os.open(candidate / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.uname().nodename} {os.getpid()}\n")
         return candidate
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Give back a directory claimed by a launch that was then refused: it is removed when nothing else was written
+    to it, and is free again (a planned run) when it held a plan before."""
+    (run_dir / CLAIM_FILE).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()  # only succeeds while it is empty
+    except OSError:
+        pass
 
 
 def runs_of(root: Path, name: str) -> list[Path]:

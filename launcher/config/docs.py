@@ -1,5 +1,5 @@
 """docs/recipes.md, generated from the recipe schema's field docstrings: one table per section, every key with its
-type, default and meaning. The schema is the single source; tests/test_recipe_docs.py fails when the file is stale.
+type, default and meaning. The schema is the single source; tests/config/test_recipe_docs.py fails when the file is stale.
 
     python -m launcher.config.docs            # rewrite docs/recipes.md
     python -m launcher.config.docs --check    # exit 1 when docs/recipes.md differs from what the schema gives

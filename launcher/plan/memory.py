@@ -151,15 +151,3 @@ def _trainable(recipe: Recipe, counts: mem.ParamCounts, args: dict[str, Any]) ->
     if isinstance(method, FreezeMethod):
         return int(args.get("trainable_params", 0))
     return counts.total
-
-
-def parse_size(text: str) -> int:
-    """`80GiB`, `80GB`, `141G`, `24576MiB` -> bytes (GB = 10^9, GiB and bare G = 2^30, as nvidia-smi prints GiB)."""
-    units = {"tib": 2**40, "gib": 2**30, "mib": 2**20, "tb": 10**12, "gb": 10**9, "mb": 10**6, "t": 2**40,
-             "g": 2**30, "m": 2**20, "": 1}
-    cleaned = text.strip().lower().replace(" ", "")
-    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = cleaned[len(number):]
-    if unit not in units or not number:
-        raise ValueError(f"cannot read a memory size from {text!r}: write e.g. 80GiB, 141GB or 24576MiB")
-    return int(float(number) * units[unit])

@@ -2,7 +2,7 @@
 quantized bases (`method: qlora`) and for the bitsandbytes optimizers.
 
 Planning side: pydantic only, no torch and no bitsandbytes import (what bitsandbytes does on CPU was measured, see
-tests/test_quant.py, and is encoded here).
+tests/train/test_quant.py, and is encoded here).
 """
 
 from __future__ import annotations

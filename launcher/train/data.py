@@ -29,7 +29,7 @@ and flex attention, and flash-attention uses the same position ids for its varle
     `use_cache=False` (the trainer does). With a cache object (e.g. `model.eval()` and default `use_cache=True`)
     packed examples DO attend to each other, silently.
   - a 2-D attention_mask disables the detection, so never add one to a packed batch.
-  tests/test_data.py checks that each example's logits inside a packed row equal its logits alone (eager and sdpa).
+  tests/train/test_data.py checks that each example's logits inside a packed row equal its logits alone (eager and sdpa).
 
 Cache. `cache_key(cfg, tokenizer)` = hash(`data_fingerprint(cfg)`, `tokenizer_fingerprint(tokenizer)`).
 `data_fingerprint` hashes the data files (path, size, mtime) and every DataConfig field that changes the result, with

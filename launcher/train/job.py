@@ -13,9 +13,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from launcher.common.exits import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK  # noqa: F401 (re-exported)
 from launcher.common.logs import setup_logging
+
+if TYPE_CHECKING:
+    from launcher.config.schema import Recipe
+    from launcher.strategies.base import Strategy
+    from launcher.train.data import DataBundle
+    from launcher.train.trainer import Trainer
 
 log = logging.getLogger("ftlaunch")
 
@@ -65,7 +72,7 @@ def run_job(run_dir: Path) -> int:
         with strategy.model_init():  # ZeRO-3 partitions while loading; FSDP ranks > 0 build on meta
             model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
                                 dtype=strategy.weights_dtype(recipe.model.dtype))
-        trainer = Trainer(plan, recipe, strategy, model, tokenizer, data, device)
+        trainer = Trainer(run_dir, recipe, strategy, model, tokenizer, data, device)
         try:
             result = trainer.run()
         except NonFiniteError as err:
@@ -95,27 +102,27 @@ def run_job(run_dir: Path) -> int:
             dist.destroy_process_group()
 
 
-def _prepare_data(recipe: "object", strategy: "object") -> tuple[object, object]:
+def _prepare_data(recipe: "Recipe", strategy: "Strategy") -> "tuple[Any, DataBundle]":
     """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. On Slurm a CPU job has
     usually filled it already (launcher/train/prepare.py)."""
     from launcher.train.data import cache_entry, tokenize_into
-    from launcher.train.prepare import tokenized_cache_dir
+    from launcher.common.cache import tokenized_cache_dir
     from launcher.common.model_files import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.model)  # type: ignore[attr-defined]
-    if not strategy.is_main:  # type: ignore[attr-defined]
-        strategy.barrier()  # type: ignore[attr-defined]
-    entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir())  # type: ignore[attr-defined]
+    tokenizer = load_tokenizer(recipe.model)
+    if not strategy.is_main:
+        strategy.barrier()
+    entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir())
     cached = entry.is_file()
-    data = tokenize_into(entry, recipe.data, tokenizer)  # type: ignore[attr-defined]
-    if strategy.is_main:  # type: ignore[attr-defined]
+    data = tokenize_into(entry, recipe.data, tokenizer)
+    if strategy.is_main:
         log.info("data (%s %s): %s", "read from the tokenization cache" if cached else "tokenized into the cache",
                  entry.stem, "  ".join(f"{name}={value}" for name, value in data.stats.items()))
-        strategy.barrier()  # type: ignore[attr-defined]
+        strategy.barrier()
     return tokenizer, data
 
 
-def _finish(trainer: "object", run_dir: Path, merge: bool, from_checkpoint: bool) -> None:
+def _finish(trainer: "Trainer", run_dir: Path, merge: bool, from_checkpoint: bool) -> None:
     from launcher.train.model import unwrap
     from launcher.train.outputs import plot_losses, save_outputs
 
@@ -124,9 +131,9 @@ def _finish(trainer: "object", run_dir: Path, merge: bool, from_checkpoint: bool
 
         written = write_outputs_from_checkpoint(run_dir, merge, run_dir)
     else:
-        written = save_outputs(unwrap(trainer.model), trainer.tokenizer, run_dir, merge)  # type: ignore[attr-defined]
+        written = save_outputs(unwrap(trainer.model), trainer.tokenizer, run_dir, merge)
     plot = plot_losses(run_dir)
-    history = trainer.state.history  # type: ignore[attr-defined]
+    history = trainer.state.history
     if history:
         first, last = history[0], history[-1]
         for key in sorted(k for k in last if k.startswith("eval_")):

@@ -207,10 +207,6 @@ def build_model(recipe: Recipe, device: torch.device, meta: bool = False, dtype:
     return apply_method(model, recipe)
 
 
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts. ZeRO-3 leaves each rank an empty placeholder per parameter and keeps the
     full size in `ds_numel`."""

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from launcher.common.rundir import METRICS_FILE
+
 log = logging.getLogger("ftlaunch")
 
 
@@ -61,7 +63,7 @@ def merge_into_unquantized_base(model: torch.nn.Module, adapter_dir: Path) -> to
 
 def plot_losses(run_dir: Path) -> Path | None:
     """RUN_DIR/loss.png: train loss per step and eval loss per evaluation, from metrics.jsonl."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     if not metrics.is_file():
         return None
     import matplotlib

@@ -22,16 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.common.gguf import ftlaunch_cache
+from launcher.common.cache import tokenized_cache_dir
 from launcher.common.exits import EXIT_BAD_INPUT, EXIT_OK
 from launcher.common.logs import setup_logging
 
 log = logging.getLogger("ftlaunch")
-
-
-def tokenized_cache_dir() -> Path:
-    """Where tokenized datasets are cached: `$FTLAUNCH_CACHE/tokenized` (default ~/.cache/ftlaunch/tokenized)."""
-    return ftlaunch_cache() / "tokenized"
 
 
 def missing_preparation(recipe: Any) -> str | None:

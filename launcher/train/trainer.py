@@ -27,11 +27,11 @@ from typing import Any, Iterator
 
 import torch
 
+from launcher.common.rundir import METRICS_FILE
 from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from launcher.train.data import DataBundle, collate
 from launcher.train.loss import count_label_tokens, forward_loss_sum, input_tokens
 from launcher.train.model import count_parameters, unwrap
-from launcher.plan.build import Plan
 from launcher.config.schema import OptimConfig, Recipe
 from launcher.strategies.base import Strategy
 
@@ -165,10 +165,9 @@ class RunResult:
 class Trainer:
     """Owns the model, optimizer, data and state of one rank for one run."""
 
-    def __init__(self, plan: Plan, recipe: Recipe, strategy: Strategy, model: torch.nn.Module,
+    def __init__(self, run_dir: Path, recipe: Recipe, strategy: Strategy, model: torch.nn.Module,
                  tokenizer: Any, data: DataBundle, device: torch.device) -> None:
-        self.plan, self.recipe, self.strategy, self.device = plan, recipe, strategy, device
-        self.run_dir = Path(plan.run_dir)
+        self.run_dir, self.recipe, self.strategy, self.device = run_dir, recipe, strategy, device
         self.tokenizer = tokenizer
         self.data = data
         self.fused_ce = "fused_ce" in recipe.kernels or recipe.kernels == "all"
@@ -369,7 +368,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter

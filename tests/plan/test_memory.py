@@ -13,7 +13,7 @@ import pytest
 
 from launcher.plan import memory_model as mem
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ["llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "qwen2.5-7b", "qwen2.5-72b", "mistral-7b", "mixtral-8x7b"]
 PUBLISHED_TOTAL_B = {  # model cards / papers, in billions (rounded as published)
     "llama-3.1-8b": 8.03,

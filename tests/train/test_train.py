@@ -310,7 +310,7 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-LOSS_CURVES = Path(__file__).parent / "golden" / "loss_curves.json"
+LOSS_CURVES = Path(__file__).resolve().parents[1] / "golden" / "loss_curves.json"
 
 
 @pytest.mark.parametrize("method", [{"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0}, {"name": "full"}],
@@ -318,7 +318,7 @@ LOSS_CURVES = Path(__file__).parent / "golden" / "loss_curves.json"
 def test_pinned_loss_curve(tmp_path: Path, tiny_model_dir: Path, method: dict) -> None:
     """The first 10 step losses of a tiny CPU run with a fixed seed, pinned to 1e-5: a change that shifts every run
     alike (loss normalisation, schedule, data order, init) fails here even though N-rank vs 1-rank still agree.
-    Refresh after an intended change: FTLAUNCH_UPDATE_GOLDEN=1 pytest tests/test_train.py -k pinned."""
+    Refresh after an intended change: FTLAUNCH_UPDATE_GOLDEN=1 pytest tests/train/test_train.py -k pinned."""
     run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, method=method, eval={"at_start": False},
                                     optim={"lr": 3e-3, "max_steps": 10, "warmup_steps": 3, "schedule": "cosine",
                                            "micro_batch": 4, "grad_accum": 2, "seed": 3}))

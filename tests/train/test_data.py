@@ -20,7 +20,7 @@ from launcher.train.data import (IGNORE_INDEX, DataBundle, DataError, Example, b
 from launcher.config.schema import DataConfig, DataSource
 from tiny import EOS, sample_rows, write_dataset, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfg_for(path: Path, fmt: str = "messages", **kwargs: Any) -> DataConfig:
@@ -330,7 +330,8 @@ def test_prepare_fills_the_cache_the_job_reads(tmp_path: Path, tiny_model_dir: P
     """`python -m launcher.train.prepare RUN_DIR` (the Slurm CPU job) tokenizes into the cache under the key the ranks
     compute; before it, the submitting side says what is missing, after it nothing."""
     from launcher.plan.build import Resources, make_plan
-    from launcher.train.prepare import missing_preparation, prepare, tokenized_cache_dir
+    from launcher.common.cache import tokenized_cache_dir
+    from launcher.train.prepare import missing_preparation, prepare
     from launcher.config.recipe import load_recipe
     from launcher.common.rundir import write_json_atomic
     from launcher.common.model_files import load_tokenizer

@@ -15,7 +15,7 @@ from launcher.plan.build import Plan, Resources, make_plan
 from launcher.config.recipe import RecipeError, load_recipe
 from launcher.common.rundir import claim_run_dir, is_fresh, next_run_dir, runs_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "datasets", "trl")
 
 

@@ -14,7 +14,7 @@ from launcher.cli.main import main
 from launcher.plan.build import Plan, Resources, make_plan
 from launcher.config.recipe import RecipeError, load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LLAMA_70B = REPO / "recipes" / "models" / "llama-3.1-70b"
 GPU_4x8 = Resources(nodes=4, gpus_per_node=8, procs_per_node=8)
 

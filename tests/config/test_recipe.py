@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from launcher.config.recipe import RecipeError, deep_merge, load_recipe, parse_override
 from launcher.config.schema import LoraMethod, Recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p for p in (REPO / "recipes").glob("*.yaml"))
 MINIMAL = {"model": {"path": "model"}, "data": {"train": {"path": "train.jsonl"}}}
 

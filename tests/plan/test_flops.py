@@ -9,7 +9,7 @@ import pytest
 
 from launcher.plan.flops import peak_bf16_flops, training_flops_per_token
 
-MODELS = Path(__file__).resolve().parents[1] / "recipes" / "models"
+MODELS = Path(__file__).resolve().parents[2] / "recipes" / "models"
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 400, "max_position_embeddings": 128,

@@ -17,7 +17,7 @@ from cluster.slurm import (SlurmError, SlurmSettings, check_resources, check_sha
                            PartitionInfo, render_sbatch, require_slurm, resolve_settings, secret_values)
 from launcher.config.schema import ClusterConfig
 
-GOLDEN = Path(__file__).parent / "golden" / "job.sbatch"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "job.sbatch"
 HOSTILE = ["it's", 'say "hi"', "$(touch {canary})", "`touch {canary}`", "a; touch {canary}", "x' ; touch {canary} ; '",
            "\\$(touch {canary})", "$HOME ${PATH} *", "a && touch {canary} || touch {canary}"]
 

@@ -3,7 +3,7 @@ says it is planned for, plus each strategy of the 70B full recipe: a change to p
 or the memory planner shows up as a diff to review, not as a silent change in what jobs run.
 
 Volatile parts are normalised: the repository path, the Python interpreter, the run directory. Refresh after an
-intended change: `FTLAUNCH_UPDATE_GOLDEN=1 pytest tests/test_golden_plans.py`, then read the diff.
+intended change: `FTLAUNCH_UPDATE_GOLDEN=1 pytest tests/plan/test_golden_plans.py`, then read the diff.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from launcher.plan.build import Resources, make_plan
-from launcher.plan.memory import parse_size
+from launcher.cli.args import parse_size
 from launcher.config.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).parent / "golden" / "plans"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "plans"
 H100 = parse_size("80GiB")
 
 CASES: dict[str, tuple[str, list[str], Resources]] = {
@@ -64,7 +64,7 @@ def test_plan_matches_golden(name: str, tmp_path: Path, monkeypatch: pytest.Monk
             path.write_text(text)
         assert path.is_file(), f"no golden {path.name}; create it: FTLAUNCH_UPDATE_GOLDEN=1 pytest {__file__}"
         assert text == path.read_text(), (f"{path.name} changed; if intended: FTLAUNCH_UPDATE_GOLDEN=1 pytest "
-                                          "tests/test_golden_plans.py and review the diff")
+                                          "tests/plan/test_golden_plans.py and review the diff")
 
 
 def test_golden_files_are_all_used() -> None:

@@ -4,7 +4,7 @@ What bitsandbytes 0.50.2 does on CPU, measured and relied on here: Linear4bit (n
 quantization) and Linear8bitLt train through PEFT LoRA; AdamW8bit runs (8-bit moments for tensors of >= 4096
 elements) and its state round-trips through `state_dict`; the paged optimizers warn and run unpaged.
 
-Training runs go through `launcher.train.job.run_job` in this process, like tests/test_train.py. Planning tests import no
+Training runs go through `launcher.train.job.run_job` in this process, like tests/train/test_train.py. Planning tests import no
 torch.
 """
 
@@ -23,13 +23,13 @@ from launcher.plan.build import Resources, make_plan
 from launcher.config.recipe import RecipeError, load_recipe
 from launcher.common.rundir import claim_run_dir, write_json_atomic
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
 def _rows(n: int) -> list[dict[str, Any]]:
-    """The reverse-a-word task of tests/test_train.py, as messages."""
+    """The reverse-a-word task of tests/train/test_train.py, as messages."""
     return [{"messages": [{"role": "user", "content": f"reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
             for w in (WORDS[i % len(WORDS)] for i in range(n))]
 
