@@ -254,13 +254,11 @@ def child_ours(spec: dict[str, Any], kernels: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     import launcher.train.trainer as train_module
     from launcher.train.job import run_job
-    from launcher.plan.build import Resources, make_plan
-    from launcher.common.rundir import claim_run_dir, write_json_atomic
+    from cluster.local import LocalExecutor
+    from launcher.plan.resources import Resources
 
-    loaded = _load(spec, kernels=kernels)
-    run_dir = claim_run_dir(Path(loaded.recipe.output.root), loaded.recipe.name)
     resources = Resources(gpus_per_node=1) if spec["device"] == "cuda" else Resources()
-    write_json_atomic(run_dir / "plan.json", make_plan(loaded, resources, run_dir).to_json())
+    run_dir = LocalExecutor(resources).prepare(_load(spec, kernels=kernels)).run_dir
     probe = StepProbe(spec["steps"], spec["skip"], spec["profile"])
     pending = [0]  # real tokens collated since the last step ended
 

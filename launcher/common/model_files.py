@@ -1,5 +1,6 @@
-"""Where a recipe's model lives and its tokenizer: no torch, so the submitting process can compute the tokenization
-cache key (launcher/train/prepare.py) without paying for torch. launcher/train/model.py re-exports both."""
+"""Where a recipe's model loads from (its directory, or the cached conversion of its GGUF file) and its tokenizer.
+No torch: the submitting process computes the tokenization cache key (launcher/train/prepare.py) and the planner
+finds config.json (launcher/plan/memory.py) without paying for it."""
 
 from __future__ import annotations
 

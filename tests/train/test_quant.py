@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
+from cluster.local import LocalExecutor
 from launcher.plan.build import Resources, make_plan
 from launcher.config.recipe import RecipeError, load_recipe
-from launcher.common.rundir import claim_run_dir, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
@@ -65,10 +65,7 @@ def plan_for(recipe: Path, resources: Resources | None = None, overrides: list[s
 
 
 def start_run(recipe: Path) -> Path:
-    loaded = load_recipe(recipe)
-    run_dir = claim_run_dir(Path(loaded.recipe.output.root), loaded.recipe.name)
-    write_json_atomic(run_dir / "plan.json", make_plan(loaded, Resources(), run_dir).to_json())
-    return run_dir
+    return LocalExecutor(Resources()).prepare(load_recipe(recipe)).run_dir
 
 
 def run(run_dir: Path) -> int:

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.plan.build import Resources, make_plan
+from cluster.local import LocalExecutor
+from launcher.plan.resources import Resources
 from launcher.config.recipe import load_recipe
-from launcher.common.rundir import claim_run_dir, write_json_atomic
 
 pytestmark = pytest.mark.slow
 
@@ -75,10 +75,7 @@ def make_recipe(tmp_path: Path, model_dir: Path, fmt: str = "messages", **sectio
 
 def start_run(recipe: Path, overrides: list[str] | None = None) -> Path:
     loaded = load_recipe(recipe, overrides or [])
-    run_dir = claim_run_dir(Path(loaded.recipe.output.root), loaded.recipe.name)
-    plan = make_plan(loaded, Resources(), run_dir)
-    write_json_atomic(run_dir / "plan.json", plan.to_json())
-    return run_dir
+    return LocalExecutor(Resources()).prepare(loaded).run_dir  # what `launch` writes before the job starts
 
 
 def run(run_dir: Path) -> int:
