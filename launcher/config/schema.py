@@ -328,8 +328,9 @@ class OutputConfig(Section):
     root: str = "runs"
     """Directory holding run directories; relative to the current working directory."""
 
-    name: str | None = None
-    """Run name; default: the recipe's `name`. An existing run is never overwritten: a suffix is added."""
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
+    """Run name; default: the recipe's `name` (letters, digits, `.`, `_`, `-`: a directory under `root`, never a
+    path). An existing run is never overwritten: a suffix is added."""
 
     merge: bool = False
     """Also write a merged model (adapter folded into the base) under RUN_DIR/merged. With a quantized base (qlora)
@@ -420,6 +421,21 @@ class StrategyConfig(Section):
 # Slurm --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 SLURM_TIME_PATTERN = r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SLURM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+"""Partition, account and QOS names: what Slurm's own names hold, and nothing an `#SBATCH` line could misread."""
+SLURM_CONSTRAINT_PATTERN = r"^[A-Za-z0-9_.,&|*!()\[\]:-]+$"
+"""Node features joined by Slurm's operators (`h100&ib`, `[rack1|rack2]`, `a100*2`)."""
+
+
+def sbatch_unsafe(value: str) -> str | None:
+    """Why a value cannot go into an `#SBATCH` line, or None. sbatch reads those lines with its own parser: a
+    backslash escapes the next character even inside quotes, so no quoting (shlex's, submitit's) survives one; a
+    line break or any other control character ends or corrupts the line."""
+    if "\\" in value:
+        return "holds a backslash, which sbatch's #SBATCH parser reads as an escape whatever the quoting"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return "holds a control character (newline, tab, NUL, ...), which no #SBATCH line can carry"
+    return None
 SECRET_NAME_PARTS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD")
 
 
@@ -433,13 +449,13 @@ class ClusterConfig(Section):
     cluster/profiles/NAME.yaml); set fields override the profile; `--nodes/--gpus-per-node/--partition/--time`
     override both. Values are shell-quoted wherever they are written; none may hold a newline."""
 
-    partition: str | None = None
+    partition: str | None = Field(default=None, pattern=SLURM_NAME_PATTERN)
     """Slurm partition (`--partition`). Checked against `sinfo` before submitting."""
 
-    account: str | None = None
+    account: str | None = Field(default=None, pattern=SLURM_NAME_PATTERN)
     """Slurm account to charge (`--account`)."""
 
-    qos: str | None = None
+    qos: str | None = Field(default=None, pattern=SLURM_NAME_PATTERN)
     """Quality of service (`--qos`)."""
 
     time: str | None = Field(default=None, pattern=SLURM_TIME_PATTERN)
@@ -457,7 +473,7 @@ class ClusterConfig(Section):
     mem: str | None = Field(default=None, pattern=r"^\d+[KMGT]?$")
     """Memory per node (`--mem`), e.g. `400G`; `0` asks for all of a node's memory."""
 
-    constraint: str | None = None
+    constraint: str | None = Field(default=None, pattern=SLURM_CONSTRAINT_PATTERN)
     """Node features (`--constraint`), e.g. `h100&ib`."""
 
     exclusive: bool | None = None
@@ -490,7 +506,7 @@ class ClusterConfig(Section):
     """When the tokenized data is not cached yet, submit a one-task CPU job that tokenizes it and start the training
     job after it (`--dependency=afterok`), so no GPU waits on tokenization. Default (null): true."""
 
-    prepare_partition: str | None = None
+    prepare_partition: str | None = Field(default=None, pattern=SLURM_NAME_PATTERN)
     """Partition of that CPU-only job (a CPU partition is cheaper); null: the training partition."""
 
     @model_validator(mode="after")
@@ -509,6 +525,8 @@ class ClusterConfig(Section):
         for option in self.sbatch_options:
             if not option.startswith("-"):
                 raise ValueError(f"cluster.sbatch_options: {option!r} is not an option (expected --name=value)")
+            if (why := sbatch_unsafe(option)) is not None:
+                raise ValueError(f"cluster.sbatch_options: {option!r} {why}")
         return self
 
     @field_serializer("env")
@@ -522,7 +540,7 @@ KernelName = Literal["rmsnorm", "rope", "swiglu", "fused_ce"]
 
 
 class Recipe(Section):
-    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
     """Recipe name: the default run name (letters, digits, `.`, `_`, `-`)."""
 
     description: str = ""

@@ -70,14 +70,52 @@ def test_bad_time_limit_is_a_clear_error(bad: str) -> None:
 
 
 def test_newlines_and_bad_env_names_are_rejected() -> None:
-    with pytest.raises(SlurmError, match="newline"):
+    with pytest.raises(SlurmError, match="control character"):
         render_sbatch(resolve_settings("local", ClusterConfig(), nodes=2), "/runs/a\ntouch x", "ftlaunch-a")
-    with pytest.raises(ValueError, match="newline"):
+    with pytest.raises(ValueError, match="should match pattern"):
         ClusterConfig(account="a\n#SBATCH --wrap=x")
     with pytest.raises(ValueError, match="newline"):
         ClusterConfig(env={"A": "x\ny"})
     with pytest.raises(ValueError, match="not a valid environment variable name"):
         ClusterConfig(env={"A;B": "x"})
+
+
+# The payloads an adversarial pass found (issue 18): a backslash defeats shlex/submitit quoting inside #SBATCH lines.
+INJECTIONS = ["acct\\'\"' --comment=INJECTED #", "a b", "a#b", "a'b", "x;touch /tmp/pwned", "$(id)", "a\tb", "30\n"]
+
+
+@pytest.mark.parametrize("payload", INJECTIONS)
+@pytest.mark.parametrize("key", ["account", "qos", "partition", "prepare_partition", "constraint"])
+def test_names_that_reach_sbatch_lines_take_only_their_characters(key: str, payload: str) -> None:
+    with pytest.raises(ValueError, match="should match pattern"):
+        ClusterConfig(**{key: payload})
+
+
+@pytest.mark.parametrize("option", ["--comment=a\\' --wrap=x", "--comment=a\x00b", "--comment=a\rb"])
+def test_sbatch_options_refuse_what_sbatch_would_misread(option: str) -> None:
+    with pytest.raises(ValueError, match="backslash|control character|newline or NUL"):
+        ClusterConfig(sbatch_options=[option])
+    ClusterConfig(sbatch_options=["--reservation=big run", "--comment=it's #1"])  # quoting carries these
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ({"nodes": 2, "procs": 0}, "--procs must be >= 1"),
+    ({"nodes": 2, "gpus_per_node": -3}, "--gpus-per-node must be >= 0"),
+    ({"nodes": 0}, "--nodes must be >= 1"),
+    ({"nodes": 2, "time_limit": "30\n"}, "bad time limit"),
+    ({"nodes": 2, "partition": "gpu\\' --comment=x"}, "is not a partition name"),
+])
+def test_slurm_flags_are_checked_like_the_recipe(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(SlurmError, match=message):
+        resolve_settings("local", ClusterConfig(), **flags)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs", "a/b", "a b", "-x", "", "x" * 129])
+def test_run_names_are_one_directory_under_the_root(name: str) -> None:
+    from launcher.config.schema import OutputConfig
+
+    with pytest.raises(ValueError):
+        OutputConfig(name=name)
     with pytest.raises(ValueError, match="not an option"):
         ClusterConfig(sbatch_options=["reservation=x"])
 
@@ -94,14 +132,18 @@ def test_secrets_are_redacted_and_passed_through_the_environment() -> None:
 
 
 def test_hostile_values_run_nothing_unintended(tmp_path: Path) -> None:
-    """Every value a recipe can put into job.sbatch, hostile; the script runs with a stub srun that records its
-    arguments and environment. Nothing may create the canary, and every value must arrive unchanged."""
+    """Every free-text value a recipe can put into job.sbatch, hostile; the script runs with a stub srun that records
+    its arguments and environment. Nothing may create the canary, and every value must arrive unchanged. (Names
+    that reach #SBATCH lines take only their own characters: test_names_that_reach_sbatch_lines_...; what sbatch
+    itself reads from the #SBATCH lines is checked against the real sbatch in tests/integration/test_slurm_launch.py.)"""
     canary = tmp_path / "canary"
     hostile = [h.replace("{canary}", str(canary)) for h in HOSTILE]
-    one = " ".join(hostile)
-    cluster = ClusterConfig(partition=one, account=one, qos=one, constraint=one, mem="4G", container_image=one,
-                            sbatch_options=[f"--comment={one}"], env={f"V{i}": h for i, h in enumerate(hostile)})
-    run_dir = tmp_path / f"runs/{one}"
+    one = " ".join(hostile)  # shell lines: backslashes included
+    no_backslash = " ".join(h for h in hostile if "\\" not in h)  # #SBATCH lines refuse backslashes
+    cluster = ClusterConfig(partition="gpu", account="proj-1", qos="high", constraint="h100&ib", mem="4G",
+                            container_image=one, sbatch_options=[f"--comment={no_backslash}"],
+                            env={f"V{i}": h for i, h in enumerate(hostile)})
+    run_dir = tmp_path / f"runs/{no_backslash}"
     run_dir.mkdir(parents=True)
     text = render_sbatch(resolve_settings("local", cluster, nodes=2, time_limit="10"), str(run_dir),
                          "ftlaunch-x", python=f"/opt/{one}/python", recipe_file=str(tmp_path / one))

@@ -118,3 +118,35 @@ def test_submit_to_running_latency(slurm_cluster: SlurmCluster, integration_timi
     latency = float(stamp.read_text()) - t0
     integration_timings["sbatch -> job running"] = f"{latency:.2f} s (sbatch --wait returned after {t_end - t0:.1f} s)"
     assert latency >= 0
+
+
+# What reaches #SBATCH lines and is accepted (names take only their own characters; backslashes and control
+# characters are refused before this): quotes, `#`, spaces, option look-alikes, shell syntax.
+SBATCH_PAYLOADS = ["it's #1", 'say "hi" --comment=INJECTED #', "a  b --wrap=touch /tmp/x", "$(id) `id`; x && y",
+                   "#SBATCH --wrap=x", "'\"'\"", "--qos=evil"]
+
+
+def test_sbatch_reads_back_every_value_job_sbatch_holds(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """The real sbatch's parser (`--test-only -v` lists the options it defined) sees exactly the options written,
+    each with the value the recipe held: nothing injected, nothing cut."""
+    from cluster.slurm import render_sbatch, resolve_settings
+    from launcher.config.schema import ClusterConfig
+
+    for i, payload in enumerate(SBATCH_PAYLOADS):
+        cluster = ClusterConfig(partition="debug", constraint="a&b", sbatch_options=[f"--comment={payload}"])
+        settings = resolve_settings("local", cluster, nodes=1, time_limit="5")
+        run_dir = tmp_path / f"run {i} {payload.replace('/', '_')}"
+        script = tmp_path / f"job{i}.sbatch"
+        script.write_text(render_sbatch(settings, str(run_dir), f"ftlaunch-t{i}"))
+        proc = subprocess.run(["sbatch", "--test-only", "-v", str(script)], env=slurm_cluster.env,
+                              capture_output=True, text=True, timeout=60)
+        section = proc.stderr.split("defined options", 1)[-1].split("end of defined options", 1)[0]
+        defined = dict(line.removeprefix("sbatch: ").split(" : ", 1) for line in section.splitlines()
+                       if " : " in line)
+        defined = {k.strip(): v for k, v in defined.items()}
+        assert set(defined) == {"job-name", "nodes", "ntasks-per-node", "cpus-per-task", "time", "partition",
+                                "constraint", "output", "open-mode", "signal", "requeue", "export", "comment",
+                                "test-only", "verbose"}, (payload, proc.stderr)
+        assert defined["comment"] == payload, proc.stderr
+        assert defined["output"] == f"{run_dir}/slurm-%j.out" and defined["job-name"] == f"ftlaunch-t{i}"
+        assert (defined["partition"], defined["constraint"]) == ("debug", "a&b")
