@@ -70,6 +70,14 @@ def loaded_from_plan(plan: Plan) -> LoadedRecipe:
     return LoadedRecipe(recipe=plan.typed_recipe(), source=Path(plan.recipe_file), overrides=list(plan.overrides))
 
 
+def refuse_completed(run_dir: Path) -> None:
+    """A completed run has nothing to resume: resuming would re-run its final evaluation and rewrite its outputs."""
+    from launcher.common import outcome
+
+    if outcome.completed(run_dir):
+        raise SubmitError(f"{run_dir} completed: nothing to resume (start a new run: launch RECIPE)")
+
+
 def new_run_dir(loaded: LoadedRecipe) -> Path:
     """Where the next run of this recipe goes (`output.root/name`, or the first free `name-N`)."""
     recipe = loaded.recipe

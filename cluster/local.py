@@ -14,7 +14,8 @@ from typing import Any
 
 from rich.console import Console
 
-from cluster.executor import Executor, PreparedRun, Submission, loaded_from_plan, require_runnable, resume_notes
+from cluster.executor import (Executor, PreparedRun, Submission, loaded_from_plan, refuse_completed,
+                              require_runnable, resume_notes)
 from launcher.config.recipe import LoadedRecipe
 from launcher.plan.build import make_plan, replan_for_resume
 from launcher.plan.files import load_plan
@@ -64,6 +65,7 @@ class LocalExecutor(Executor):
         return PreparedRun(run_dir=run_dir, plan=make_plan(loaded, self.resources, run_dir), loaded=loaded)
 
     def prepare_resume(self, run_dir: Path, *, replan: bool = True) -> PreparedRun:
+        refuse_completed(run_dir)
         plan = load_plan(run_dir)
         if not replan:
             return PreparedRun(run_dir=run_dir, plan=plan, loaded=loaded_from_plan(plan), resumed=True)

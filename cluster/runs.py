@@ -2,8 +2,9 @@
 
 A run is its directory (ARCHITECTURE.md). Slurm runs also hold RUN_DIR/jobs.jsonl (submissions, starts, requeues,
 appended by cluster/slurm.py, cluster/slurm_task.py and job.sbatch); their state comes from `sacct` (accounting keeps
-finished jobs) and, where accounting is missing, `squeue`. Local runs have no scheduler: their state is read from the
-run directory (outputs written = completed, metrics still growing = running, otherwise stopped).
+finished jobs) and, where accounting is missing, `squeue`. Local runs have no scheduler: their state is the outcome their
+rank 0 recorded (RUN_DIR/outcome.json: running, completed, stopped, diverged, failed, crashed), or, for runs from
+before that file, read from the run directory (outputs written = completed, metrics still growing = running).
 
 Planning side: standard library + rich, no torch.
 """
@@ -22,6 +23,8 @@ from typing import Any
 from rich.table import Table
 
 from cluster.slurm import CLUSTER_FILE, JOBS_FILE, SlurmError
+from launcher.common import outcome
+from launcher.common.jsonl import read_jsonl
 from launcher.common.rundir import METRICS_FILE, PLAN_FILE
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
@@ -30,6 +33,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
 OUTPUT_DIRS = ("adapter", "model", "merged")
+LOCAL_ENDED = ("COMPLETED", "STOPPED", "DIVERGED", "FAILED", "CRASHED")
 #: A local run whose metrics.jsonl changed this recently is taken to be running.
 LOCAL_RUNNING_WINDOW_S = 120
 
@@ -56,10 +60,15 @@ class RunStatus:
     """jobs.jsonl events, oldest first."""
     prepare: str | None = None
     """The CPU job the current training job waits for (`JOBID STATE`), when one was submitted."""
+    outcome: str | None = None
+    """How the job ended, as its rank 0 recorded it (launcher/common/outcome.py): running, completed, stopped,
+    diverged, failed (bad input at start) or crashed."""
+    exit_code: int | None = None
+    reason: str | None = None
 
     @property
     def done(self) -> bool:
-        return self.state in TERMINAL or (self.kind == "local" and self.state in ("COMPLETED", "STOPPED"))
+        return self.state in TERMINAL or (self.kind == "local" and self.state in LOCAL_ENDED)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,17 +83,8 @@ def find_run(run: str, root: Path) -> Path:
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """RUN_DIR/jobs.jsonl, skipping a torn last line."""
-    path = run_dir / JOBS_FILE
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
+    """RUN_DIR/jobs.jsonl, skipping a torn line."""
+    return read_jsonl(run_dir / JOBS_FILE)
 
 
 def job_ids(run_dir: Path) -> list[str]:
@@ -121,26 +121,20 @@ def _quiet(cmd: list[str]) -> str:
 
 
 def _last_train_row(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("kind") == "train":
-            return row
-    return None
+    return next((row for row in reversed(read_jsonl(run_dir / METRICS_FILE)) if row.get("kind") == "train"), None)
 
 
 def _local_state(run_dir: Path) -> tuple[str, str | None]:
-    """State and elapsed time of a run started on this machine, from its files."""
+    """State and elapsed time of a run started on this machine: the outcome its rank 0 recorded, else (runs from
+    before outcome.json) read from its files."""
     logs, metrics = run_dir / "logs", run_dir / METRICS_FILE
     if not logs.is_dir():
         return "PLANNED", None
     last = max((p.stat().st_mtime for p in (metrics, *logs.glob("rank*.log")) if p.exists()), default=None)
     elapsed = _clock(last - logs.stat().st_ctime) if last else None
+    recorded = outcome.read(run_dir)
+    if recorded is not None:
+        return recorded["outcome"].upper(), elapsed
     if any((run_dir / d).is_dir() for d in OUTPUT_DIRS):
         return "COMPLETED", elapsed
     if last is not None and time.time() - last < LOCAL_RUNNING_WINDOW_S:
@@ -174,6 +168,10 @@ def run_status(run_dir: Path) -> RunStatus:
         status.state = "PLANNED"  # `launch plan --nodes N` wrote job.sbatch; nothing submitted yet
     else:
         status.state, status.elapsed = _local_state(run_dir)
+    recorded = outcome.read(run_dir)
+    if recorded is not None:
+        status.outcome, status.exit_code, status.reason = recorded["outcome"], recorded.get("exit_code"), \
+            recorded.get("reason")
     return status
 
 
@@ -197,7 +195,8 @@ def list_runs(root: Path, limit: int = 20) -> list[RunStatus]:
 
 
 _STYLE = {"RUNNING": "green", "COMPLETED": "bold green", "PENDING": "yellow", "REQUEUED": "yellow",
-          "FAILED": "red", "CANCELLED": "red", "TIMEOUT": "red", "STOPPED": "yellow", "NODE_FAIL": "red"}
+          "FAILED": "red", "CANCELLED": "red", "TIMEOUT": "red", "STOPPED": "yellow", "NODE_FAIL": "red",
+          "DIVERGED": "red", "CRASHED": "red"}
 
 
 def _styled(state: str) -> str:
@@ -233,6 +232,9 @@ def status_table(status: RunStatus) -> Table:
         table.add_row("last loss", f"{status.last_loss:.4f}")
     if status.elapsed:
         table.add_row("elapsed", status.elapsed)
+    if status.outcome is not None and status.outcome != "running":
+        ended = status.outcome + (f" (exit {status.exit_code})" if status.exit_code is not None else "")
+        table.add_row("job ended", ended + (f": {status.reason}" if status.reason else ""))
     history = [f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']} {e.get('job_id', '')}"
                + (" (tokenize)" if e.get("kind") == "prepare" else "")
                + (f" (restart {e['restart']})" if e.get("restart") else "") for e in status.jobs if "time" in e]

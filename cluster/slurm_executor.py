@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cluster.errors import SubmitError
-from cluster.executor import (Executor, PreparedRun, Submission, loaded_from_plan, require_runnable,
-                              resume_notes)
+from cluster.executor import (Executor, PreparedRun, Submission, loaded_from_plan, refuse_completed,
+                              require_runnable, resume_notes)
 from cluster.slurm import (CLUSTER_FILE, SBATCH_FILE, SlurmSettings, load_profile, preflight, render_sbatch,
                            resolve_settings, secret_values, submit, submit_prepare)
 from launcher.common.rundir import write_json_atomic, write_text_atomic
@@ -129,6 +129,7 @@ class SlurmExecutor(Executor):
         running (two jobs would write one run directory)."""
         from cluster.runs import ACTIVE_STATES, run_status
 
+        refuse_completed(run_dir)
         status = run_status(run_dir)
         if status.state in ACTIVE_STATES:
             raise SubmitError(f"{run_dir} still has Slurm job {status.job_id} {status.state}: two jobs would write "

@@ -15,6 +15,7 @@ from launcher.cli.args import UsageError
 from rich.markup import escape
 
 from launcher.cli.console import console, info, warnings
+from launcher.common import outcome
 from launcher.common.rundir import read_plan, runs_of
 from launcher.config.recipe import load_recipe
 
@@ -41,9 +42,12 @@ def resume_dir(args: argparse.Namespace) -> Path:
     loaded = load_recipe(args.recipe, args.overrides)
     name = loaded.recipe.output.name or loaded.recipe.name
     runs = [r for r in runs_of(Path(loaded.recipe.output.root).resolve(), name) if (r / "checkpoints").is_dir()]
-    if not runs:
-        raise UsageError(f"no run of {name!r} with checkpoints under {loaded.recipe.output.root}: nothing to resume")
-    return runs[-1]
+    unfinished = [r for r in runs if not outcome.completed(r)]
+    if not unfinished:
+        done = f" ({len(runs)} completed)" if runs else ""
+        raise UsageError(f"no unfinished run of {name!r} with checkpoints under {loaded.recipe.output.root}{done}: "
+                         "nothing to resume")
+    return unfinished[-1]
 
 
 def _resume(args: argparse.Namespace) -> tuple[Executor, PreparedRun]:

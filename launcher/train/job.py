@@ -19,7 +19,9 @@ from launcher.common.exits import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTE
 from launcher.common.logs import setup_logging
 
 if TYPE_CHECKING:
+    from cluster.env import DistEnv
     from launcher.config.schema import Recipe
+    from launcher.plan.build import Plan
     from launcher.strategies.base import Strategy
     from launcher.train.data import DataBundle
     from launcher.train.trainer import Trainer
@@ -28,12 +30,30 @@ log = logging.getLogger("ftlaunch")
 
 
 def run_job(run_dir: Path) -> int:
+    """Train as the plan says; rank 0 records how it ended (launcher/common/outcome.py)."""
     from cluster.env import detect_dist_env
+    from launcher.common import outcome
     from launcher.plan.files import load_plan
 
     plan = load_plan(run_dir)
     env = detect_dist_env()
     setup_logging(run_dir, env.rank)
+    if env.rank == 0:
+        outcome.record(run_dir, outcome.Outcome.RUNNING)
+    try:
+        code = _train(run_dir, plan, env)
+    except BaseException as err:
+        if env.rank == 0:
+            outcome.record(run_dir, outcome.Outcome.CRASHED, reason=f"{type(err).__name__}: {err}"[:1000])
+        raise
+    if env.rank == 0:
+        ended = outcome.outcome_of_exit(code)
+        reason = f"bad input: see {run_dir / 'logs'}" if ended is outcome.Outcome.FAILED else None
+        outcome.record(run_dir, ended, exit_code=code, reason=reason)
+    return code
+
+
+def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
     if env.world_size != plan.world_size:
         log.warning("plan.json says world size %d, this job has %d ranks: continuing with %d (the global batch changes)",
                     plan.world_size, env.world_size, env.world_size)

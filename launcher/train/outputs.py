@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from launcher.common.jsonl import read_jsonl
 from launcher.common.rundir import METRICS_FILE
 
 log = logging.getLogger("ftlaunch")
@@ -71,7 +71,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics)
     train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("kind") == "eval" and "eval_loss" in r]
     figure, axis = plt.subplots(figsize=(7, 4))

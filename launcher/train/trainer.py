@@ -27,7 +27,8 @@ from typing import Any, Iterator
 
 import torch
 
-from launcher.common.rundir import METRICS_FILE
+from launcher.common.jsonl import read_jsonl
+from launcher.common.rundir import METRICS_FILE, write_text_atomic
 from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from launcher.train.data import DataBundle, collate
 from launcher.train.loss import count_label_tokens, forward_loss_sum, input_tokens
@@ -390,9 +391,8 @@ class MetricsLog:
         """Drop rows of steps later than `step` (they were lost with the process that logged them)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_jsonl(self.path) if row.get("step", 0) <= step]  # a torn last line goes too
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from cluster.local import LocalExecutor
+from cluster.runs import run_status
 from launcher.plan.resources import Resources
 from launcher.config.recipe import load_recipe
 
@@ -222,6 +223,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path, tiny_mod
     assert "Traceback" not in output and "--resume" in output
     stopped_at = metrics(run_dir, "train")[-1]["step"]
     assert (run_dir / "checkpoints" / f"step-{stopped_at:08d}" / "COMPLETE").is_file()
+    assert (run_status(run_dir).state, run_status(run_dir).exit_code) == ("STOPPED", 3)
     refused = subprocess.run([sys.executable, "-m", "launcher", str(recipe), "--resume", "optim.max_steps=1"],
                              env=env, cwd=tmp_path, capture_output=True, text=True)
     assert refused.returncode == 2 and "overrides cannot change a run" in refused.stderr
@@ -230,6 +232,11 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path, tiny_mod
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [r["step"] for r in metrics(run_dir, "train")]
     assert steps == list(range(1, 301))  # every step exactly once: nothing lost, nothing repeated
+    assert (run_status(run_dir).state, run_status(run_dir).exit_code) == ("COMPLETED", 0)
+    again = subprocess.run([sys.executable, "-m", "launcher", str(recipe), "--resume"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 2 and "1 completed" in again.stderr  # a completed run is never run again
+    assert [r["step"] for r in metrics(run_dir, "train")] == steps
 
 
 def test_kernels_all_trains_like_eager(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -388,8 +395,51 @@ def test_nan_steps_in_a_row_stop_the_run(tmp_path: Path, tiny_model_dir: Path,
                                     eval={"at_start": False}, checkpoint={"every_steps": 2, "keep_last": 10}))
     assert run(run_dir) == EXIT_DIVERGED
     assert "training diverged: steps 3-4: 2 steps in a row had a non-finite loss" in caplog.text
+    assert (run_status(run_dir).state, run_status(run_dir).exit_code) == ("DIVERGED", EXIT_DIVERGED)
     assert [r["step"] for r in metrics(run_dir, "train")] == [1, 2, 3, 4]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == "step-00000002"  # the step-4 checkpoint was never reached: the run stopped first
     state = load_file(str(run_dir / "checkpoints" / latest / "trainable.safetensors"))
     assert all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def test_a_crash_bad_input_and_a_killed_job_are_told_apart(tmp_path: Path, tiny_model_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`launch status` says how each run ended (issue 18): not RUNNING for two minutes, then STOPPED for all."""
+    from cluster.runs import list_runs
+    from launcher.common import outcome
+    from launcher.common.exits import EXIT_BAD_INPUT
+    from launcher.train.trainer import Trainer
+
+    def boom(self: Trainer) -> None:
+        raise RuntimeError("boom at step 1")
+
+    for sub in ("c", "f"):
+        (tmp_path / sub).mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "run", boom)
+        crashed = start_run(make_recipe(tmp_path / "c", tiny_model_dir, eval={"at_start": False}))
+        with pytest.raises(RuntimeError, match="boom"):
+            run(crashed)
+    status = run_status(crashed)
+    assert (status.state, status.reason) == ("CRASHED", "RuntimeError: boom at step 1")
+
+    recipe = make_recipe(tmp_path / "f", tiny_model_dir, eval={"at_start": False})
+    (tmp_path / "f" / "train-messages.jsonl").write_text('{"messages": "not a list"}\n')
+    failed = start_run(recipe)
+    assert run(failed) == EXIT_BAD_INPUT
+    assert (run_status(failed).state, run_status(failed).exit_code) == ("FAILED", EXIT_BAD_INPUT)
+
+    killed = tmp_path / "k"  # a job killed outright (SIGKILL, OOM) records nothing after `running`
+    killed.mkdir()
+    outcome.record(killed, outcome.Outcome.RUNNING)
+    data = json.loads((killed / outcome.OUTCOME_FILE).read_text())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (killed / outcome.OUTCOME_FILE).write_text(json.dumps({**data, "pid": dead.pid}))
+    assert outcome.read(killed)["outcome"] == "crashed"  # type: ignore[index]
+    outcome.record(killed, outcome.Outcome.RUNNING)  # this process: alive
+    assert outcome.read(killed)["outcome"] == "running"  # type: ignore[index]
+
+    states = {r.run_dir: r.state for r in list_runs(crashed.parent, 10) + list_runs(failed.parent, 10)}
+    assert states == {str(crashed): "CRASHED", str(failed): "FAILED"}
