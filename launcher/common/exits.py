@@ -13,5 +13,9 @@ EXIT_INTERRUPTED = 3
 EXIT_DIVERGED = 4
 """Non-finite losses (`optim.max_nonfinite_steps` in a row): the last good checkpoint is intact; not requeued."""
 
+EXIT_WRITE_FAILED = 5
+"""The run directory could not be written (disk full, quota, read-only): the last complete checkpoint is intact and
+the partial one removed; resumable once there is room. Not requeued (the disk does not empty itself)."""
+
 EXIT_CTRL_C = 130
 """`launch` itself stopped by Ctrl-C before a run started (the shell's 128 + SIGINT)."""

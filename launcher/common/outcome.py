@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from launcher.common.exits import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK
+from launcher.common.exits import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, EXIT_WRITE_FAILED
 from launcher.common.rundir import write_json_atomic
 
 OUTCOME_FILE = "outcome.json"
+log = logging.getLogger("ftlaunch")
 
 
 class Outcome(str, enum.Enum):
@@ -30,13 +32,14 @@ class Outcome(str, enum.Enum):
     DIVERGED = "diverged"
     """Non-finite losses in a row (`optim.max_nonfinite_steps`); the last good checkpoint is intact."""
     FAILED = "failed"
-    """Bad input found when the job started (data, tokenizer): the message is in the rank's log."""
+    """Bad input found when the job started (data, tokenizer), or the run directory could not be written (disk
+    full): the message is in the rank's log and the reason."""
     CRASHED = "crashed"
     """An exception, or the process died without a word."""
 
 
 _BY_EXIT = {EXIT_OK: Outcome.COMPLETED, EXIT_INTERRUPTED: Outcome.STOPPED, EXIT_DIVERGED: Outcome.DIVERGED,
-            EXIT_BAD_INPUT: Outcome.FAILED}
+            EXIT_BAD_INPUT: Outcome.FAILED, EXIT_WRITE_FAILED: Outcome.FAILED}
 
 
 def outcome_of_exit(code: int) -> Outcome:
@@ -46,7 +49,10 @@ def outcome_of_exit(code: int) -> Outcome:
 def record(run_dir: Path, outcome: Outcome, exit_code: int | None = None, reason: str | None = None) -> None:
     data: dict[str, Any] = {"outcome": outcome.value, "exit_code": exit_code, "reason": reason,
                             "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
-    write_json_atomic(run_dir / OUTCOME_FILE, data)
+    try:
+        write_json_atomic(run_dir / OUTCOME_FILE, data)
+    except OSError as err:  # a full disk must not turn a clean exit into a traceback; the log still says why
+        log.warning("%s not written (%s)", run_dir / OUTCOME_FILE, err)
 
 
 def read(run_dir: Path) -> dict[str, Any] | None:

@@ -42,6 +42,10 @@ STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
 
 
+class WriteError(Exception):
+    """The run directory could not be written (a checkpoint, metrics): what, where, and what is still intact."""
+
+
 @dataclass
 class TrainerState:
     """What the loop needs, besides weights and optimizer, to continue exactly where it stopped."""
@@ -96,31 +100,71 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: Path, strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, keep_last: int) -> Path:
-    """Write a checkpoint of every rank's state; publish it only when all ranks are done. Collective call."""
+    """Write a checkpoint of every rank's state; publish it only when all ranks are done. Collective call.
+
+    A rank that cannot write (disk full, quota, a read-only or vanished file system) does not leave the others
+    waiting: every rank learns of the failure and raises WriteError together; the partial directory is removed (its
+    room is what a full disk lacks) and `latest` still names the previous checkpoint."""
     root = checkpoints_dir(run_dir)
     final = root / step_name(state.step)
     tmp = root / f".{final.name}.tmp"
+    failure: BaseException | None = None
     if strategy.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a rank killed during an earlier save
-        tmp.mkdir()
-    strategy.barrier()
-    strategy.save(model, optimizer, tmp)
-    torch.save(_rng_state(), tmp / f"rng-rank{strategy.rank}.pt")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a rank killed during an earlier save
+            tmp.mkdir()
+        except OSError as err:
+            failure = err
+    _raise_if_any_failed(strategy, failure, tmp, root)
+    try:
+        strategy.save(model, optimizer, tmp)
+        torch.save(_rng_state(), tmp / f"rng-rank{strategy.rank}.pt")
+        if strategy.is_main:
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    except Exception as err:  # noqa: BLE001 (only write failures are kept; anything else is raised as it is)
+        failure = _write_failure(err)
+    # every rank's files are on disk (or every rank knows one failed) before the checkpoint becomes visible
+    _raise_if_any_failed(strategy, failure, tmp, root)
     if strategy.is_main:
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-    strategy.barrier()  # every rank's files are on disk before the checkpoint becomes visible
-    if strategy.is_main:
-        _fsync_tree(tmp)
-        (tmp / COMPLETE).write_text(json.dumps({"world_size": strategy.world_size, "strategy": strategy.name}))
-        if final.exists():  # same step saved again (e.g. interrupt right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_text_atomic(root / LATEST, final.name + "\n")  # moves last
-        _prune(root, keep_last)
-    strategy.barrier()
+        try:
+            _fsync_tree(tmp)
+            (tmp / COMPLETE).write_text(json.dumps({"world_size": strategy.world_size, "strategy": strategy.name}))
+            if final.exists():  # same step saved again (e.g. interrupt right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_text_atomic(root / LATEST, final.name + "\n")  # moves last
+            _prune(root, keep_last)
+        except Exception as err:  # noqa: BLE001
+            failure = _write_failure(err)
+    _raise_if_any_failed(strategy, failure, tmp, root)
     return final
+
+
+def _write_failure(err: Exception) -> Exception:
+    """`err` when it says that a file could not be written, else raise it: OSError (ENOSPC, EDQUOT, EROFS, ...), and
+    what safetensors (SafetensorError) and torch.save (RuntimeError "file write failed") raise for a full disk."""
+    text = str(err).lower()
+    if isinstance(err, OSError) or type(err).__name__ == "SafetensorError" or (
+            isinstance(err, RuntimeError) and ("write" in text or "space" in text)):
+        return err
+    raise err
+
+
+def _raise_if_any_failed(strategy: Strategy, failure: BaseException | None, tmp: Path, root: Path) -> None:
+    """Collective: all ranks raise WriteError when any rank's write failed (a barrier when none did)."""
+    flag = torch.tensor([1.0 if failure is not None else 0.0], device=strategy.device)
+    if float(strategy.all_reduce_sum(flag)) == 0:
+        return
+    if strategy.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    complete = complete_checkpoints(root)
+    intact = f"the last complete checkpoint, {complete[-1].name}, is intact" if complete else "no checkpoint yet"
+    what = f"{type(failure).__name__}: {failure}" if failure is not None else "another rank's write failed"
+    raise WriteError(f"checkpoint {tmp.name.strip('.').removesuffix('.tmp')} could not be written to {root} "
+                     f"({what}); {intact}. Free space (or fix the file system), then resume: launch --resume "
+                     f"{root.parent}")
 
 
 def _fsync_tree(directory: Path) -> None:

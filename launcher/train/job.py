@@ -3,7 +3,9 @@
 Reads only the run directory and the environment (ARCHITECTURE.md), so a job can be resumed, requeued or re-submitted
 from its run directory alone. Exit codes: 0 finished, 2 bad input (message printed), 3 stopped by a signal after
 writing a checkpoint (resumable; Slurm requeues on it), 4 diverged (non-finite losses: `optim.max_nonfinite_steps`;
-the last good checkpoint is intact, nothing is requeued).
+the last good checkpoint is intact, nothing is requeued), 5 the run directory could not be written (disk full: the
+last complete checkpoint is intact, the partial one removed; resumable once there is room). Rank 0 records which in
+RUN_DIR/outcome.json.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.common.exits import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK  # noqa: F401 (re-exported)
+from launcher.common.exits import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK,  # noqa: F401
+                                   EXIT_WRITE_FAILED)
 from launcher.common.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -48,7 +51,9 @@ def run_job(run_dir: Path) -> int:
         raise
     if env.rank == 0:
         ended = outcome.outcome_of_exit(code)
-        reason = f"bad input: see {run_dir / 'logs'}" if ended is outcome.Outcome.FAILED else None
+        reason = {EXIT_BAD_INPUT: f"bad input: see {run_dir / 'logs'}",
+                  EXIT_WRITE_FAILED: f"the run directory could not be written (disk full?): see {run_dir / 'logs'}"
+                  }.get(code)
         outcome.record(run_dir, ended, exit_code=code, reason=reason)
     return code
 
@@ -63,6 +68,7 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
     import torch
     import torch.distributed as dist
 
+    from launcher.train.checkpoint import WriteError
     from launcher.train.data import DataError
     from launcher.train.trainer import NonFiniteError, Trainer
 
@@ -99,6 +105,10 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
             if strategy.is_main:
                 log.error("training diverged: %s", err)
             return EXIT_DIVERGED
+        except WriteError as err:
+            if strategy.is_main:
+                log.error("%s", err)
+            return EXIT_WRITE_FAILED
         if not result.stopped_by.finished:
             if strategy.is_main:
                 log.warning("stopped by %s at step %d; checkpoint written. Resume: launch %s --resume %s",

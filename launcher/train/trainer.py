@@ -379,8 +379,13 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except OSError as err:
+            # Rank 0 alone writes here: raising would leave the other ranks waiting in the next collective. The
+            # next checkpoint fails on every rank together (WriteError) if the disk stays full.
+            log.error("%s: step %s not logged (%s)", self.path, row.get("step"), err)
         if self.writer is not None:
             prefix = "train" if row.get("kind") == "train" else "eval"
             for key, value in row.items():

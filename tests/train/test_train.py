@@ -134,7 +134,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path, tiny_model_dir: 
     (ckpts / "latest").write_text("step-00000005\n")
     kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["kind"] == "train" and json.loads(line)["step"] <= 5]
-    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    # ... and leave the line a crash or a full disk tears: the resume drops it and goes on.
+    (run_dir / "metrics.jsonl").write_text("\n".join(kept) + '\n{"kind": "train", "step": 6, "lo')
     assert run(run_dir) == 0
     resumed = [r["loss"] for r in metrics(run_dir, "train")]
     assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, 11))
@@ -443,3 +444,57 @@ def test_a_crash_bad_input_and_a_killed_job_are_told_apart(tmp_path: Path, tiny_
 
     states = {r.run_dir: r.state for r in list_runs(crashed.parent, 10) + list_runs(failed.parent, 10)}
     assert states == {str(crashed): "CRASHED", str(failed): "FAILED"}
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 4 MiB tmpfs (root can mount one: CI and the dev machine run as root), unmounted after the test."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mount)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"this test needs a tmpfs (root): {proc.stderr}"
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_cleanly_and_the_run_resumes_exactly(tmp_path: Path, tiny_model_dir: Path,
+                                                               small_disk: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The disk fills after the step-2 checkpoint: the step-4 one fails with a clear message (exit 5, no
+    traceback), its partial directory is removed, step 2 stays `latest`; with room again the run resumes and ends
+    exactly where an uninterrupted run does."""
+    from launcher.common.exits import EXIT_WRITE_FAILED
+    from launcher.train import checkpoint
+
+    sections = dict(optim={"max_steps": 6}, eval={"at_start": False}, checkpoint={"every_steps": 2, "keep_last": 5},
+                    logging={"progress": False, "tensorboard": False, "every_steps": 1})
+    (tmp_path / "ref").mkdir()
+    reference = start_run(make_recipe(tmp_path / "ref", tiny_model_dir, **sections))
+    assert run(reference) == 0
+
+    recipe = make_recipe(tmp_path, tiny_model_dir, **sections, output={"root": str(small_disk / "runs")})
+    run_dir = start_run(recipe)
+    real_save = checkpoint.save_checkpoint
+    filler = small_disk / "filler"
+
+    def save_then_fill(*args: Any, **kwargs: Any) -> Path:
+        saved = real_save(*args, **kwargs)
+        if not filler.exists():  # the disk fills up (another job, a log) right after the first checkpoint
+            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+            filler.write_bytes(b"\0" * max(0, free - 8192))
+        return saved
+
+    with monkeypatch.context() as patch:
+        patch.setattr("launcher.train.trainer.save_checkpoint", save_then_fill)
+        assert run(run_dir) == EXIT_WRITE_FAILED
+    assert "could not be written" in caplog.text and "step-00000002, is intact" in caplog.text
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-00000002"
+    assert not list(ckpts.glob(".step-*")) and not (ckpts / "step-00000004").exists()
+    assert (run_status(run_dir).state, run_status(run_dir).exit_code) == ("FAILED", EXIT_WRITE_FAILED)
+
+    filler.unlink()
+    assert run(run_dir) == 0
+    assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, 7))
+    assert [r["loss"] for r in metrics(run_dir, "train")] == pytest.approx(
+        [r["loss"] for r in metrics(reference, "train")], rel=0, abs=1e-6)
