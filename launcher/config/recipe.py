@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from launcher.config.schema import Recipe
+from launcher.config.schema import Recipe, is_secret_name
 
 KeyPath = tuple[str | int, ...]
 
@@ -370,17 +370,29 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
     locs: dict[KeyPath, Location] = {}
     files: list[Path] = []
     data = _load_tree(source, (), locs, files)
+    shown: list[str] = []
     for text in overrides:
         keys, value = parse_override(text)
-        apply_override(data, keys, value, text)
+        shown.append(redact_override(text))
+        apply_override(data, keys, value, shown[-1])
         for end in range(1, len(keys) + 1):  # new keys point at the override that made them
             prefix = tuple(int(k) if k.isdigit() else k for k in keys[:end])
             if end == len(keys) or prefix not in locs:
-                locs[prefix] = Location(f"override `{text}`")
+                locs[prefix] = Location(f"override `{shown[-1]}`")
         _rebase_paths(data, Path.cwd())  # a relative path given on the command line is relative to the shell
     data.setdefault("name", source.stem)
-    return LoadedRecipe(recipe=validate(data, locs, source), source=source, files=files, overrides=list(overrides),
+    return LoadedRecipe(recipe=validate(data, locs, source), source=source, files=files, overrides=shown,
                         locations=locs)
+
+
+REDACTED = "<redacted>"
+
+
+def redact_override(text: str) -> str:
+    """`cluster.env.HF_TOKEN=hf_abc` -> `cluster.env.HF_TOKEN=<redacted>`: the overrides are kept in plan.json and
+    shown in errors, and a secret's value never leaves memory (docs/slurm.md, Secrets)."""
+    key, sep, _ = text.partition("=")
+    return f"{key}={REDACTED}" if sep and is_secret_name(key.rsplit(".", 1)[-1]) else text
 
 
 def validate(data: dict[str, Any], locs: dict[KeyPath, Location] | None = None, source: Path | str = "recipe") -> Recipe:

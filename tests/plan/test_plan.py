@@ -173,3 +173,18 @@ def test_plan_time_problems_name_the_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as info:  # a key set by an override names the override
         make_plan(load_recipe(path, ["model.dtype=float32", "eval.exact_match=true"]), Resources(), tmp_path / "x")
     assert "eval.exact_match (override `eval.exact_match=true`): exact match needs held-out data" in str(info.value)
+
+
+def test_a_secret_given_as_an_override_is_written_nowhere(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = "hf_do_not_leak_123"
+    assert main(["plan", str(recipe_file(tmp_path)), f"cluster.env.HF_TOKEN={secret}", "--json",
+                 "--gpus-per-node", "0"]) == 0
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+    plan = json.loads(out.out)
+    assert plan["overrides"] == ["cluster.env.HF_TOKEN=<redacted>"] and plan["recipe"]["cluster"]["env"] == {"HF_TOKEN": None}
+    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert written and not [p for p in written if secret in p.read_text()]
+    loaded = load_recipe(recipe_file(tmp_path), [f"cluster.env.WANDB_API_KEY={secret}", "optim.lr=0.5"])
+    assert loaded.recipe.cluster.env["WANDB_API_KEY"] == secret  # in memory, for this submission only
+    assert loaded.overrides == ["cluster.env.WANDB_API_KEY=<redacted>", "optim.lr=0.5"]
