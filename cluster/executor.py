@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import SubmitError
-from launcher.common.rundir import claim_run_dir, next_run_dir, release_run_dir
+from launcher.common.rundir import claim_run_dir, is_fresh, next_run_dir, release_run_dir
 from launcher.config.recipe import LoadedRecipe
 from launcher.plan.build import Plan
 from launcher.plan.files import write_plan
@@ -139,13 +139,19 @@ class Executor(ABC):
     def submit(self, loaded: LoadedRecipe) -> Submission:
         return self.start(self.prepare(loaded))
 
-    def dry_run(self, loaded: LoadedRecipe) -> tuple[PreparedRun, list[str]]:
-        """`launch plan`: the plan written to its run directory, nothing started; warnings about the request."""
-        run = self.plan_run(loaded, new_run_dir(loaded))
-        if not run.run_dir.exists():
-            run_dir = claim_run_dir(run.run_dir.parent, run.run_dir.name, own=False)
-            if run_dir != run.run_dir:
-                run = self.plan_run(loaded, run_dir)
+    def dry_run(self, loaded: LoadedRecipe, out: Path | None = None) -> tuple[PreparedRun, list[str]]:
+        """`launch plan`: the plan and what is doubtful about the request; nothing started, and nothing written
+        unless `out` names a run directory to write (created; empty or only planned), which `launch --resume OUT`
+        (or `sbatch OUT/job.sbatch`) then runs."""
+        if out is None:
+            run = self.plan_run(loaded, new_run_dir(loaded))
+            return run, self.request_warnings(run)
+        out = out.resolve()
+        if out.exists() and not is_fresh(out):
+            raise SubmitError(f"--out {out} is not empty (a run directory holds more than a plan there): "
+                              "choose a new directory")
+        run = self.plan_run(loaded, out)  # every check passes before the directory is made
+        out.mkdir(parents=True, exist_ok=True)
         self.write(run)
         return run, self.request_warnings(run)
 

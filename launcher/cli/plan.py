@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Sequence
 
 from launcher.cli import args as cli_args
-from launcher.cli.console import warnings, wide_console
+from launcher.cli.console import info, warnings, wide_console
 from launcher.config.recipe import load_recipe
 
 
@@ -15,14 +16,19 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch plan", description="Resolve a recipe into a plan; runs nothing.")
     cli_args.add_recipe_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="also write the run directory (plan.json, ds_config.json, job.sbatch) to DIR; "
+                             "`launch --resume DIR` or `sbatch DIR/job.sbatch` runs it. Default: write nothing")
     return parser
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     loaded = load_recipe(args.recipe, args.overrides)
-    run, request_warnings = cli_args.executor(args).dry_run(loaded)
+    run, request_warnings = cli_args.executor(args).dry_run(loaded, args.out)
     warnings(request_warnings)
+    if args.out is not None:
+        info("written", f"{run.run_dir}: launch --resume {run.run_dir} runs it")
     if args.json:
         print(json.dumps(run.plan.to_json(), indent=2))
         return 0

@@ -50,7 +50,7 @@ def test_a_refused_submission_leaves_no_run_directory(tmp_path: Path) -> None:
         RefusingExecutor(Resources()).prepare(load_recipe(recipe(tmp_path)))
     assert list((tmp_path / "runs").iterdir()) == []
     # a planned-only directory (`launch plan`) that the refused submission reused is left as it was
-    planned, _ = LocalExecutor(Resources()).dry_run(load_recipe(recipe(tmp_path)))
+    planned, _ = LocalExecutor(Resources()).dry_run(load_recipe(recipe(tmp_path)), out=tmp_path / "runs" / "t")
     with pytest.raises(SubmitError):
         RefusingExecutor(Resources()).prepare(load_recipe(recipe(tmp_path)))
     assert [p.name for p in planned.run_dir.iterdir()] == [PLAN_FILE]
@@ -103,3 +103,11 @@ def test_write_plan_keeps_history_only_when_asked(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / PLAN_HISTORY_DIR).exists()
     write_plan(tmp_path / "run", plan, keep_previous=True)
     assert [p.name for p in (tmp_path / "run" / PLAN_HISTORY_DIR).iterdir()] == ["001.json"]
+
+
+def test_plan_writes_nothing_unless_asked(tmp_path: Path) -> None:
+    executor = LocalExecutor(Resources())
+    for _ in range(3):
+        run, warnings = executor.dry_run(load_recipe(recipe(tmp_path)))
+        assert run.run_dir == tmp_path / "runs" / "t" and warnings == []
+    assert not (tmp_path / "runs").exists()  # `launch runs` does not fill with plans

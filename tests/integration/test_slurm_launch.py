@@ -268,9 +268,9 @@ def test_preemption_checkpoints_requeues_and_resumes(env: dict[str, str], work: 
 def test_plain_sbatch_of_the_written_script_and_requeue_without_warning(
         env: dict[str, str], work: Path, slurm_cluster: SlurmCluster, reference: LocalReference,
         integration_timings: dict[str, str]) -> None:
-    """`launch plan --nodes 2` writes RUN_DIR/job.sbatch; plain `sbatch` of it trains. `scontrol requeue` (no
+    """`launch plan --nodes 2 --out DIR` writes DIR/job.sbatch; plain `sbatch` of it trains. `scontrol requeue` (no
     warning signal) restarts it; it resumes from a checkpoint and ends with the reference weights."""
-    plan = launch(env, "plan", str(work / "tiny.yaml"), "--nodes", "2", "output.name=plain", "--json")
+    plan = launch(env, "plan", str(work / "tiny.yaml"), "--nodes", "2", "--json", "--out", str(work / "runs" / "plain"))
     run_dir = Path(json.loads(plan.stdout)["run_dir"])
     script = run_dir / "job.sbatch"
     assert "#SBATCH --nodes=2" in script.read_text() and "#SBATCH --partition=debug" in script.read_text()
@@ -346,7 +346,7 @@ def test_hostile_recipe_strings_run_nothing(env: dict[str, str], work: Path, slu
     job_id, run_dir = submit(cold, str(path), "--cluster", "local", "--procs", "1")
     assert run_dir.parent == root
     assert [e["kind"] for e in events(run_dir) if e["event"] == "submitted"] == ["prepare", "train"]
-    plan = launch(cold, "plan", str(path), "--cluster", "local", "--procs", "1", "output.name=plain")
+    plan = launch(cold, "plan", str(path), "--cluster", "local", "--procs", "1", "--out", str(root / "plain"))
     assert "Slurm batch script" in plan.stdout
     wait_for("the submitit job to end", lambda: run_status(run_dir).state in ("FAILED", "COMPLETED"), 180, poll=1)
     assert run_status(run_dir).state == "COMPLETED", (run_dir / "logs" / "rank0.log").read_text()[-3000:]

@@ -105,11 +105,14 @@ def write_recipe(work: Work, name: str, strategy: str, method: dict[str, Any], g
 
 
 def plan(recipe: Path, procs: int) -> Path:
-    """`launch plan`: the run directory with plan.json (and ds_config.json); `launch --resume DIR` then runs it."""
+    """`launch plan --out DIR`: the run directory with plan.json (and ds_config.json); `launch --resume DIR` then
+    runs it."""
+    run_dir = recipe.parent / "runs" / recipe.stem
     out = subprocess.run([sys.executable, "-m", "launcher", "plan", str(recipe), "--procs", str(procs), "--json",
-                          "--gpus-per-node", "0"], capture_output=True, text=True, cwd=REPO)
+                          "--gpus-per-node", "0", "--out", str(run_dir)], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    return Path(json.loads(out.stdout)["run_dir"])
+    assert json.loads(out.stdout)["run_dir"] == str(run_dir.resolve())
+    return run_dir.resolve()
 
 
 def timed(label: str, args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -42,14 +42,22 @@ def test_plan_json_has_the_contract_fields(tmp_path: Path, capsys: pytest.Captur
     plan = json.loads(capsys.readouterr().out)
     assert {"run_dir", "world_size", "strategy", "recipe", "command"} <= set(plan)
     assert plan["world_size"] == 1 and plan["strategy"] == "ddp" and plan["recipe"]["name"] == "t"
-    written = json.loads((Path(plan["run_dir"]) / "plan.json").read_text())
-    assert written == plan
+    assert plan["run_dir"] == str(tmp_path / "runs" / "t") and not (tmp_path / "runs").exists()  # nothing written
+    out = tmp_path / "planned"
+    assert main(["plan", str(recipe_file(tmp_path)), "--json", "--gpus-per-node", "0", "--out", str(out)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    written = json.loads((out / "plan.json").read_text())
+    assert written == plan and plan["run_dir"] == str(out)
     assert Plan.from_json(written).typed_recipe().name == "t"
+    assert main(["plan", str(recipe_file(tmp_path)), "--out", str(out)]) == 0  # only planned: may be re-planned
+    (out / "logs").mkdir()
+    assert main(["plan", str(recipe_file(tmp_path)), "--out", str(out)]) == 2  # a started run is never replaced
+    assert "is not empty" in capsys.readouterr().err
 
 
 def test_plan_then_launch_reuse_the_planned_directory_and_never_overwrite(tmp_path: Path) -> None:
     root = tmp_path / "runs"
-    first = claim_run_dir(root, "t")
+    first = claim_run_dir(root, "t", own=False)  # `launch plan --out runs/t`
     (first / "plan.json").write_text("{}")
     assert is_fresh(first) and next_run_dir(root, "t") == first  # planned only: reused
     (first / "logs").mkdir()
@@ -178,7 +186,7 @@ def test_plan_time_problems_name_the_file_and_line(tmp_path: Path) -> None:
 def test_a_secret_given_as_an_override_is_written_nowhere(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     secret = "hf_do_not_leak_123"
     assert main(["plan", str(recipe_file(tmp_path)), f"cluster.env.HF_TOKEN={secret}", "--json",
-                 "--gpus-per-node", "0"]) == 0
+                 "--gpus-per-node", "0", "--out", str(tmp_path / "runs" / "t")]) == 0
     out = capsys.readouterr()
     assert secret not in out.out + out.err
     plan = json.loads(out.out)

@@ -117,7 +117,7 @@ def test_launch_plan_writes_and_prints_ds_config(tmp_path: Path, capsys: pytest.
                                       "data": {"train": [{"path": "t.jsonl"}]}, "strategy": {"name": "zero2"},
                                       "output": {"root": str(tmp_path / "runs")}}))
     # One node: several nodes make a Slurm plan, whose preflight depends on the cluster this test runs next to.
-    assert main(["plan", str(recipe), "--gpus-per-node", "8", "--json"]) == 0
+    assert main(["plan", str(recipe), "--gpus-per-node", "8", "--json", "--out", str(tmp_path / "planned")]) == 0
     plan = json.loads(capsys.readouterr().out)
     written = json.loads((Path(plan["run_dir"]) / "ds_config.json").read_text())
     assert written == plan["strategy_config"] and written["train_batch_size"] == 8
