@@ -60,6 +60,16 @@ def require_runnable(plan: Plan) -> None:
         raise SubmitError("this plan cannot run in this version:\n  " + "\n  ".join(plan.unsupported))
 
 
+def require_data(loaded: LoadedRecipe) -> None:
+    """A run is not created while its data files are missing or unreadable (launcher/plan/checks.py)."""
+    from launcher.config.recipe import RecipeError
+    from launcher.plan.checks import data_problems
+
+    found = data_problems(loaded.recipe)
+    if found:
+        raise RecipeError(loaded.with_locations(found), source=f"{loaded.source} (data)")
+
+
 def resume_notes(plan: Plan) -> list[str]:
     """The re-plan's `resume: A -> B ranks ...` warnings (replan_for_resume), which a user resuming must see."""
     return [w for w in plan.warnings if w.startswith("resume:")]
@@ -125,6 +135,7 @@ class Executor(ABC):
         """A new run: plan and check everything, then claim a run directory and write it."""
         run = self.plan_run(loaded, new_run_dir(loaded))  # validate everything before a directory exists
         require_runnable(run.plan)
+        require_data(loaded)
         run_dir = claim_run_dir(run.run_dir.parent, run.run_dir.name)
         try:
             if run_dir != run.run_dir:  # lost a race for the name: re-plan into the directory we own
@@ -151,6 +162,7 @@ class Executor(ABC):
             raise SubmitError(f"--out {out} is not empty (a run directory holds more than a plan there): "
                               "choose a new directory")
         run = self.plan_run(loaded, out)  # every check passes before the directory is made
+        require_data(loaded)  # a written run directory is one `launch --resume` can run
         out.mkdir(parents=True, exist_ok=True)
         self.write(run)
         return run, self.request_warnings(run)

@@ -59,9 +59,13 @@ def parse_size(text: str) -> int:
     cleaned = text.strip().lower().replace(" ", "")
     number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = cleaned[len(number):]
-    if unit not in units or not number:
+    try:
+        value = float(number) * units[unit]
+    except (KeyError, ValueError):
+        value = float("nan")
+    if not 2**20 <= value <= 2**50:  # also NaN and inf (`1e400GiB`): no GPU has under 1 MiB or over 1 PiB
         raise ValueError(f"cannot read a memory size from {text!r}: write e.g. 80GiB, 141GB or 24576MiB")
-    return int(float(number) * units[unit])
+    return int(value)
 
 
 def gpu_mem(args: argparse.Namespace) -> int | None:

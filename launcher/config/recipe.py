@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from launcher.config.schema import Recipe, is_secret_name
+from launcher.config.schema import Recipe, is_secret_name, path_text_problem
 
 KeyPath = tuple[str | int, ...]
 
@@ -60,6 +60,21 @@ class Problem:
         return f"  {self.path}{where}: {self.message}{hint}"
 
 
+MAX_PROBLEMS_SHOWN = 50
+"""A recipe with thousands of mistakes is listed up to here (the first ones are the ones to fix)."""
+
+# Bounds on what a recipe may cost to read (issue 18: a 300-byte alias bomb expands to gigabytes; a chain of 2,000
+# extends or thousands of nested brackets exhausted the stack). Real recipes are far inside all three.
+MAX_YAML_NODES = 100_000
+"""Values in one file after expanding YAML aliases (`*anchor`)."""
+MAX_YAML_DEPTH = 64
+"""Nesting of mappings and lists."""
+MAX_EXTENDS_DEPTH = 32
+"""Files in one `extends` chain."""
+MAX_RECIPE_BYTES = 4 << 20
+"""Size of one recipe file."""
+
+
 class RecipeError(Exception):
     """A recipe (or override) is invalid. `str()` lists every problem found."""
 
@@ -71,7 +86,10 @@ class RecipeError(Exception):
     def __str__(self) -> str:
         n = len(self.problems)
         head = f"{self.source}: {n} problem{'s' if n != 1 else ''}"
-        return "\n".join([head, *map(str, self.problems)])
+        shown = [*map(str, self.problems[:MAX_PROBLEMS_SHOWN])]
+        if n > MAX_PROBLEMS_SHOWN:
+            shown.append(f"  ... and {n - MAX_PROBLEMS_SHOWN} more")
+        return "\n".join([head, *shown])
 
 
 @dataclass
@@ -110,15 +128,26 @@ def _compose(text: str, file: str, locs: dict[KeyPath, Location]) -> Any:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         # Constructing scalars can fail too (e.g. a bare `=` resolves to YAML's `value` tag, which SafeLoader lacks).
-        return {} if node is None else _to_python(node, (), file, locs)
+        return {} if node is None else _to_python(node, (), file, locs, [MAX_YAML_NODES])
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        loc = Location(file, mark.line + 1) if mark else None
+        loc = Location(file, mark.line + 1) if mark else Location(file)
         problem = getattr(err, "problem", None) or str(err)
         raise RecipeError([Problem("(file)", f"not valid YAML: {problem}", loc, "check indentation and quoting")]) from None
+    except RecursionError:  # PyYAML's composer recurses per nesting level
+        raise RecipeError([Problem("(file)", "nested too deeply to read", Location(file),
+                                   f"a recipe nests at most {MAX_YAML_DEPTH} levels")]) from None
 
 
-def _to_python(node: yaml.Node, path: KeyPath, file: str, locs: dict[KeyPath, Location]) -> Any:
+def _to_python(node: yaml.Node, path: KeyPath, file: str, locs: dict[KeyPath, Location], budget: list[int]) -> Any:
+    """The node as plain data. `budget` counts the values left to build: an alias is expanded where it is used, so
+    a few nested aliases can stand for billions of values; the budget and the depth bound stop that early."""
+    budget[0] -= 1
+    if budget[0] < 0 or len(path) > MAX_YAML_DEPTH:
+        what = (f"more than {MAX_YAML_NODES:,} values once its aliases (*anchor) are expanded" if budget[0] < 0
+                else f"nested more than {MAX_YAML_DEPTH} levels deep (a recursive alias?)")
+        raise RecipeError([Problem(_dotted(path), f"this recipe holds {what}", Location(file, node.start_mark.line + 1),
+                                   "write the values out, or use `extends:` to share parts of recipes")])
     locs.setdefault(path, Location(file, node.start_mark.line + 1))
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
@@ -127,11 +156,11 @@ def _to_python(node: yaml.Node, path: KeyPath, file: str, locs: dict[KeyPath, Lo
             locs[path + (key,)] = Location(file, key_node.start_mark.line + 1)
             if key in out:
                 raise RecipeError([Problem(_dotted(path + (key,)), "key written twice", locs[path + (key,)], "keep one")])
-            out[key] = _to_python(value_node, path + (key,), file, locs)
+            out[key] = _to_python(value_node, path + (key,), file, locs, budget)
             locs[path + (key,)] = Location(file, key_node.start_mark.line + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(item, path + (i,), file, locs) for i, item in enumerate(node.value)]
+        return [_to_python(item, path + (i,), file, locs, budget) for i, item in enumerate(node.value)]
     return _scalar(node)
 
 
@@ -160,11 +189,13 @@ def _load_tree(path: Path, chain: tuple[Path, ...], locs: dict[KeyPath, Location
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise RecipeError([Problem("extends", f"inheritance cycle: {cycle}", None, "remove one of the extends entries")])
-    if not path.is_file():
-        raise RecipeError([Problem("(file)", f"recipe file not found: {path}", None, "check the path")])
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        raise RecipeError([Problem("extends", f"more than {MAX_EXTENDS_DEPTH} files extend one another "
+                                   f"({chain[0]} -> ... -> {path})", Location(str(chain[-1])),
+                                   "flatten the chain: a recipe may extend several files at once")])
     files.append(path)
     own_locs: dict[KeyPath, Location] = {}
-    data = _compose(path.read_text(), str(path), own_locs)
+    data = _compose(_read_text(path), str(path), own_locs)
     if not isinstance(data, dict):
         raise RecipeError([Problem("(root)", f"a recipe is a mapping of sections, got {type(data).__name__}",
                                    Location(str(path), 1), "start with keys such as `model:` and `data:`")])
@@ -176,6 +207,8 @@ def _load_tree(path: Path, chain: tuple[Path, ...], locs: dict[KeyPath, Location
                                    own_locs.get(("extends",)), "write `extends: base/common.yaml`")])
     merged: dict[str, Any] = {}
     for parent in parents:
+        if (why := path_text_problem(parent)) is not None:
+            raise RecipeError([Problem("extends", f"{parent[:80]!r} {why}", own_locs.get(("extends",)))])
         parent_path = (path.parent / parent).resolve()
         if not parent_path.is_file():
             raise RecipeError([Problem("extends", f"file not found: {parent} (resolved to {parent_path})",
@@ -186,13 +219,38 @@ def _load_tree(path: Path, chain: tuple[Path, ...], locs: dict[KeyPath, Location
     return deep_merge(merged, data)
 
 
+def _read_text(path: Path) -> str:
+    """A recipe file's text, or a Problem naming the file: missing, unreadable, too large, not UTF-8, NUL bytes."""
+    def problem(message: str, line: int | None = None, hint: str | None = None) -> RecipeError:
+        return RecipeError([Problem("(file)", message, Location(str(path), line), hint)])
+
+    try:
+        if not path.is_file():
+            raise problem(f"recipe file not found: {path}", hint="check the path")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise problem(f"{path.stat().st_size:,} bytes: a recipe is at most {MAX_RECIPE_BYTES:,}")
+        raw = path.read_bytes()
+    except OSError as err:  # too long a name, permissions, a directory, an I/O error
+        raise problem(f"cannot read the recipe: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise problem(f"not UTF-8 text: byte 0x{raw[err.start]:02x} at offset {err.start}", line,
+                      "save the file as UTF-8") from None
+    if "\0" in text:
+        raise problem("holds a NUL byte (binary data?)", text[: text.index("\0")].count("\n") + 1,
+                      "a recipe is YAML text")
+    return text
+
+
 # Keys holding file paths: made absolute relative to the recipe file that wrote them, so inherited paths still work.
 _PATH_KEYS: tuple[KeyPath, ...] = (("model", "path"), ("model", "tokenizer"))
 
 
 def _rebase_paths(data: dict[str, Any], base_dir: Path) -> None:
     def rebase(value: Any) -> Any:
-        if isinstance(value, str) and value and not Path(value).is_absolute():
+        if isinstance(value, str) and value and path_text_problem(value) is None and not Path(value).is_absolute():
             return str((base_dir / value).resolve())
         return value
 

@@ -9,30 +9,80 @@ This module imports pydantic only: it is on the planning side and must load with
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
 
 
-class Section(BaseModel):
-    """Base of every recipe section: strict keys, docstrings as field descriptions, frozen after validation."""
+def path_text_problem(text: str) -> str | None:
+    """Why a string cannot name a file, or None: a NUL byte, or a name longer than file systems allow (255 bytes)."""
+    if "\0" in text:
+        return "holds a NUL byte, which no file name can"
+    if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in text.split("/")):
+        return "has a name longer than 255 bytes, which file systems refuse"
+    return None
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+def _path_text(text: str) -> str:
+    if (why := path_text_problem(text)) is not None:
+        raise ValueError(why)
+    return text
+
+
+PathText = Annotated[str, AfterValidator(_path_text)]
+"""A string naming a file or directory."""
+
+MAX_INT = 2**53
+"""Larger integers are refused: no setting needs them, and beyond 2**53 they stop being exact in JSON readers."""
+
+
+def _takes_int(annotation: object) -> bool:
+    """Whether a field's type admits an int but not a bool (`int`, `int | None`, `Annotated[int, ...] | "auto"`)."""
+    if annotation is bool:
+        return False
+    if annotation is int:
+        return True
+    return any(_takes_int(arg) for arg in get_args(annotation)) and bool not in get_args(annotation)
+
+
+class Section(BaseModel):
+    """Base of every recipe section: strict keys, docstrings as field descriptions, frozen after validation.
+
+    Numbers are what they say: no inf or NaN where a float is expected (`lr: .inf` would train a NaN adapter), no
+    `true` where an integer is expected (YAML's booleans are not counts: `max_steps: true` is not 1), no integer
+    beyond MAX_INT."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_integers(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if value is None or not _takes_int(field.annotation):
+                continue
+            if isinstance(value, bool):
+                raise ValueError(f"{name}: expected an integer, got {str(value).lower()} (a YAML boolean)")
+            if isinstance(value, (int, float)) and abs(value) > MAX_INT:
+                raise ValueError(f"{name}: {value} is out of range (at most {MAX_INT})")
+        return data
 
 
 # --------------------------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
-    path: str | None = None
+    path: PathText | None = None
     """A local Hugging Face model directory (config.json + safetensors). Relative paths are resolved against the
     recipe file. A directory holding only config.json is enough for `launch plan`."""
 
-    gguf: str | None = None
+    gguf: PathText | None = None
     """A GGUF file: a path, or `package:relative/file.gguf` inside an installed Python package. It is converted once
     to a cached safetensors directory, then loaded from there."""
 
-    tokenizer: str | None = None
+    tokenizer: PathText | None = None
     """Tokenizer directory when it differs from the model's."""
 
     dtype: DType = "bfloat16"
@@ -67,7 +117,7 @@ DataFormat = Literal["alpaca", "messages", "prompt_completion", "text"]
 
 
 class DataSource(Section):
-    path: str
+    path: PathText = Field(min_length=1)
     """A local .jsonl/.json/.parquet/.csv file, or a directory written by `datasets.save_to_disk`. Relative paths
     are resolved against the recipe file."""
 
@@ -92,7 +142,7 @@ class DataConfig(Section):
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Fraction of training rows held out for evaluation when no eval source is given."""
 
-    eval_seed: int = 0
+    eval_seed: int = Field(default=0, ge=0, lt=2**32)
     """Seed of the train/eval split."""
 
     chat_template: str | None = None
@@ -215,7 +265,7 @@ class OptimConfig(Section):
     weight_decay: float = Field(default=0.0, ge=0)
     """Decoupled weight decay (not applied to biases and norms)."""
 
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     """Adam betas."""
 
     eps: float = Field(default=1e-8, gt=0)
@@ -252,7 +302,7 @@ class OptimConfig(Section):
     max_steps: int | None = Field(default=None, ge=1)
     """Stop after this many optimizer steps."""
 
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)
     """Seed for weights init (adapters), dropout and data order."""
 
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -325,7 +375,7 @@ class LoggingConfig(Section):
 
 
 class OutputConfig(Section):
-    root: str = "runs"
+    root: PathText = Field(default="runs", min_length=1)
     """Directory holding run directories; relative to the current working directory."""
 
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
@@ -379,7 +429,7 @@ class DeepSpeedOptions(Section):
     """Where partitioned parameters live between uses: GPU, CPU or NVMe. Stage 3 only (stages 1-2 keep a full copy of
     the weights on every rank)."""
 
-    nvme_path: str | None = None
+    nvme_path: PathText | None = None
     """Directory on a fast local NVMe disk for `nvme` offload (required then)."""
 
     overlap_comm: bool = True

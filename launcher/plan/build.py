@@ -163,6 +163,7 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
         raise RecipeError(loaded.with_locations(problems), source=f"{loaded.source} (plan)")
     warnings: list[str] = list(memory.warnings) if memory is not None else []
     warnings += quant_warnings(recipe, resources, memory)
+    warnings += [f"{p.path}: {p.message} (`launch` refuses to start without it)" for p in checks.data_problems(recipe)]
     if memory is None:
         warnings.append("memory: no estimate (the model's config.json is not readable here; a GGUF model is sized "
                         "after its first conversion)")

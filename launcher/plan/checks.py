@@ -9,6 +9,9 @@ the YAML file:line of the key it names (LoadedRecipe.with_locations). Torch-free
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from launcher.config.recipe import Problem
 from launcher.config.schema import LoraFields, QLoraMethod, QuantFields, Recipe
 from launcher.plan.resources import Resources
@@ -18,6 +21,25 @@ from launcher.strategies import spec as strategy_spec
 IMPLEMENTED_STRATEGIES = tuple(STRATEGIES)
 """Strategies whose rank-side implementation exists (the registry). Others accepted by the schema can be planned, and
 are refused with a clear message rather than failing after a job has queued for hours."""
+
+def data_problems(recipe: Recipe) -> list[Problem]:
+    """Data files that are not there or cannot be read, from this machine (the login node sees the storage the
+    ranks read). `launch plan` prints them as warnings (sizing a recipe needs no data); a run is not created with
+    them (Executor.prepare), so a typo fails in a second instead of in a queued job."""
+    found: list[Problem] = []
+    for split in ("train", "eval"):
+        for i, source in enumerate(getattr(recipe.data, split)):
+            path = Path(source.path)
+            key = f"data.{split}.{i}.path"
+            if not path.exists():
+                found.append(Problem(key, f"{path} does not exist", hint="check the path (relative paths are "
+                                     "relative to the recipe file that names them)"))
+            elif not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+                found.append(Problem(key, f"{path} is not readable by this user", hint="check its permissions"))
+            elif path.is_file() and path.stat().st_size == 0:
+                found.append(Problem(key, f"{path} is empty", hint="point at a file with rows"))
+    return found
+
 
 def problems(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
     """All of them, in the order a reader meets the keys: recipe-wide, then strategy, then quantization."""

@@ -97,10 +97,20 @@ def plan_memory(recipe: Recipe, resources: "Resources") -> tuple[MemoryPlan | No
                                     hint="set a number, or point model.path at a directory with config.json"))
         return None, problems
     try:
-        counts = mem.count_parameters(mem.read_model_config(config_dir))
-    except (ValueError, KeyError) as err:
-        return None, [Problem("model.path", f"cannot size the model from {config_dir / 'config.json'}: {err}",
+        return _plan_rows(recipe, resources, mem.count_parameters(mem.read_model_config(config_dir)), problems)
+    except UNREADABLE_CONFIG as err:  # a broken (or hostile) config.json is a problem to report, not a traceback
+        return None, [Problem("model.path", f"cannot size the model from {config_dir / 'config.json'}: "
+                              f"{type(err).__name__}: {err}",
                               hint="sizing supports Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-NeoX, Mixtral, Qwen-MoE")]
+
+
+UNREADABLE_CONFIG = (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError, RecursionError)
+"""What reading and sizing a config.json can raise when the file is not what it claims to be."""
+
+
+def _plan_rows(recipe: Recipe, resources: "Resources", counts: mem.ParamCounts,
+               problems: list[Problem]) -> tuple[MemoryPlan | None, list[Problem]]:
+    auto_batch = recipe.optim.micro_batch == "auto"
     args = training_arguments(recipe, counts)
     gpus = max(1, resources.gpus_per_node)
     gpu_mem = resources.gpu_mem_bytes

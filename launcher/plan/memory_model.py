@@ -255,6 +255,21 @@ def _require(config: Mapping[str, Any], key: str) -> Any:
     return config[key]
 
 
+MAX_DIMENSION = 2**40
+"""No model dimension comes near this; a config.json claiming more is broken (or hostile), not a bigger model."""
+
+
+def _count(config: Mapping[str, Any], key: str, default: Any = None, *, minimum: int = 1) -> int:
+    """A dimension from config.json as an int in [minimum, MAX_DIMENSION] (required when there is no default):
+    a ValueError naming the key otherwise, never a ZeroDivisionError or OverflowError further down."""
+    value = _require(config, key) if default is None else _get(config, key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_DIMENSION:
+        raise ValueError(f"config.json: {key} is {value!r}, expected an integer from {minimum} to {MAX_DIMENSION}")
+    return value
+
+
 def model_dims(config: Mapping[str, Any]) -> ModelDims:
     """Normalize a ``config.json`` dict into ``ModelDims``.
 
@@ -268,14 +283,14 @@ def model_dims(config: Mapping[str, Any]) -> ModelDims:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
-    hidden = int(_require(config, "hidden_size"))
-    heads = int(_require(config, "num_attention_heads"))
-    kv_heads = int(_get(config, "num_key_value_heads", heads))
+    hidden = _count(config, "hidden_size")
+    heads = _count(config, "num_attention_heads")
+    kv_heads = _count(config, "num_key_value_heads", heads)
     if model_type == "gpt_neox":
         head_dim = hidden // heads  # query_key_value is always 3h wide
     else:
-        head_dim = int(_get(config, "head_dim", _DEFAULT_HEAD_DIM.get(model_type, hidden // heads)))
-    num_layers = int(_require(config, "num_hidden_layers"))
+        head_dim = _count(config, "head_dim", _DEFAULT_HEAD_DIM.get(model_type, hidden // heads))
+    num_layers = _count(config, "num_hidden_layers")
 
     moe = model_type in _DEFAULT_EXPERTS
     num_experts, top_k = 0, 0
@@ -283,19 +298,19 @@ def model_dims(config: Mapping[str, Any]) -> ModelDims:
     moe_layers: tuple[int, ...] = ()
     if moe:
         default_e, default_k = _DEFAULT_EXPERTS[model_type]
-        num_experts = int(_get(config, "num_local_experts", _get(config, "num_experts", default_e)))
-        top_k = int(_get(config, "num_experts_per_tok", default_k))
+        num_experts = _count(config, "num_local_experts", _get(config, "num_experts", default_e))
+        top_k = _count(config, "num_experts_per_tok", default_k)
         if model_type == "mixtral":
-            moe_inter = int(_require(config, "intermediate_size"))
+            moe_inter = _count(config, "intermediate_size")
             moe_layers = tuple(range(num_layers))
         else:
-            moe_inter = int(_get(config, "moe_intermediate_size", 1408 if model_type == "qwen2_moe" else 768))
-            step = int(_get(config, "decoder_sparse_step", 1))
+            moe_inter = _count(config, "moe_intermediate_size", 1408 if model_type == "qwen2_moe" else 768)
+            step = _count(config, "decoder_sparse_step", 1)
             mlp_only = set(_get(config, "mlp_only_layers", []))
             if num_experts > 0:
                 moe_layers = tuple(i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0)
             if model_type == "qwen2_moe":
-                shared_inter = int(_get(config, "shared_expert_intermediate_size", 5632))
+                shared_inter = _count(config, "shared_expert_intermediate_size", 5632, minimum=0)
 
     if model_type == "qwen2":
         qkv_bias, o_bias = True, False
@@ -314,8 +329,8 @@ def model_dims(config: Mapping[str, Any]) -> ModelDims:
         num_attention_heads=heads,
         num_key_value_heads=heads if model_type == "gpt_neox" else kv_heads,
         head_dim=head_dim,
-        intermediate_size=int(_get(config, "intermediate_size", 4 * hidden)),
-        vocab_size=int(_require(config, "vocab_size")),
+        intermediate_size=_count(config, "intermediate_size", 4 * hidden),
+        vocab_size=_count(config, "vocab_size"),
         tie_word_embeddings=bool(_get(config, "tie_word_embeddings", _DEFAULT_TIE.get(model_type, False))),
         qkv_bias=qkv_bias,
         o_bias=o_bias,

@@ -7,7 +7,6 @@ and only when they run on another world size than planned (a resume on fewer ran
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,15 +24,16 @@ _ROW_OFFLOAD = {"zero3_offload_optimizer": ("cpu", "none"), "zero3_offload": ("c
 
 def model_hidden_size(recipe: Recipe) -> int | None:
     """`hidden_size` from the model's config.json when it is readable here (None for an unconverted GGUF)."""
-    from launcher.plan.memory import model_config_dir
+    from launcher.plan import memory_model
+    from launcher.plan.memory import UNREADABLE_CONFIG, model_config_dir
 
     directory = model_config_dir(recipe)
     if directory is None or not (directory / "config.json").is_file():
         return None
-    config = json.loads((directory / "config.json").read_text())
-    config = config.get("text_config", config)  # multimodal configs nest the language model's
-    hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
-    return int(hidden) if hidden else None
+    try:  # the same reading the memory planner did (it reported any problem with the file already)
+        return memory_model.model_dims(memory_model.read_model_config(directory)).hidden_size
+    except UNREADABLE_CONFIG:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------------ deepspeed

@@ -26,6 +26,7 @@ def recipe(tmp_path: Path, **optim: object) -> Path:
             "optim": {"micro_batch": 2, "grad_accum": 2, **optim}, "output": {"root": str(tmp_path / "runs")}}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n')  # a run is not created without its data
     return path
 
 

@@ -24,6 +24,7 @@ def recipe_file(tmp_path: Path, **sections: object) -> Path:
             "output": {"root": str(tmp_path / "runs")}, **sections}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n')  # a run is not created without its data
     return path
 
 

@@ -116,6 +116,7 @@ def test_launch_plan_writes_and_prints_ds_config(tmp_path: Path, capsys: pytest.
     recipe.write_text(yaml.safe_dump({"name": "t", "model": {"path": str(LLAMA_70B)},
                                       "data": {"train": [{"path": "t.jsonl"}]}, "strategy": {"name": "zero2"},
                                       "output": {"root": str(tmp_path / "runs")}}))
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n')
     # One node: several nodes make a Slurm plan, whose preflight depends on the cluster this test runs next to.
     assert main(["plan", str(recipe), "--gpus-per-node", "8", "--json", "--out", str(tmp_path / "planned")]) == 0
     plan = json.loads(capsys.readouterr().out)
