@@ -431,6 +431,13 @@ def test_a_crash_bad_input_and_a_killed_job_are_told_apart(tmp_path: Path, tiny_
     assert run(failed) == EXIT_BAD_INPUT
     assert (run_status(failed).state, run_status(failed).exit_code) == ("FAILED", EXIT_BAD_INPUT)
 
+    (tmp_path / "m").mkdir()  # valid rows, but fewer than one optimizer step takes
+    too_few = start_run(make_recipe(tmp_path / "m", tiny_model_dir, eval={"at_start": False},
+                                    optim={"micro_batch": 40, "grad_accum": 2, "max_steps": 1}))
+    assert run(too_few) == EXIT_BAD_INPUT
+    assert "fewer than one optimizer step takes: micro_batch(40) * grad_accum(2) * world_size(1) = 80" in \
+        (too_few / "logs" / "rank0.log").read_text()
+
     killed = tmp_path / "k"  # a job killed outright (SIGKILL, OOM) records nothing after `running`
     killed.mkdir()
     outcome.record(killed, outcome.Outcome.RUNNING)
