@@ -27,6 +27,8 @@ from launcher.config.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[2]
+
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
 
 
@@ -505,3 +507,20 @@ def test_a_full_disk_stops_cleanly_and_the_run_resumes_exactly(tmp_path: Path, t
     assert [r["step"] for r in metrics(run_dir, "train")] == list(range(1, 7))
     assert [r["loss"] for r in metrics(run_dir, "train")] == pytest.approx(
         [r["loss"] for r in metrics(reference, "train")], rel=0, abs=1e-6)
+
+
+def test_two_launches_started_together_get_a_run_each(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Issue 18: two `launch RECIPE` at once used to share one run directory (interleaved metrics, one crash)."""
+    recipe = make_recipe(tmp_path, tiny_model_dir, optim={"max_steps": 4}, eval={"at_start": False},
+                         logging={"progress": False, "tensorboard": False, "every_steps": 1})
+    env = {**os.environ, "FTLAUNCH_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")])}
+    children = [subprocess.Popen([sys.executable, "-m", "launcher", str(recipe)], env=env, cwd=tmp_path,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [child.communicate(timeout=300)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["tiny", "tiny-2"]
+    for name in runs:
+        assert [r["step"] for r in metrics(tmp_path / "runs" / name, "train")] == [1, 2, 3, 4]
+        assert run_status(tmp_path / "runs" / name).state == "COMPLETED"
