@@ -15,7 +15,7 @@ Conventions used throughout:
 * Mixed precision keeps an fp32 master copy of every trainable parameter (Micikevicius et al. 2018, "Mixed Precision
   Training"), which is where the ZeRO paper's 2 + 2 + 12 bytes/param come from (Rajbhandari et al. 2020, §3.1).
 
-Public API (what ``launcher/plan/build.py`` calls)::
+Public API (what ``launcher/plan/memory.py`` calls)::
 
     read_model_config(path) -> dict
     count_parameters(config) -> ParamCounts

@@ -98,10 +98,9 @@ def reload_model(run_dir: Path, base: str) -> Any:
 
 
 def run_recipe(run_dir: Path) -> Any:
-    from launcher.plan.build import Plan
-    from launcher.common.rundir import read_plan
+    from launcher.plan.files import load_plan
 
-    return Plan.from_json(read_plan(run_dir)).typed_recipe()
+    return load_plan(run_dir).typed_recipe()
 
 
 def eval_loss_of(model: Any, run_dir: Path) -> float:
