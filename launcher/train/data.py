@@ -39,6 +39,7 @@ the standard library only, so the planning side can compute it without torch/tra
 from __future__ import annotations
 
 import csv
+import io
 import hashlib
 import json
 import logging
@@ -174,12 +175,28 @@ def _load_numbered(source: DataSource) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def _text(path: Path) -> str:
+    """A data file's text; a DataError naming the file, line and byte when it is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}). Fix: "
+                        "save the file as UTF-8") from None
+
+
 def _load_jsonl(path: Path, limit: int | None) -> list[tuple[int, Any]]:
     rows: list[tuple[int, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             if limit is not None and len(rows) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: row {number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                f"{err.start + 1}). Fix: save the file as UTF-8") from None
             if not line.strip():
                 continue  # blank lines (often a trailing one) are harmless
             try:
@@ -191,7 +208,7 @@ def _load_jsonl(path: Path, limit: int | None) -> list[tuple[int, Any]]:
 
 
 def _load_json(path: Path, limit: int | None) -> list[tuple[int, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -222,11 +239,15 @@ def _load_csv(path: Path, limit: int | None) -> list[tuple[int, Any]]:
     # stdlib csv rather than datasets: values stay strings (no type guessing turning "0042" into 42) and row numbers
     # are exact; the header line is not counted.
     rows: list[tuple[int, Any]] = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.DictReader(handle), start=1):
+    try:
+        reader = csv.DictReader(io.StringIO(_text(path), newline=""), strict=True)
+        for number, row in enumerate(reader, start=1):
             if limit is not None and len(rows) >= limit:
                 break
             rows.append((number, dict(row)))
+    except csv.Error as err:
+        raise DataError(f"{path}: row {len(rows) + 1}: not valid CSV ({err}). Fix: quote fields that hold commas, "
+                        "quotes or line breaks") from None
     return rows
 
 

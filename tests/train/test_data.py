@@ -133,6 +133,19 @@ def test_bad_json_line_is_reported_by_number(tmp_path: Path) -> None:
     assert load_rows(DataSource(path=str(path), format="text", max_rows=2)) == [{"text": "a"}, {"text": "b"}]
 
 
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("d.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', r"d.jsonl: row 2: not UTF-8 \(byte 0xe9 at column 14\)"),
+    ("d.json", b'[{"text": "a"},\n {"text": "\xff"}]', r"d.json: line 2: not UTF-8 \(byte 0xff"),
+    ("d.csv", b"text\nok\n\xfe\n", r"d.csv: line 3: not UTF-8 \(byte 0xfe"),
+    ("d.csv", b'text\n"unterminated\x00\n', r"d.csv: row 1: not valid CSV"),
+])
+def test_undecodable_data_names_the_file_and_the_row(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=expected):
+        load_rows(DataSource(path=str(path), format="text"))
+
+
 def test_template_without_markers_and_assistant_loss_says_what_to_do(tmp_path: Path, tiny_tokenizer: Any) -> None:
     plain_chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
