@@ -166,6 +166,10 @@ class DataConfig(Section):
     loss_on: Literal["assistant", "all"] = "assistant"
     """Which tokens carry labels: only assistant/completion tokens, or every token."""
 
+    num_proc: int | None = Field(default=None, ge=1, le=1024)
+    """Processes that tokenize (the prepare job, or rank 0 when nothing prepared the data); null: the CPUs this
+    process may use. Any value gives the same cache, byte for byte."""
+
 
 # -------------------------------------------------------------------------------------------------------- method
 LORA_TARGET_ALL = "all-linear"

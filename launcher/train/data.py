@@ -44,13 +44,12 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
-import tempfile
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from launcher.config.schema import DataConfig, DataSource
 
@@ -61,7 +60,7 @@ log = logging.getLogger("ftlaunch")
 
 IGNORE_INDEX = -100
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever tokenization logic changes what gets cached, so stale caches are never reused."""
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -526,6 +525,92 @@ class _Tokenize:
         out = self._apply(sample, messages[:last], add_generation_prompt=True)
         return list(out["input_ids"]), messages[last]["content"]
 
+    # ------------------------------------------------------------------------------------------- batched
+    def batch(self, samples: Sequence[Sample]) -> list[tuple[list[int], list[int]]]:
+        """`[self(s) for s in samples]`, token for token (tests/train/test_data.py checks it), with one chat-template
+        call and one tokenizer call per kind of sample instead of one per row: the fast tokenizer encodes a batch
+        in Rust, and transformers renders and maps the `{% generation %}` spans for the batch in one go."""
+        out: list[tuple[list[int], list[int]] | None] = [None] * len(samples)
+        chats = [i for i, s in enumerate(samples) if s.messages is not None]
+        texts = [i for i, s in enumerate(samples) if s.text is not None]
+        pairs = [i for i, s in enumerate(samples) if s.prompt is not None and s.messages is None and s.text is None]
+        if chats:
+            for i, result in zip(chats, self._chat_batch([samples[i] for i in chats])):
+                out[i] = result
+        if texts:
+            encoded = self._encode_batch([samples[i].text + self.tok.eos_token for i in texts])  # type: ignore[operator]
+            for i, ids in zip(texts, encoded):
+                out[i] = (ids, list(ids))
+        if pairs:
+            from trl.data_utils import common_prefix_length
+
+            prompts = self._encode_batch([samples[i].prompt for i in pairs])  # type: ignore[misc]
+            wholes = self._encode_batch([samples[i].prompt + samples[i].completion + self.tok.eos_token  # type: ignore[operator]
+                                         for i in pairs])
+            for i, prompt_ids, ids in zip(pairs, prompts, wholes):
+                start = 0 if self.cfg.loss_on == "all" else common_prefix_length(prompt_ids, ids)
+                out[i] = (ids, [IGNORE_INDEX] * start + ids[start:])
+        for result in out:
+            assert result is not None
+            if result[1]:
+                result[1][0] = IGNORE_INDEX  # never predicted (see the module docstring)
+        return out  # type: ignore[return-value]
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.tok(texts)["input_ids"]]
+
+    def _chat_batch(self, samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
+        import jinja2
+
+        assistant = self.cfg.loss_on == "assistant"
+        try:
+            out = self.tok.apply_chat_template([self.messages(s) for s in samples], chat_template=self.template,
+                                               tokenize=True, return_dict=True,
+                                               return_assistant_tokens_mask=assistant)
+        except jinja2.TemplateError:  # find the row and say which (the per-row path words the error)
+            for sample in samples:
+                self._apply(sample, self.messages(sample), return_assistant_tokens_mask=assistant)
+            raise
+        results = []
+        for k, sample in enumerate(samples):
+            ids = list(out["input_ids"][k])
+            if assistant:
+                labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"][k])]
+                if all(label == IGNORE_INDEX for label in labels):
+                    raise DataError(f"{sample.where}: the chat template marked no assistant tokens. Fix: check that "
+                                    f"its {{% generation %}} block wraps the assistant content")
+            else:
+                labels = list(ids)
+            if self.append_eos:
+                ids.append(self.eos_id)
+                ends_with_answer = bool(sample.messages) and sample.messages[-1][0] == "assistant"  # type: ignore[index]
+                labels.append(self.eos_id if ends_with_answer or not assistant else IGNORE_INDEX)
+            results.append((ids, labels))
+        return results
+
+    def generation_prompts(self, samples: Sequence[Sample]) -> list[tuple[list[int], str] | None]:
+        """`[self.generation_prompt(s) for s in samples]`, batched like :meth:`batch`."""
+        out: list[tuple[list[int], str] | None] = [None] * len(samples)
+        chats: list[tuple[int, list[dict[str, str]], str]] = []
+        pairs: list[int] = []
+        for i, sample in enumerate(samples):
+            if sample.prompt is not None and sample.completion is not None:
+                pairs.append(i)
+            elif sample.messages is not None:
+                messages = self.messages(sample)
+                last = max((j for j, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+                if last is not None:
+                    chats.append((i, messages[:last], messages[last]["content"]))
+        if pairs:
+            for i, ids in zip(pairs, self._encode_batch([samples[i].prompt for i in pairs])):  # type: ignore[misc]
+                out[i] = (ids, samples[i].completion)  # type: ignore[assignment]
+        if chats:
+            rendered = self.tok.apply_chat_template([m for _, m, _ in chats], chat_template=self.template,
+                                                    tokenize=True, return_dict=True, add_generation_prompt=True)
+            for (i, _, reference), ids in zip(chats, rendered["input_ids"]):
+                out[i] = (list(ids), reference)
+        return out
+
     def _apply(self, sample: Sample, messages: list[dict[str, str]], **kwargs: Any) -> Any:
         import jinja2
 
@@ -587,14 +672,9 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 
 
 def build_bundle(cfg: DataConfig, tokenizer: Any) -> DataBundle:
-    """Load, normalise, split, tokenize, length-limit and pack: the uncached path of :func:`tokenize_cached`."""
-    train_samples = load_samples(cfg.train, cfg.loss_on)
-    if cfg.eval:
-        eval_samples = load_samples(cfg.eval, cfg.loss_on)
-    elif cfg.eval_fraction > 0:
-        train_samples, eval_samples = split_eval(train_samples, cfg.eval_fraction, cfg.eval_seed)
-    else:
-        eval_samples = []
+    """Load, normalise, split, tokenize (row by row), length-limit and pack, all in memory: the reference that
+    the cached, batched, parallel path (:func:`write_entry`) is tested against, token for token."""
+    train_samples, eval_samples = _split_samples(cfg)
     chat = any(s.messages is not None for s in train_samples + eval_samples)
     tokenize = _Tokenize(tokenizer, cfg, chat)
     stats: dict[str, int] = {}
@@ -695,41 +775,185 @@ def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
 
 
 def cache_entry(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> Path:
-    """Where the tokenized bundle of these settings and this tokenizer is cached: `cache_dir/<cache_key>.pkl`."""
-    return Path(cache_dir) / f"{cache_key(cfg, tokenizer)}.pkl"
+    """Where the tokenized data of these settings and this tokenizer is cached: the directory `cache_dir/<key>`
+    (launcher/train/arrow_cache.py)."""
+    return Path(cache_dir) / cache_key(cfg, tokenizer)
+
+
+def is_cached(entry: Path) -> bool:
+    from launcher.train.arrow_cache import is_complete
+
+    return is_complete(entry)
 
 
 def tokenize_cached(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> DataBundle:
-    """`build_bundle`, memoised on disk at :func:`cache_entry` (see :func:`tokenize_into`)."""
+    """The tokenized data, built into the cache first when missing (see :func:`tokenize_into`)."""
     return tokenize_into(cache_entry(cfg, tokenizer, cache_dir), cfg, tokenizer)
 
 
-def tokenize_into(path: Path, cfg: DataConfig, tokenizer: Any) -> DataBundle:
-    """The bundle cached at `path` (a :func:`cache_entry`), built and written there first when missing (atomically:
-    a temporary file in the same directory, then os.replace, so concurrent ranks never read half a file). A damaged
-    entry is rebuilt."""
-    cache_dir = path.parent
-    if path.is_file():
+def tokenize_into(entry: Path, cfg: DataConfig, tokenizer: Any) -> DataBundle:
+    """The bundle cached at `entry` (a :func:`cache_entry`), memory-mapped; written there first when missing, by
+    `data.num_proc` processes. A damaged entry is moved aside and rebuilt."""
+    from launcher.train import arrow_cache
+
+    if arrow_cache.is_complete(entry):
         try:
-            with path.open("rb") as handle:
-                payload = pickle.load(handle)
-            if payload.get("format_version") == FORMAT_VERSION:
-                return DataBundle(**payload["bundle"])
-        except Exception as err:  # truncated or foreign file: rebuild rather than fail the run
-            log.warning("tokenization cache %s unreadable (%s): rebuilding", path, err)
-    bundle = build_bundle(cfg, tokenizer)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION,
-               "bundle": {"train": bundle.train, "eval": bundle.eval, "eval_generation": bundle.eval_generation,
-                          "stats": bundle.stats, "packed": bundle.packed}}
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".pkl")
+            return open_entry(entry)
+        except Exception as err:  # noqa: BLE001 (truncated shards, foreign files: rebuild rather than fail the run)
+            log.warning("tokenization cache %s unreadable (%s): rebuilding", entry, err)
+            arrow_cache.discard(entry)
+    tmp = arrow_cache.new_entry_dir(entry.parent, entry.name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        meta = write_entry(cfg, tokenizer, tmp)
+        arrow_cache.publish(tmp, entry, meta)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return bundle
+    return open_entry(entry)
+
+
+def open_entry(entry: Path) -> DataBundle:
+    """A cache entry as a DataBundle whose rows are read from the memory-mapped files on access."""
+    from launcher.train import arrow_cache
+
+    meta = arrow_cache.read_meta(entry)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"format version {meta.get('format_version')} (this ftlaunch writes {FORMAT_VERSION})")
+
+    def example(row: dict[str, Any]) -> Example:
+        return Example(row["input_ids"], row["labels"], row.get("position_ids"))
+
+    def prompt(row: dict[str, Any]) -> tuple[list[int], str]:
+        return row["prompt_ids"], row["reference"]
+
+    shards = meta["shards"]
+    return DataBundle(train=arrow_cache.Rows(arrow_cache.open_table(entry, "train", shards), example),  # type: ignore[arg-type]
+                      eval=arrow_cache.Rows(arrow_cache.open_table(entry, "eval", shards), example),  # type: ignore[arg-type]
+                      eval_generation=arrow_cache.Rows(arrow_cache.open_table(entry, "generation", shards), prompt),  # type: ignore[arg-type]
+                      stats=dict(meta["stats"]), packed=bool(meta["packed"]))
+
+
+SHARD_ROWS = 4096
+"""Rows per shard file. Fixed (not derived from num_proc) so that any number of processes writes the same files."""
+
+
+def default_num_proc() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def write_entry(cfg: DataConfig, tokenizer: Any, out: Path) -> dict[str, Any]:
+    """Tokenize every source into Arrow shards under `out` and return the entry's meta data (not yet published).
+
+    The same pipeline as :func:`build_bundle` (the per-row reference, which tests compare this with token for token),
+    batched per shard and spread over `data.num_proc` processes; packing runs once on the tokenized table."""
+    train_samples, eval_samples = _split_samples(cfg)
+    chat = any(s.messages is not None for s in train_samples + eval_samples)
+    tokenize = _Tokenize(tokenizer, cfg, chat)  # template checks fail here, before any worker starts
+    num_proc = cfg.num_proc or default_num_proc()
+    jobs = [("train", i, train_samples[start:start + SHARD_ROWS])
+            for i, start in enumerate(range(0, len(train_samples), SHARD_ROWS))]
+    jobs += [("eval", i, eval_samples[start:start + SHARD_ROWS])
+             for i, start in enumerate(range(0, len(eval_samples), SHARD_ROWS))]
+    counts: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
+    for kind, shard_counts in _run_shard_jobs(tokenize, jobs, out, num_proc):
+        for key, value in shard_counts.items():
+            counts[kind][key] = counts[kind].get(key, 0) + value
+    stats = {key: counts["train"].get(key, 0) for key in _COUNT_KEYS}
+    if stats["kept"] == 0:
+        raise DataError(f"no training examples left: {stats['dropped']} longer than max_length {cfg.max_length} "
+                        f"were dropped, {stats['empty']} had no label tokens after truncation. Fix: raise "
+                        f"data.max_length or use data.truncation: truncate")
+    stats.update({f"eval_{key}": counts["eval"].get(key, 0) for key in _COUNT_KEYS})
+    stats["eval_prompts"] = counts["eval"].get("prompts", 0)
+    if cfg.packing:
+        stats["packed_sequences"] = _pack_shards(out, cfg.max_length)
+    from launcher.train.arrow_cache import shard_rows
+
+    return {"format_version": FORMAT_VERSION, "stats": stats, "packed": cfg.packing, "shards": shard_rows(out)}
+
+
+_COUNT_KEYS = ("rows", "kept", "truncated", "dropped", "empty", "tokens", "label_tokens")
+_WORKER_TOKENIZE: "_Tokenize | None" = None
+
+
+def _init_worker(tokenize: "_Tokenize") -> None:
+    global _WORKER_TOKENIZE
+    _WORKER_TOKENIZE = tokenize
+
+
+def _shard_job(job: tuple[str, int, list[Sample], Path]) -> tuple[str, dict[str, int]]:
+    """One shard: tokenize its rows in one batch, apply the length policy, write it (and the exact-match prompts of
+    eval rows). Runs in a worker process, or in this one."""
+    from launcher.train import arrow_cache
+
+    kind, index, samples, out = job
+    tokenize = _WORKER_TOKENIZE
+    assert tokenize is not None
+    stats: dict[str, int] = {}
+    kept = _limit(tokenize.batch(samples), tokenize.cfg, "", stats)
+    arrow_cache.write_table(out / arrow_cache.shard_name(kind, index),
+                            arrow_cache.examples_table((e.input_ids, e.labels) for e in kept))
+    if kind == "eval":
+        prompts = [p for p in tokenize.generation_prompts(samples)
+                   if p is not None and len(p[0]) < tokenize.cfg.max_length]
+        arrow_cache.write_table(out / arrow_cache.shard_name("generation", index), arrow_cache.generation_table(prompts))
+        stats["prompts"] = len(prompts)
+    return kind, stats
+
+
+def _run_shard_jobs(tokenize: "_Tokenize", jobs: list[tuple[str, int, list[Sample]]], out: Path,
+                    num_proc: int) -> Iterable[tuple[str, dict[str, int]]]:
+    tasks = [(kind, index, samples, out) for kind, index, samples in jobs]
+    if num_proc <= 1 or len(tasks) <= 1:
+        _init_worker(tokenize)
+        return [_shard_job(task) for task in tasks]
+    import multiprocessing
+
+    # fork: the workers inherit the loaded tokenizer and modules (spawn would import transformers again in each).
+    # They only tokenize and write files: no torch, no threads of the parent's are needed in them.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks)), initializer=_init_worker,
+                                                   initargs=(tokenize,)) as pool:
+        return list(pool.imap(_shard_job, tasks))
+
+
+def _split_samples(cfg: DataConfig) -> tuple[list[Sample], list[Sample]]:
+    train_samples = load_samples(cfg.train, cfg.loss_on)
+    if cfg.eval:
+        return train_samples, load_samples(cfg.eval, cfg.loss_on)
+    if cfg.eval_fraction > 0:
+        return split_eval(train_samples, cfg.eval_fraction, cfg.eval_seed)
+    return train_samples, []
+
+
+def _pack_shards(out: Path, max_length: int) -> int:
+    """Replace the train shards with packed rows (TRL's best-fit decreasing on the Arrow table, as :func:`pack`);
+    returns the number of packed rows."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    from trl.data_utils import pack_dataset
+
+    from launcher.train import arrow_cache
+
+    table = arrow_cache.open_table(out, "train")
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        packed = pack_dataset(datasets.Dataset(table), seq_length=max_length, strategy="bfd").data.table
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    # position ids restart at 0 for each packed example, computed on whole columns (no per-token Python objects)
+    lengths = packed.column("seq_lengths").combine_chunks().flatten().to_numpy().astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
+    flat = (np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+    input_ids = packed.column("input_ids").combine_chunks().cast(pa.list_(pa.int32()))
+    positions = pa.ListArray.from_arrays(input_ids.offsets, pa.array(flat, pa.int32()))
+    result = pa.table({"input_ids": input_ids, "labels": packed.column("labels").combine_chunks().cast(
+        pa.list_(pa.int32())), "position_ids": positions}, schema=arrow_cache.PACKED_SCHEMA)
+    del table
+    for shard in out.glob("train-*.arrow"):
+        shard.unlink()
+    arrow_cache.write_table(out / arrow_cache.shard_name("train", 0), result)
+    return result.num_rows

@@ -135,7 +135,7 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
 def _prepare_data(recipe: "Recipe", strategy: "Strategy") -> "tuple[Any, DataBundle]":
     """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. On Slurm a CPU job has
     usually filled it already (launcher/train/prepare.py)."""
-    from launcher.train.data import DataError, cache_entry, tokenize_into
+    from launcher.train.data import DataError, cache_entry, is_cached, tokenize_into
     from launcher.common.cache import tokenized_cache_dir
     from launcher.common.model_files import load_tokenizer
 
@@ -143,7 +143,7 @@ def _prepare_data(recipe: "Recipe", strategy: "Strategy") -> "tuple[Any, DataBun
     if not strategy.is_main:
         strategy.barrier()
     entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir())
-    cached = entry.is_file()
+    cached = is_cached(entry)
     data = tokenize_into(entry, recipe.data, tokenizer)
     optim = recipe.optim
     per_step = int(optim.micro_batch) * optim.grad_accum * strategy.world_size

@@ -8,7 +8,7 @@ before any rank trains (launcher/train/job.py, `_prepare_data`), with the other 
 
 What is prepared, and where (both on storage every node sees, like the run directory):
   - a GGUF model converted once to a Hugging Face directory (launcher/common/gguf.py, `$FTLAUNCH_CACHE/models`);
-  - the tokenized, label-masked, packed examples under `$FTLAUNCH_CACHE/tokenized/<key>.pkl`, key =
+  - the tokenized, label-masked, packed examples under `$FTLAUNCH_CACHE/tokenized/<key>/` (Arrow), key =
     launcher.train.data.cache_key: data files (path, size, mtime), tokenizer, chat template, max length, packing, ...
 
 Reads only the run directory and the environment (ARCHITECTURE.md). Exit codes: 0 prepared, 2 bad input.
@@ -34,7 +34,7 @@ def missing_preparation(recipe: Any) -> str | None:
 
     Loads the tokenizer (transformers; the submitting process, not `launch plan`) because the cache key depends on
     it: a cheaper key from file names alone could call stale data ready."""
-    from launcher.train.data import cache_entry
+    from launcher.train.data import cache_entry, is_cached
     from launcher.common.gguf import is_complete
     from launcher.common.model_files import gguf_converted, load_tokenizer
 
@@ -42,7 +42,7 @@ def missing_preparation(recipe: Any) -> str | None:
     if converted is not None and not is_complete(converted):
         return f"the GGUF model is not converted yet ({converted})"
     path = cache_entry(recipe.data, load_tokenizer(recipe.model), tokenized_cache_dir())
-    return None if path.is_file() else f"the data is not tokenized yet ({path})"
+    return None if is_cached(path) else f"the data is not tokenized yet ({path})"
 
 
 def prepare(run_dir: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -314,12 +315,12 @@ def test_cache_hit_returns_the_same_data_without_tokenizing(tmp_path: Path, tiny
     path = write_dataset(tmp_path / "d.jsonl", "messages", 6)
     cfg = cfg_for(path, eval_fraction=0.34, packing=True)
     first = tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.pkl"))) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache_key(cfg, tiny_tokenizer)]
 
     def no_tokenizing(*args: Any, **kwargs: Any) -> DataBundle:
         raise AssertionError("cache miss")
 
-    monkeypatch.setattr(data_mod, "build_bundle", no_tokenizing)
+    monkeypatch.setattr(data_mod, "write_entry", no_tokenizing)
     second = tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache")
     assert second == first and second.packed and second.stats == first.stats
     # Anything that changes the result changes the key.
@@ -330,12 +331,117 @@ def test_cache_hit_returns_the_same_data_without_tokenizing(tmp_path: Path, tiny
     assert cache_key(cfg, tiny_tokenizer) != key
 
 
-def test_damaged_cache_entry_is_rebuilt(tmp_path: Path, tiny_tokenizer: Any) -> None:
+@pytest.mark.parametrize("damage", ["truncate a shard", "remove a shard", "garble meta.json", "old format"])
+def test_damaged_cache_entry_is_rebuilt(tmp_path: Path, tiny_tokenizer: Any, damage: str) -> None:
     cfg = cfg_for(write_dataset(tmp_path / "d.jsonl", "text", 3), "text")
     first = tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache")
-    entry = next((tmp_path / "cache").glob("*.pkl"))
-    entry.write_bytes(entry.read_bytes()[:20])
-    assert tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache") == first
+    expected = data_mod.build_bundle(cfg, tiny_tokenizer)
+    entry = data_mod.cache_entry(cfg, tiny_tokenizer, tmp_path / "cache")
+    shard = entry / "train-00000.arrow"
+    if damage == "truncate a shard":
+        shard.write_bytes(shard.read_bytes()[:20])
+    elif damage == "remove a shard":
+        shard.unlink()
+    elif damage == "garble meta.json":
+        (entry / "meta.json").write_text("{")
+    else:
+        (entry / "meta.json").write_text(json.dumps({"format_version": 1, "stats": {}, "packed": False}))
+    rebuilt = tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache")
+    assert rebuilt == expected and len(first.train) == len(expected.train)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.name]  # the damaged one is gone
+
+
+_VARIANTS = [{}, {"loss_on": "all"}, {"packing": True, "max_length": 48}, {"system_prompt": "Be brief."},
+             {"truncation": "drop", "max_length": 18}, {"max_length": 15}]  # alpaca rows: dropped; truncated, some empty
+_CASES = [(fmt, v) for fmt in ("alpaca", "messages", "sharegpt", "prompt_completion", "text") for v in _VARIANTS]
+_CASES += [(fmt, {"chat_template": "smollm2"}) for fmt in ("alpaca", "messages", "sharegpt")]  # both shipped templates
+
+
+@pytest.mark.parametrize(("fmt", "variant"), _CASES)
+def test_cached_batched_parallel_path_equals_the_per_row_reference(tmp_path: Path, tiny_tokenizer: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch, fmt: str,
+                                                                    variant: dict[str, Any]) -> None:
+    """Token for token: write_entry (batched chat-template and tokenizer calls, 2 processes, 5-row shards, Arrow,
+    memory-mapped) against build_bundle (row by row, in memory), with an eval split for the generation prompts."""
+    monkeypatch.setattr(data_mod, "SHARD_ROWS", 5)
+    cfg = cfg_for(write_dataset(tmp_path / "d.jsonl", fmt, 23, seed=4), "messages" if fmt == "sharegpt" else fmt,
+                  eval_fraction=0.3, num_proc=2, **variant)
+    reference = data_mod.build_bundle(cfg, tiny_tokenizer)
+    cached = tokenize_cached(cfg, tiny_tokenizer, tmp_path / "cache")
+    assert len(cached.train) == len(reference.train) > 0 and len(cached.eval) == len(reference.eval) > 0
+    assert list(cached.train) == reference.train and list(cached.eval) == reference.eval
+    assert list(cached.eval_generation) == reference.eval_generation
+    assert cached.stats == reference.stats and cached.packed == reference.packed
+
+
+def test_any_num_proc_writes_the_same_bytes(tmp_path: Path, tiny_tokenizer: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data_mod, "SHARD_ROWS", 4)
+    path = write_dataset(tmp_path / "d.jsonl", "messages", 30)
+    entries = []
+    for n in (1, 2, 4):
+        cfg = cfg_for(path, eval_fraction=0.2, num_proc=n)
+        entries.append(data_mod.cache_entry(cfg, tiny_tokenizer, tmp_path / f"cache{n}"))
+        tokenize_cached(cfg, tiny_tokenizer, tmp_path / f"cache{n}")
+    names = sorted(p.name for p in entries[0].iterdir())
+    assert len([n for n in names if n.startswith("train-")]) == 6  # 24 training rows in shards of 4
+    for entry in entries[1:]:
+        assert sorted(p.name for p in entry.iterdir()) == names
+        for name in names:
+            assert (entry / name).read_bytes() == (entries[0] / name).read_bytes(), name
+
+
+_BUILD = """
+import sys, time
+from pathlib import Path
+sys.path[:0] = [{tests!r}]
+from transformers import AutoTokenizer
+from launcher.config.schema import DataConfig, DataSource
+from launcher.train import data
+tokenizer = AutoTokenizer.from_pretrained({model!r})
+cfg = DataConfig(train=[DataSource(path={path!r}, format="messages")], num_proc=1)
+if {slow}:  # stop for good in the middle of writing: after the first shard
+    real = data._shard_job
+    def slow_job(job):
+        out = real(job)
+        print("shard written", flush=True)
+        time.sleep(600)
+        return out
+    data._shard_job = slow_job
+data.SHARD_ROWS = 4
+bundle = data.tokenize_cached(cfg, tokenizer, Path({cache!r}))
+print(len(bundle.train), sum(len(e) for e in bundle.train), flush=True)
+"""
+
+
+def _build_script(tmp_path: Path, model: Path, data_file: Path, slow: bool) -> list[str]:
+    code = _BUILD.format(tests=str(Path(__file__).resolve().parents[1]), model=str(model), path=str(data_file),
+                         slow=slow, cache=str(tmp_path / "cache"))
+    return [sys.executable, "-c", code]
+
+
+@pytest.mark.slow  # three processes import transformers
+def test_a_build_killed_halfway_leaves_no_entry_and_two_ranks_share_one(tmp_path: Path, tiny_model_dir: Path,
+                                                                         tiny_tokenizer: Any) -> None:
+    import signal
+
+    data_file = write_dataset(tmp_path / "d.jsonl", "messages", 20)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")])}
+    killed = subprocess.Popen(_build_script(tmp_path, tiny_model_dir, data_file, slow=True), env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert killed.stdout is not None and killed.stdout.readline().strip() == "shard written"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    cache = tmp_path / "cache"
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".tmp-")] == []  # nothing visible
+    # Two ranks find no entry at once: each builds, one publishes, both read the same examples.
+    both = [subprocess.Popen(_build_script(tmp_path, tiny_model_dir, data_file, slow=False), env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [proc.communicate(timeout=300) for proc in both]
+    assert [proc.returncode for proc in both] == [0, 0], results
+    assert results[0][0] == results[1][0] and results[0][0].split()[0] == "20"
+    entries = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
 
 
 def test_prepare_fills_the_cache_the_job_reads(tmp_path: Path, tiny_model_dir: Path,
@@ -364,7 +470,7 @@ def test_prepare_fills_the_cache_the_job_reads(tmp_path: Path, tiny_model_dir: P
     assert prepare(run_dir) == 0
     assert missing_preparation(recipe) is None
     key = cache_key(recipe.data, load_tokenizer(recipe.model))
-    assert [p.name for p in tokenized_cache_dir().glob("*.pkl")] == [f"{key}.pkl"]
+    assert [p.name for p in tokenized_cache_dir().iterdir()] == [key]
     assert "prepared in" in (run_dir / "logs" / "prepare.log").read_text()
     data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])  # an edit: stale again
     assert "not tokenized yet" in (missing_preparation(recipe) or "")
