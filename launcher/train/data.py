@@ -49,7 +49,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from launcher.config.schema import DataConfig, DataSource
 
@@ -145,11 +145,19 @@ def load_rows(source: DataSource) -> list[dict[str, Any]]:
 
 def _load_numbered(source: DataSource) -> list[tuple[int, dict[str, Any]]]:
     """(row number, row) pairs; row numbers are line numbers for JSON Lines."""
+    return list(iter_numbered(source))
+
+
+def iter_numbered(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, row) pairs of one source, read as they are needed: JSON Lines, CSV, Parquet (record batches)
+    and saved datasets (batches) stream, so preparing a dataset does not hold all of it; a .json array is parsed
+    whole (JSON has no rows to stream)."""
     path = Path(source.path)
     if not path.exists():
         raise DataError(f"{path}: file not found. Fix: check data path (relative paths are resolved against the "
                         f"recipe file)")
     limit = source.max_rows
+    rows: Iterable[tuple[int, Any]]
     if path.is_dir():
         rows = _load_saved_dataset(path, source.split, limit)
     else:
@@ -165,13 +173,27 @@ def _load_numbered(source: DataSource) -> list[tuple[int, dict[str, Any]]]:
         else:
             raise DataError(f"{path}: unsupported file type {suffix!r}. Fix: use .jsonl, .json, .parquet, .csv or a "
                             f"datasets.save_to_disk directory")
-    if not rows:
-        raise DataError(f"{path}: no rows. Fix: point data path at a non-empty dataset")
+    empty = True
     for number, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}. Fix: write one "
                             f"object per row")
-    return rows
+        empty = False
+        yield number, row
+    if empty:
+        raise DataError(f"{path}: no rows. Fix: point data path at a non-empty dataset")
+
+
+def count_rows(source: DataSource) -> int:
+    """Rows `iter_numbered` yields, without building them where the format allows (JSON Lines: non-blank lines)."""
+    path = Path(source.path)
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        with path.open("rb") as handle:
+            count = sum(1 for line in handle if line.strip())
+        if count == 0:
+            raise DataError(f"{path}: no rows. Fix: point data path at a non-empty dataset")
+        return count if source.max_rows is None else min(count, source.max_rows)
+    return sum(1 for _ in iter_numbered(source))
 
 
 def _text(path: Path) -> str:
@@ -185,11 +207,11 @@ def _text(path: Path) -> str:
                         "save the file as UTF-8") from None
 
 
-def _load_jsonl(path: Path, limit: int | None) -> list[tuple[int, Any]]:
-    rows: list[tuple[int, Any]] = []
+def _load_jsonl(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+    taken = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            if limit is not None and len(rows) >= limit:
+            if limit is not None and taken >= limit:
                 break
             try:
                 line = raw.decode("utf-8")
@@ -199,11 +221,12 @@ def _load_jsonl(path: Path, limit: int | None) -> list[tuple[int, Any]]:
             if not line.strip():
                 continue  # blank lines (often a trailing one) are harmless
             try:
-                rows.append((number, json.loads(line)))
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}: row {number}: invalid JSON ({err.msg} at column {err.colno}). Fix: each "
                                 f"line of a .jsonl file must be one complete JSON object") from None
-    return rows
+            taken += 1
+            yield number, row
 
 
 def _load_json(path: Path, limit: int | None) -> list[tuple[int, Any]]:
@@ -212,7 +235,7 @@ def _load_json(path: Path, limit: int | None) -> list[tuple[int, Any]]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if text.lstrip().startswith("{") and err.msg == "Extra data":
-            return _load_jsonl(path, limit)  # JSON Lines saved as .json (as datasets' to_json writes it)
+            return list(_load_jsonl(path, limit))  # JSON Lines saved as .json (as datasets' to_json writes it)
         raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}). Fix: the "
                         f"file must hold one JSON array of objects, or one object per line") from None
     if isinstance(data, dict):
@@ -222,32 +245,35 @@ def _load_json(path: Path, limit: int | None) -> list[tuple[int, Any]]:
     return list(enumerate(data[:limit] if limit else data, start=1))
 
 
-def _load_parquet(path: Path, limit: int | None) -> list[tuple[int, Any]]:
+def _load_parquet(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq  # a dependency of datasets
 
+    number = 0
     try:
-        table = pq.read_table(path)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                if limit is not None and number >= limit:
+                    return
+                number += 1
+                yield number, row
     except Exception as err:  # pyarrow raises several types for damaged files
         raise DataError(f"{path}: unreadable parquet file ({err}). Fix: rewrite the file") from None
-    if limit is not None:
-        table = table.slice(0, limit)
-    return list(enumerate(table.to_pylist(), start=1))
 
 
-def _load_csv(path: Path, limit: int | None) -> list[tuple[int, Any]]:
+def _load_csv(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
     # stdlib csv rather than datasets: values stay strings (no type guessing turning "0042" into 42) and row numbers
     # are exact; the header line is not counted.
-    rows: list[tuple[int, Any]] = []
+    number = 0
     try:
         reader = csv.DictReader(io.StringIO(_text(path), newline=""), strict=True)
-        for number, row in enumerate(reader, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
-            rows.append((number, dict(row)))
+        for row in reader:
+            if limit is not None and number >= limit:
+                return
+            number += 1
+            yield number, dict(row)
     except csv.Error as err:
-        raise DataError(f"{path}: row {len(rows) + 1}: not valid CSV ({err}). Fix: quote fields that hold commas, "
+        raise DataError(f"{path}: row {number + 1}: not valid CSV ({err}). Fix: quote fields that hold commas, "
                         "quotes or line breaks") from None
-    return rows
 
 
 def _load_saved_dataset(path: Path, split: str | None, limit: int | None) -> list[tuple[int, Any]]:
@@ -265,7 +291,7 @@ def _load_saved_dataset(path: Path, split: str | None, limit: int | None) -> lis
         loaded = loaded[name]
     if limit is not None:
         loaded = loaded.select(range(min(limit, len(loaded))))
-    return list(enumerate(loaded.to_list(), start=1))
+    return ((number, row) for number, row in enumerate(loaded, start=1))
 
 
 # -------------------------------------------------------------------------------------------------- normalising
@@ -846,18 +872,16 @@ def write_entry(cfg: DataConfig, tokenizer: Any, out: Path) -> dict[str, Any]:
 
     The same pipeline as :func:`build_bundle` (the per-row reference, which tests compare this with token for token),
     batched per shard and spread over `data.num_proc` processes; packing runs once on the tokenized table."""
-    train_samples, eval_samples = _split_samples(cfg)
-    chat = any(s.messages is not None for s in train_samples + eval_samples)
+    chat = any(s.format in ("alpaca", "messages") for s in [*cfg.train, *cfg.eval])  # the formats with messages
     tokenize = _Tokenize(tokenizer, cfg, chat)  # template checks fail here, before any worker starts
     num_proc = cfg.num_proc or default_num_proc()
-    jobs = [("train", i, train_samples[start:start + SHARD_ROWS])
-            for i, start in enumerate(range(0, len(train_samples), SHARD_ROWS))]
-    jobs += [("eval", i, eval_samples[start:start + SHARD_ROWS])
-             for i, start in enumerate(range(0, len(eval_samples), SHARD_ROWS))]
     counts: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
-    for kind, shard_counts in _run_shard_jobs(tokenize, jobs, out, num_proc):
+    progress = _Progress()
+    for kind, shard_counts in _run_shard_jobs(tokenize, _shard_jobs(cfg), out, num_proc):
         for key, value in shard_counts.items():
             counts[kind][key] = counts[kind].get(key, 0) + value
+        progress.update(shard_counts)
+    progress.done()
     stats = {key: counts["train"].get(key, 0) for key in _COUNT_KEYS}
     if stats["kept"] == 0:
         raise DataError(f"no training examples left: {stats['dropped']} longer than max_length {cfg.max_length} "
@@ -901,20 +925,96 @@ def _shard_job(job: tuple[str, int, list[Sample], Path]) -> tuple[str, dict[str,
     return kind, stats
 
 
-def _run_shard_jobs(tokenize: "_Tokenize", jobs: list[tuple[str, int, list[Sample]]], out: Path,
-                    num_proc: int) -> Iterable[tuple[str, dict[str, int]]]:
-    tasks = [(kind, index, samples, out) for kind, index, samples in jobs]
-    if num_proc <= 1 or len(tasks) <= 1:
+def _run_shard_jobs(tokenize: "_Tokenize", jobs: Iterator[tuple[str, int, list[Sample]]], out: Path,
+                    num_proc: int) -> Iterator[tuple[str, dict[str, int]]]:
+    """Each shard's counts, in order. Jobs are read from the (streaming) iterator only as workers free up: at most
+    two shards per worker are in flight, so the parent's memory does not grow with the dataset."""
+    if num_proc <= 1:
         _init_worker(tokenize)
-        return [_shard_job(task) for task in tasks]
+        for kind, index, samples in jobs:
+            yield _shard_job((kind, index, samples, out))
+        return
+    import collections
     import multiprocessing
 
     # fork: the workers inherit the loaded tokenizer and modules (spawn would import transformers again in each).
     # They only tokenize and write files: no torch, no threads of the parent's are needed in them.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with multiprocessing.get_context("fork").Pool(min(num_proc, len(tasks)), initializer=_init_worker,
-                                                   initargs=(tokenize,)) as pool:
-        return list(pool.imap(_shard_job, tasks))
+    with multiprocessing.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(tokenize,)) as pool:
+        pending: collections.deque[Any] = collections.deque()
+        for kind, index, samples in jobs:
+            pending.append(pool.apply_async(_shard_job, ((kind, index, samples, out),)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _samples(sources: Iterable[DataSource], loss_on: str) -> Iterator[Sample]:
+    for source in sources:
+        for number, row in iter_numbered(source):
+            yield normalise_row(row, source.format, source.path, number, need_assistant=loss_on == "assistant")
+
+
+def _shard_jobs(cfg: DataConfig) -> Iterator[tuple[str, int, list[Sample]]]:
+    """(kind, shard index, samples) in row order, read as they are needed. The eval rows of `eval_fraction` are
+    the ones `split_eval` holds out (the same indices: it depends only on the row count, fraction and seed)."""
+    held: set[int] = set()
+    if not cfg.eval and cfg.eval_fraction > 0:
+        n = sum(count_rows(source) for source in cfg.train)
+        k = max(1, round(cfg.eval_fraction * n))
+        if n - k < 1:
+            raise DataError(f"eval_fraction {cfg.eval_fraction} of {n} training rows leaves no training rows. Fix: "
+                            f"lower data.eval_fraction or add rows")
+        held = set(random.Random(cfg.eval_seed).sample(range(n), k))
+    buffers: dict[str, list[Sample]] = {"train": [], "eval": []}
+    index = {"train": 0, "eval": 0}
+
+    def full(kind: str) -> tuple[str, int, list[Sample]]:
+        job = (kind, index[kind], buffers[kind])
+        buffers[kind], index[kind] = [], index[kind] + 1
+        return job
+
+    streams = [("train", _samples(cfg.train, cfg.loss_on))]
+    if cfg.eval:
+        streams.append(("eval", _samples(cfg.eval, cfg.loss_on)))
+    for kind, stream in streams:
+        for i, sample in enumerate(stream):
+            target = "eval" if kind == "train" and i in held else kind
+            buffers[target].append(sample)
+            if len(buffers[target]) >= SHARD_ROWS:
+                yield full(target)
+    for kind in ("train", "eval"):
+        if buffers[kind]:
+            yield full(kind)
+
+
+class _Progress:
+    """Rows and tokens per second in the log while preparing, every few seconds (a bar would only clutter the
+    rank's log file, which is where this runs)."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self.start = self.last = self._clock()
+        self.every_s = every_s
+        self.rows = self.tokens = 0
+
+    def update(self, counts: dict[str, int]) -> None:
+        self.rows += counts.get("rows", 0)
+        self.tokens += counts.get("tokens", 0)
+        if self._clock() - self.last >= self.every_s:
+            self.last = self._clock()
+            self._log("tokenizing")
+
+    def done(self) -> None:
+        self._log("tokenized")
+
+    def _log(self, what: str) -> None:
+        elapsed = max(self._clock() - self.start, 1e-9)
+        log.info("%s: %d rows, %d tokens in %.0f s (%.0f rows/s, %.0f tokens/s)", what, self.rows, self.tokens,
+                 elapsed, self.rows / elapsed, self.tokens / elapsed)
 
 
 def _split_samples(cfg: DataConfig) -> tuple[list[Sample], list[Sample]]:
