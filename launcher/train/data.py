@@ -523,9 +523,12 @@ class _Tokenize:
     def _chat(self, sample: Sample) -> tuple[list[int], list[int]]:
         assistant = self.cfg.loss_on == "assistant"
         out = self._apply(sample, self.messages(sample), return_assistant_tokens_mask=assistant)
-        ids = list(out["input_ids"])
-        if assistant:
-            mask = out["assistant_masks"]
+        return self._chat_labels(sample, list(out["input_ids"]), out["assistant_masks"] if assistant else None)
+
+    def _chat_labels(self, sample: Sample, ids: list[int], mask: Sequence[int] | None) -> tuple[list[int], list[int]]:
+        """Labels of a rendered conversation: the assistant mask's tokens (all tokens without a mask), and the EOS
+        appended where the template does not end with it."""
+        if mask is not None:
             labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
             if all(label == IGNORE_INDEX for label in labels):
                 raise DataError(f"{sample.where}: the chat template marked no assistant tokens. Fix: check that "
@@ -534,8 +537,8 @@ class _Tokenize:
             labels = list(ids)
         if self.append_eos:
             ids.append(self.eos_id)
-            ends_with_answer = bool(sample.messages) and sample.messages[-1][0] == "assistant"
-            labels.append(self.eos_id if ends_with_answer or not assistant else IGNORE_INDEX)
+            ends_with_answer = bool(sample.messages) and sample.messages[-1][0] == "assistant"  # type: ignore[index]
+            labels.append(self.eos_id if ends_with_answer or mask is None else IGNORE_INDEX)
         return ids, labels
 
     def generation_prompt(self, sample: Sample) -> tuple[list[int], str] | None:
@@ -597,22 +600,8 @@ class _Tokenize:
             for sample in samples:
                 self._apply(sample, self.messages(sample), return_assistant_tokens_mask=assistant)
             raise
-        results = []
-        for k, sample in enumerate(samples):
-            ids = list(out["input_ids"][k])
-            if assistant:
-                labels = [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"][k])]
-                if all(label == IGNORE_INDEX for label in labels):
-                    raise DataError(f"{sample.where}: the chat template marked no assistant tokens. Fix: check that "
-                                    f"its {{% generation %}} block wraps the assistant content")
-            else:
-                labels = list(ids)
-            if self.append_eos:
-                ids.append(self.eos_id)
-                ends_with_answer = bool(sample.messages) and sample.messages[-1][0] == "assistant"  # type: ignore[index]
-                labels.append(self.eos_id if ends_with_answer or not assistant else IGNORE_INDEX)
-            results.append((ids, labels))
-        return results
+        return [self._chat_labels(sample, list(out["input_ids"][k]), out["assistant_masks"][k] if assistant else None)
+                for k, sample in enumerate(samples)]
 
     def generation_prompts(self, samples: Sequence[Sample]) -> list[tuple[list[int], str] | None]:
         """`[self.generation_prompt(s) for s in samples]`, batched like :meth:`batch`."""
