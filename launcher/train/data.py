@@ -175,11 +175,8 @@ def iter_numbered(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
                             f"datasets.save_to_disk directory")
     empty = True
     for number, row in rows:
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}. Fix: write one "
-                            f"object per row")
         empty = False
-        yield number, row
+        yield number, require_object(path, number, row)
     if empty:
         raise DataError(f"{path}: no rows. Fix: point data path at a non-empty dataset")
 
@@ -188,11 +185,10 @@ def count_rows(source: DataSource) -> int:
     """Rows `iter_numbered` yields, without building them where the format allows (JSON Lines: non-blank lines)."""
     path = Path(source.path)
     if path.is_file() and path.suffix.lower() == ".jsonl":
-        with path.open("rb") as handle:
-            count = sum(1 for line in handle if line.strip())
+        count = sum(1 for _ in jsonl_lines(path, source.max_rows))
         if count == 0:
             raise DataError(f"{path}: no rows. Fix: point data path at a non-empty dataset")
-        return count if source.max_rows is None else min(count, source.max_rows)
+        return count
     return sum(1 for _ in iter_numbered(source))
 
 
@@ -207,26 +203,38 @@ def _text(path: Path) -> str:
                         "save the file as UTF-8") from None
 
 
-def _load_jsonl(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+def _load_jsonl(path: Path | str, limit: int | None) -> Iterator[tuple[int, Any]]:
+    return ((number, parse_jsonl_line(path, number, raw)) for number, raw in jsonl_lines(path, limit))
+
+
+def jsonl_lines(path: Path | str, limit: int | None) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the non-blank lines (a trailing blank line is harmless), at most `limit`."""
     taken = 0
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if limit is not None and taken >= limit:
                 break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}: row {number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
-                                f"{err.start + 1}). Fix: save the file as UTF-8") from None
-            if not line.strip():
-                continue  # blank lines (often a trailing one) are harmless
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: row {number}: invalid JSON ({err.msg} at column {err.colno}). Fix: each "
-                                f"line of a .jsonl file must be one complete JSON object") from None
-            taken += 1
-            yield number, row
+            if raw.strip():
+                taken += 1
+                yield number, raw
+
+
+def parse_jsonl_line(path: Path | str, number: int, raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: row {number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                        f"{err.start + 1}). Fix: save the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: row {number}: invalid JSON ({err.msg} at column {err.colno}). Fix: each "
+                        f"line of a .jsonl file must be one complete JSON object") from None
+
+
+def require_object(path: Path | str, number: int, row: Any) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}. Fix: write one "
+                        f"object per row")
+    return row
 
 
 def _load_json(path: Path, limit: int | None) -> list[tuple[int, Any]]:
@@ -894,14 +902,47 @@ def _init_worker(tokenize: "_Tokenize") -> None:
     _WORKER_TOKENIZE = tokenize
 
 
-def _shard_job(job: tuple[str, int, list[Sample], Path]) -> tuple[str, dict[str, int]]:
+RawRow = tuple[str, int, int, Any]
+"""(split, source index, row number, payload): a row as the reading process passes it to a worker. The payload is
+the raw line of a JSON Lines file (bytes: the worker parses it) or the row itself (other formats)."""
+
+
+def _sample_of(cfg: DataConfig, item: RawRow) -> Sample:
+    """Parse (JSON Lines) and normalise one raw row, with the errors the in-memory path gives."""
+    split, source_index, number, payload = item
+    source = (cfg.train if split == "train" else cfg.eval)[source_index]
+    row = payload
+    if isinstance(payload, bytes):
+        row = require_object(source.path, number, parse_jsonl_line(source.path, number, payload))
+    return normalise_row(row, source.format, source.path, number, need_assistant=cfg.loss_on == "assistant")
+
+
+def _raw_rows(split: str, sources: Sequence[DataSource]) -> Iterator[RawRow]:
+    """Rows as the workers get them: JSON Lines unparsed (parsing is most of the reading cost, so it is done where
+    the tokenizing is, in parallel), other formats as rows."""
+    for i, source in enumerate(sources):
+        path = Path(source.path)
+        if path.is_file() and path.suffix.lower() == ".jsonl":
+            empty = True
+            for number, line in jsonl_lines(path, source.max_rows):
+                empty = False
+                yield split, i, number, line
+            if empty:
+                raise DataError(f"{path}: no rows. Fix: point data path at a non-empty dataset")
+        else:
+            for number, row in iter_numbered(source):
+                yield split, i, number, row
+
+
+def _shard_job(job: tuple[str, int, list[RawRow], Path]) -> tuple[str, dict[str, int]]:
     """One shard: tokenize its rows in one batch, apply the length policy, write it (and the exact-match prompts of
     eval rows). Runs in a worker process, or in this one."""
     from launcher.train import arrow_cache
 
-    kind, index, samples, out = job
+    kind, index, items, out = job
     tokenize = _WORKER_TOKENIZE
     assert tokenize is not None
+    samples = [_sample_of(tokenize.cfg, item) for item in items]
     stats: dict[str, int] = {}
     kept = _limit(tokenize.batch(samples), tokenize.cfg, "", stats)
     arrow_cache.write_table(out / arrow_cache.shard_name(kind, index),
@@ -914,7 +955,7 @@ def _shard_job(job: tuple[str, int, list[Sample], Path]) -> tuple[str, dict[str,
     return kind, stats
 
 
-def _run_shard_jobs(tokenize: "_Tokenize", jobs: Iterator[tuple[str, int, list[Sample]]], out: Path,
+def _run_shard_jobs(tokenize: "_Tokenize", jobs: Iterator[tuple[str, int, list[RawRow]]], out: Path,
                     num_proc: int) -> Iterator[tuple[str, dict[str, int]]]:
     """Each shard's counts, in order. Jobs are read from the (streaming) iterator only as workers free up: at most
     two shards per worker are in flight, so the parent's memory does not grow with the dataset."""
@@ -939,14 +980,8 @@ def _run_shard_jobs(tokenize: "_Tokenize", jobs: Iterator[tuple[str, int, list[S
             yield pending.popleft().get()
 
 
-def _samples(sources: Iterable[DataSource], loss_on: str) -> Iterator[Sample]:
-    for source in sources:
-        for number, row in iter_numbered(source):
-            yield normalise_row(row, source.format, source.path, number, need_assistant=loss_on == "assistant")
-
-
-def _shard_jobs(cfg: DataConfig) -> Iterator[tuple[str, int, list[Sample]]]:
-    """(kind, shard index, samples) in row order, read as they are needed. The eval rows of `eval_fraction` are
+def _shard_jobs(cfg: DataConfig) -> Iterator[tuple[str, int, list[RawRow]]]:
+    """(kind, shard index, raw rows) in row order, read as they are needed. The eval rows of `eval_fraction` are
     the ones `split_eval` holds out (the same indices: it depends only on the row count, fraction and seed)."""
     held: set[int] = set()
     if not cfg.eval and cfg.eval_fraction > 0:
@@ -956,17 +991,17 @@ def _shard_jobs(cfg: DataConfig) -> Iterator[tuple[str, int, list[Sample]]]:
             raise DataError(f"eval_fraction {cfg.eval_fraction} of {n} training rows leaves no training rows. Fix: "
                             f"lower data.eval_fraction or add rows")
         held = set(random.Random(cfg.eval_seed).sample(range(n), k))
-    buffers: dict[str, list[Sample]] = {"train": [], "eval": []}
+    buffers: dict[str, list[RawRow]] = {"train": [], "eval": []}
     index = {"train": 0, "eval": 0}
 
-    def full(kind: str) -> tuple[str, int, list[Sample]]:
+    def full(kind: str) -> tuple[str, int, list[RawRow]]:
         job = (kind, index[kind], buffers[kind])
         buffers[kind], index[kind] = [], index[kind] + 1
         return job
 
-    streams = [("train", _samples(cfg.train, cfg.loss_on))]
+    streams = [("train", _raw_rows("train", cfg.train))]
     if cfg.eval:
-        streams.append(("eval", _samples(cfg.eval, cfg.loss_on)))
+        streams.append(("eval", _raw_rows("eval", cfg.eval)))
     for kind, stream in streams:
         for i, sample in enumerate(stream):
             target = "eval" if kind == "train" and i in held else kind
