@@ -47,12 +47,20 @@ def write_table(path: Path, table: pa.Table) -> None:
 
 
 def examples_table(pairs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> pa.Table:
-    ids, labels = [], []
-    for i, l in pairs:
-        ids.append(i)
-        labels.append(l)
-    return pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())),
-                     "labels": pa.array(labels, pa.list_(pa.int32()))}, schema=EXAMPLE_SCHEMA)
+    """(input_ids, labels) pairs (lists or numpy arrays) as a table: one concatenation per column and an offsets
+    array, not an Arrow object per token."""
+    import numpy as np
+
+    pairs = list(pairs)
+    lengths = np.fromiter((len(ids) for ids, _ in pairs), dtype=np.int64, count=len(pairs))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+    def column(values: list[Any]) -> pa.Array:
+        flat = np.concatenate([np.asarray(v, dtype=np.int32) for v in values]) if values else np.zeros(0, np.int32)
+        return pa.ListArray.from_arrays(offsets, pa.array(flat, pa.int32()))
+
+    return pa.table({"input_ids": column([ids for ids, _ in pairs]), "labels": column([lab for _, lab in pairs])},
+                    schema=EXAMPLE_SCHEMA)
 
 
 def generation_table(prompts: Iterable[tuple[Sequence[int], str]]) -> pa.Table:
