@@ -1,6 +1,7 @@
-"""The run directory: the contract between planning and the job (ARCHITECTURE.md).
+"""The run directory: the contract between planning and the job (docs/architecture.md).
 
-    RUN_DIR/plan.json         resolved recipe + plan (written by `launch plan` and `launch`)
+    RUN_DIR/.claimed          created (O_EXCL) by the launch that owns the directory
+    RUN_DIR/plan.json         resolved recipe + plan (written by `launch`, and by `launch plan --out RUN_DIR`)
     RUN_DIR/ds_config.json    DeepSpeed config, where DeepSpeed is used
     RUN_DIR/plan-history/     earlier plan.json files, kept when a resume re-planned the run (another world size)
     RUN_DIR/job.sbatch        the Slurm job, where submitted to Slurm (plain `sbatch` runs it too)
@@ -9,10 +10,12 @@
     RUN_DIR/logs/             one log per rank (rankR.log), and prepare.log of the tokenize-first job
     RUN_DIR/checkpoints/      step-NNNNNNNN/ directories and the `latest` pointer
     RUN_DIR/metrics.jsonl     one JSON object per logged step / evaluation
+    RUN_DIR/outcome.json      how the job ended (launcher/common/outcome.py)
     RUN_DIR/adapter|model|merged/   final outputs
 
-A run directory is never overwritten: a new run of the same recipe gets a suffix (`demo-2`). A directory holding only
-a `plan.json` is a planned, not-yet-started run and is reused by the next `launch` of the same run name.
+A run directory is never overwritten nor shared: a new run of the same recipe gets a suffix (`demo-2`), also when two
+start at once. A directory holding only a `plan.json` (`launch plan --out runs/demo`) is a planned, not-yet-started
+run, and the next `launch` of that run name takes it over.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def is_fresh(run_dir: Path) -> bool:
 def next_run_dir(root: Path, name: str) -> Path:
     """The directory the next run of `name` goes to: `root/name`, or the first free `root/name-N`.
 
-    A fresh (planned only) directory is returned as is, so `launch plan` then `launch` use the same run directory.
+    A fresh (planned only) directory is returned as is, so `launch plan --out runs/NAME` then `launch` use the same
+    run directory.
     """
     for index in range(1, 10_000):
         candidate = root / (name if index == 1 else f"{name}-{index}")
