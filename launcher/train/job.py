@@ -98,7 +98,12 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
         with strategy.model_init():  # ZeRO-3 partitions while loading; FSDP ranks > 0 build on meta
             model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
                                 dtype=strategy.weights_dtype(recipe.model.dtype))
-        trainer = Trainer(run_dir, recipe, strategy, model, tokenizer, data, device)
+        try:  # every rank reaches this with the same data: a refusal here leaves no rank waiting in a barrier
+            trainer = Trainer(run_dir, recipe, strategy, model, tokenizer, data, device)
+        except DataError as err:
+            if strategy.is_main:
+                log.error("%s", err)
+            return EXIT_BAD_INPUT
         try:
             result = trainer.run()
         except NonFiniteError as err:
@@ -135,7 +140,7 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
 def _prepare_data(recipe: "Recipe", strategy: "Strategy") -> "tuple[Any, DataBundle]":
     """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. On Slurm a CPU job has
     usually filled it already (launcher/train/prepare.py)."""
-    from launcher.train.data import DataError, cache_entry, is_cached, tokenize_into
+    from launcher.train.data import cache_entry, is_cached, tokenize_into
     from launcher.common.cache import tokenized_cache_dir
     from launcher.common.model_files import load_tokenizer
 
@@ -145,13 +150,6 @@ def _prepare_data(recipe: "Recipe", strategy: "Strategy") -> "tuple[Any, DataBun
     entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir())
     cached = is_cached(entry)
     data = tokenize_into(entry, recipe.data, tokenizer)
-    optim = recipe.optim
-    per_step = int(optim.micro_batch) * optim.grad_accum * strategy.world_size
-    if len(data.train) < per_step:  # not one optimizer step: the epoch loop would have nothing to do
-        raise DataError(f"data.train: {len(data.train)} examples after tokenization ({data.stats.get('kept', '?')} "
-                        f"rows kept), fewer than one optimizer step takes: micro_batch({optim.micro_batch}) * "
-                        f"grad_accum({optim.grad_accum}) * world_size({strategy.world_size}) = {per_step}; add "
-                        "data or lower micro_batch / grad_accum")
     if strategy.is_main:
         log.info("data (%s %s): %s", "read from the tokenization cache" if cached else "tokenized into the cache",
                  entry.stem, "  ".join(f"{name}={value}" for name, value in data.stats.items()))

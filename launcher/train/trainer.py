@@ -30,7 +30,7 @@ import torch
 from launcher.common.jsonl import read_jsonl
 from launcher.common.rundir import METRICS_FILE, write_text_atomic
 from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-from launcher.train.data import DataBundle, collate
+from launcher.train.data import DataBundle, DataError, collate
 from launcher.train.loss import count_label_tokens, forward_loss_sum, input_tokens
 from launcher.train.model import count_parameters, unwrap
 from launcher.config.schema import OptimConfig, Recipe
@@ -177,10 +177,11 @@ class Trainer:
         per_step = optim.micro_batch * optim.grad_accum * strategy.world_size
         self.micro_per_epoch = len(data.train) // (optim.micro_batch * strategy.world_size)
         self.steps_per_epoch = self.micro_per_epoch // optim.grad_accum
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(data.train)} training examples < one optimizer step "
-                             f"(micro_batch({optim.micro_batch}) * grad_accum({optim.grad_accum}) * "
-                             f"world_size({strategy.world_size}) = {per_step}); lower the batch or add data")
+        if self.steps_per_epoch == 0:  # the epoch loop would have nothing to do
+            raise DataError(f"data.train: {len(data.train)} examples after tokenization ({data.stats.get('kept', '?')} "
+                            f"rows kept), fewer than one optimizer step takes: micro_batch({optim.micro_batch}) * "
+                            f"grad_accum({optim.grad_accum}) * world_size({strategy.world_size}) = {per_step}; add "
+                            "data or lower micro_batch / grad_accum")
         self.total_steps = optim.max_steps or math.ceil(optim.epochs * self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, self.total_steps))
         self.state = TrainerState(world_size=strategy.world_size)
