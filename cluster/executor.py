@@ -147,9 +147,6 @@ class Executor(ABC):
             raise
         return run
 
-    def submit(self, loaded: LoadedRecipe) -> Submission:
-        return self.start(self.prepare(loaded))
-
     def dry_run(self, loaded: LoadedRecipe, out: Path | None = None) -> tuple[PreparedRun, list[str]]:
         """`launch plan`: the plan and what is doubtful about the request; nothing started, and nothing written
         unless `out` names a run directory to write (created; empty or only planned), which `launch --resume OUT`

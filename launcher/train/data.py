@@ -388,16 +388,21 @@ def load_samples(sources: Iterable[DataSource], loss_on: str) -> list[Sample]:
 
 
 def split_eval(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out round(fraction * n) rows (at least 1), chosen by `seed`; both parts keep the original order.
+    """Hold out the rows `held_out(len(samples), ...)` names; both parts keep the original order."""
+    held = held_out(len(samples), fraction, seed)
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
 
-    Deterministic: depends only on n, fraction and seed (random.Random, not the global RNG)."""
-    n = len(samples)
+
+def held_out(n: int, fraction: float, seed: int) -> set[int]:
+    """Indices of the round(fraction * n) rows (at least 1) held out for evaluation, chosen by `seed`.
+
+    Deterministic: depends only on n, fraction and seed (random.Random, not the global RNG), so the streaming
+    preparation, which knows only the row count, holds out the same rows as the in-memory path."""
     k = max(1, round(fraction * n))
     if n - k < 1:
         raise DataError(f"eval_fraction {fraction} of {n} training rows leaves no training rows. Fix: lower "
                         f"data.eval_fraction or add rows")
-    held = set(random.Random(seed).sample(range(n), k))
-    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+    return set(random.Random(seed).sample(range(n), k))
 
 
 # ---------------------------------------------------------------------------------------------- chat templates
@@ -1012,12 +1017,7 @@ def _shard_jobs(cfg: DataConfig) -> Iterator[tuple[str, int, list[RawRow]]]:
     the ones `split_eval` holds out (the same indices: it depends only on the row count, fraction and seed)."""
     held: set[int] = set()
     if not cfg.eval and cfg.eval_fraction > 0:
-        n = sum(count_rows(source) for source in cfg.train)
-        k = max(1, round(cfg.eval_fraction * n))
-        if n - k < 1:
-            raise DataError(f"eval_fraction {cfg.eval_fraction} of {n} training rows leaves no training rows. Fix: "
-                            f"lower data.eval_fraction or add rows")
-        held = set(random.Random(cfg.eval_seed).sample(range(n), k))
+        held = held_out(sum(count_rows(source) for source in cfg.train), cfg.eval_fraction, cfg.eval_seed)
     buffers: dict[str, list[RawRow]] = {"train": [], "eval": []}
     index = {"train": 0, "eval": 0}
 
