@@ -536,23 +536,8 @@ class _Tokenize:
     def _chat(self, sample: Sample) -> tuple[list[int], list[int]]:
         assistant = self.cfg.loss_on == "assistant"
         out = self._apply(sample, self.messages(sample), return_assistant_tokens_mask=assistant)
-        return self._chat_labels(sample, list(out["input_ids"]), out["assistant_masks"] if assistant else None)
-
-    def _chat_labels(self, sample: Sample, ids: list[int], mask: Sequence[int] | None) -> tuple[list[int], list[int]]:
-        """Labels of a rendered conversation: the assistant mask's tokens (all tokens without a mask), and the EOS
-        appended where the template does not end with it."""
-        if mask is not None:
-            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-            if all(label == IGNORE_INDEX for label in labels):
-                raise DataError(f"{sample.where}: the chat template marked no assistant tokens. Fix: check that "
-                                f"its {{% generation %}} block wraps the assistant content")
-        else:
-            labels = list(ids)
-        if self.append_eos:
-            ids.append(self.eos_id)
-            ends_with_answer = bool(sample.messages) and sample.messages[-1][0] == "assistant"  # type: ignore[index]
-            labels.append(self.eos_id if ends_with_answer or mask is None else IGNORE_INDEX)
-        return ids, labels
+        ids, labels = self._chat_labels(sample, out["input_ids"], out["assistant_masks"] if assistant else None)
+        return ids.tolist(), labels.tolist()
 
     def generation_prompt(self, sample: Sample) -> tuple[list[int], str] | None:
         """(prompt ids, reference) for exact match; None for text samples or chats without an assistant turn."""
@@ -613,13 +598,14 @@ class _Tokenize:
             for sample in samples:
                 self._apply(sample, self.messages(sample), return_assistant_tokens_mask=assistant)
             raise
-        if arrays:  # the same labels as _chat_labels, on numpy arrays: most of a shard's time was these loops
-            return [self._chat_label_arrays(sample, out["input_ids"][k], out["assistant_masks"][k] if assistant else None)
+        labelled = [self._chat_labels(sample, out["input_ids"][k], out["assistant_masks"][k] if assistant else None)
                     for k, sample in enumerate(samples)]
-        return [self._chat_labels(sample, list(out["input_ids"][k]), out["assistant_masks"][k] if assistant else None)
-                for k, sample in enumerate(samples)]
+        return labelled if arrays else [(ids.tolist(), labels.tolist()) for ids, labels in labelled]
 
-    def _chat_label_arrays(self, sample: Sample, ids: Sequence[int], mask: Sequence[int] | None) -> tuple[Any, Any]:
+    def _chat_labels(self, sample: Sample, ids: Sequence[int], mask: Sequence[int] | None) -> tuple[Any, Any]:
+        """Labels of a rendered conversation, as int32 arrays: the assistant mask's tokens (all tokens without a
+        mask), and the EOS appended where the template does not end with it. Arrays, not lists: per-token Python
+        loops were most of a shard's time."""
         import numpy as np
 
         id_array = np.asarray(ids, dtype=np.int32)
