@@ -70,7 +70,9 @@ def kernels_section(rows: list[dict[str, Any]]) -> str:
     if skipped:
         out += f"\nKernel timings: {skipped[0]}\n"
     if timings:
-        out += "\n## Kernels: forward + backward time and peak memory (`bench/kernel_speed.py --quick`)\n\n"
+        rounds = next((r["rounds"] for r in timings if r.get("rounds")), None)
+        how = f", median of {rounds} interleaved rounds" if rounds else ""
+        out += f"\n## Kernels: forward + backward time and peak memory (`bench/kernel_speed.py --quick`{how})\n\n"
         by_case: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         for r in timings:
             shape = ", ".join(f"{k}={r[k]}" for k in ("tokens", "hidden", "intermediate", "heads", "vocab") if k in r)
