@@ -74,7 +74,8 @@ def run_config(config: dict[str, Any], device_name: str, workdir: Path) -> dict[
     started = time.perf_counter()
     with strategy.model_init():
         model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
-                            dtype=strategy.weights_dtype(recipe.model.dtype))
+                            dtype=strategy.weights_dtype(recipe.model.dtype),
+                            share_quantized=strategy.share_quantized_layout)
     trainer = Trainer(Path(plan.run_dir), recipe, strategy, model, tokenizer, data, device)
     setup_s = time.perf_counter() - started
     trainable, total = count_parameters(unwrap(trainer.model))

@@ -194,12 +194,6 @@ def quant_problems(recipe: Recipe, strategy: str) -> list[Problem]:
 def unsupported(recipe: Recipe, strategy: str, world_size: int = 1) -> list[str]:
     """What this version cannot run yet, although the recipe is valid (planning and sizing still work)."""
     reasons = []
-    if recipe.method.name == "qlora" and strategy in STRATEGIES and STRATEGIES[strategy].broadcasts_from_rank0 \
-            and world_size > 1:
-        # FSDP ranks other than 0 start from an empty (meta) model and receive rank 0's weights; that broadcast does
-        # not carry bitsandbytes' quantization state yet, so their layers would not match rank 0's.
-        reasons.append("method.name: qlora under fsdp on more than one rank is not supported yet "
-                       "(use strategy ddp or zero2, or one rank)")
     if strategy not in IMPLEMENTED_STRATEGIES:
         reasons.append(f"strategy.name: strategy {strategy!r} is not implemented in this version "
                        f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)}; `auto` without --gpu-mem picks ddp)")

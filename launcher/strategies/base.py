@@ -67,6 +67,11 @@ class Strategy(ABC):
         mixed precision), `model_dtype` when the plan says nothing (DeepSpeed; plans written before it existed)."""
         return str(self.config.get("weights_dtype") or model_dtype)
 
+    def share_quantized_layout(self, model: torch.nn.Module) -> None:
+        """Called once the quantized base is loaded (or built on meta), before adapters wrap it (collective). Ranks
+        that built on meta take rank 0's 4-bit layers here (`launcher.train.quant_layout`); nothing to do for
+        strategies where every rank loads the weights itself."""
+
     def model_init(self) -> ContextManager[Any]:
         """Context around model construction (ZeRO-3 partitions weights while `from_pretrained` loads them)."""
         return contextlib.nullcontext()

@@ -6,7 +6,10 @@ its forward to its backward, so kernels that read `lm_head.weight` directly (fus
 
 Loading. Rank 0 loads the pretrained weights; the other ranks build the model on the meta device (no memory), shard
 it, allocate only their shards, and receive them from rank 0 (`set_model_state_dict(..., broadcast_from_rank0=True)`):
-the node needs one copy of the weights in CPU memory, not one per rank.
+the node needs one copy of the weights in CPU memory, not one per rank. A 4-bit base (QLoRA) is quantized by rank 0
+alone while it loads; the other ranks first take its 4-bit layers and their quantization state
+(`share_quantized_layout`, launcher/train/quant_layout.py), so the packed weights then shard and broadcast like any
+other tensor: each rank keeps 1/N of the packed codes and the (small) quantization state whole.
 
 Checkpoints. `get_state_dict` gives the model (only trainable tensors for adapters) and optimizer state as DTensors;
 `dcp.save` writes each rank's shards plus global metadata, and `dcp.load` reshards on load, so a checkpoint resumes on
@@ -29,6 +32,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from launcher.strategies.base import Strategy
+from launcher.train.model import is_quantized
 
 DCP_DIR = "dcp"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +40,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _has_frozen(model: torch.nn.Module) -> bool:
     return any(not p.requires_grad for p in model.parameters())
+
+
+def _tensor_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and persistent buffers by state-dict name. Not `model.state_dict()` itself: bitsandbytes adds
+    each 4-bit layer's quantization state to it as extra entries (absmax, code book, ...), which the other ranks'
+    sharded models have no place for (they took that state from `share_quantized_layout`)."""
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in model.state_dict().items() if name in names}
 
 
 class FSDPStrategy(Strategy):
@@ -57,6 +69,16 @@ class FSDPStrategy(Strategy):
         return torch.device("cpu") if self.world_size > 1 else self.device
 
     # ------------------------------------------------------------------------------------------------- wrapping
+    def share_quantized_layout(self, model: torch.nn.Module) -> None:
+        if self.world_size == 1:
+            return
+        from launcher.train import quant_layout
+
+        layout = [quant_layout.describe(model) if self.is_main else None]
+        dist.broadcast_object_list(layout, src=0)
+        if not self.is_main:
+            quant_layout.rebuild(model, layout[0], self.device)
+
     def _mesh(self) -> DeviceMesh:
         shard = int(self.config.get("mesh", {}).get("shard") or self.world_size)
         if shard >= self.world_size or self.world_size % shard:  # planned for another world size: shard over all
@@ -78,7 +100,7 @@ class FSDPStrategy(Strategy):
             "offload_policy": CPUOffloadPolicy() if cfg.get("cpu_offload") else OffloadPolicy(),
         }
         broadcast = self.world_size > 1  # rank 0 holds the weights; the others are on meta
-        full_state = model.state_dict() if broadcast and self.is_main else {}
+        full_state = _tensor_state(model) if broadcast and self.is_main else {}
         for layer in _decoder_layers(model):
             if cfg.get("activation_checkpointing"):
                 from torch.distributed._composable import checkpoint
@@ -95,6 +117,10 @@ class FSDPStrategy(Strategy):
             # Non-persistent buffers (rotary inv_freq) are in no state dict: meta ranks take rank 0's.
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
+        if is_quantized(model):
+            from launcher.train.quant_layout import move_states
+
+            move_states(model, self.device)  # the packed shards are on the device now; their scales must follow
         return model, make_optimizer(model)
 
     # ---------------------------------------------------------------------------------------------------- step

@@ -97,7 +97,8 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
         torch.manual_seed(recipe.optim.seed)  # adapter init is identical on every rank and every run
         with strategy.model_init():  # ZeRO-3 partitions while loading; FSDP ranks > 0 build on meta
             model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
-                                dtype=strategy.weights_dtype(recipe.model.dtype))
+                                dtype=strategy.weights_dtype(recipe.model.dtype),
+                                share_quantized=strategy.share_quantized_layout)
         try:  # every rank reaches this with the same data: a refusal here leaves no rank waiting in a barrier
             trainer = Trainer(run_dir, recipe, strategy, model, tokenizer, data, device)
         except DataError as err:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -143,6 +143,11 @@ def _quantized_load_kwargs(quantization: Any, device: torch.device) -> dict[str,
     full-precision model never has to fit there (a later `.to(device)` would be too late for that)."""
     if quantization is None:
         return {}
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        # ZeRO-3 partitions each weight as it is loaded (HfDeepSpeedConfig) and refuses a device_map.
+        return {"quantization_config": quantization}
     return {"quantization_config": quantization, "device_map": {"": device}}
 
 
@@ -190,10 +195,15 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
-def build_model(recipe: Recipe, device: torch.device, meta: bool = False, dtype: str | None = None) -> torch.nn.Module:
+def build_model(recipe: Recipe, device: torch.device, meta: bool = False, dtype: str | None = None,
+                share_quantized: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """Base model + kernels + checkpointing + method, on `device`, in `dtype` (default the recipe's; a strategy's
-    `weights_dtype` under mixed precision), `meta`: no weights."""
-    model = load_base_model(recipe.model, device, quantization_config(recipe), meta=meta, dtype=dtype)
+    `weights_dtype` under mixed precision), `meta`: no weights. `share_quantized` (a strategy's
+    `share_quantized_layout`, collective) runs on a quantized base before anything else touches it."""
+    quantization = quantization_config(recipe)
+    model = load_base_model(recipe.model, device, quantization, meta=meta, dtype=dtype)
+    if quantization is not None and share_quantized is not None:
+        share_quantized(model)
     if recipe.kernels:
         from ftkernels.patch import apply_kernels
 
@@ -217,6 +227,24 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(numel(p) for p in model.parameters())
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole model's parameters), packed 4-bit weights counted as
+    stored. FSDP's DTensors hold a local shard; ZeRO-3 a flat partition in `ds_tensor` (full size in `ds_numel`)."""
+    local = full = 0
+    for param in model.parameters():
+        size = param.element_size()
+        if hasattr(param, "ds_tensor"):
+            local += param.ds_tensor.numel() * size
+            full += int(param.ds_numel) * size
+        elif hasattr(param, "to_local"):
+            local += param.to_local().numel() * size
+            full += param.numel() * size
+        else:
+            local += param.numel() * size
+            full += param.numel() * size
+    return local, full
 
 
 def unwrap(model: Any) -> Any:

@@ -32,7 +32,7 @@ from launcher.common.rundir import METRICS_FILE, write_text_atomic
 from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from launcher.train.data import DataBundle, DataError, collate
 from launcher.train.loss import count_label_tokens, forward_loss_sum, input_tokens
-from launcher.train.model import count_parameters, unwrap
+from launcher.train.model import count_parameters, unwrap, weight_bytes
 from launcher.config.schema import OptimConfig, Recipe
 from launcher.strategies.base import Strategy
 
@@ -321,6 +321,10 @@ class Trainer:
             log.info("params: %s trainable of %s (%.2f%%); %d train / %d eval examples; %d steps (%d per epoch)",
                      f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total), len(self.data.train),
                      len(self.data.eval), self.total_steps, self.steps_per_epoch)
+        if self.strategy.world_size > 1:  # every rank's own log: what sharding left it
+            held, whole = weight_bytes(unwrap(self.model))
+            log.info("weights held by rank %d: %.2f of %.2f MiB (%.1f%%)", self.strategy.rank, held / 2**20,
+                     whole / 2**20, 100 * held / max(1, whole))
         if resumed is None and recipe.eval.at_start:
             self._eval_and_record("start")
         stream = self._batch_stream()
