@@ -146,10 +146,11 @@ def local_command(run_dir: Path, resources: Resources) -> list[str]:
 
 def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan:
     """Resolve a loaded recipe on the given resources. Raises RecipeError when a check fails."""
+    from launcher.plan.checks import incompatible_rows
     from launcher.plan.memory import plan_memory  # stdlib-only planner
 
     recipe = loaded.recipe
-    memory, memory_problems = plan_memory(recipe, resources)
+    memory, memory_problems = plan_memory(recipe, resources, incompatible_rows)
     if memory is not None and memory.micro_batch is not None and recipe.optim.micro_batch == "auto":
         recipe = recipe.model_copy(update={"optim": recipe.optim.model_copy(update={"micro_batch": memory.micro_batch})})
     strategy, reason = resolve_strategy(recipe, resources, memory)

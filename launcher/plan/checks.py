@@ -198,3 +198,22 @@ def unsupported(recipe: Recipe, strategy: str, world_size: int = 1) -> list[str]
         reasons.append(f"strategy.name: strategy {strategy!r} is not implemented in this version "
                        f"(implemented: {', '.join(IMPLEMENTED_STRATEGIES)}; `auto` without --gpu-mem picks ddp)")
     return reasons
+
+
+def incompatible_rows(recipe: Recipe, resources: Resources, row_names: list[str]) -> dict[str, str]:
+    """Memory row -> the first reason the rest of the recipe rules its strategy out (what `launch plan` would refuse
+    with it), so that `auto` picks only among strategies the run can use."""
+    from launcher.plan.quant import resolve_quant_storage
+    from launcher.strategies import strategy_of_memory_row
+
+    out: dict[str, str] = {}
+    for name in row_names:
+        strategy = strategy_of_memory_row(name)
+        resolved = resolve_quant_storage(recipe, strategy)
+        found = strategy_problems(resolved, resources, strategy) + quant_problems(resolved, strategy)
+        if found:
+            first = found[0]
+            out[name] = f"{first.path}: {first.message}" + (f" ({first.hint})" if first.hint else "")
+        elif not_run := unsupported(resolved, strategy, resources.world_size):
+            out[name] = not_run[0]
+    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from launcher.plan import memory_model as mem
 from launcher.config.recipe import Problem
@@ -86,8 +86,14 @@ def training_arguments(recipe: Recipe, counts: mem.ParamCounts) -> dict[str, Any
     return args
 
 
-def plan_memory(recipe: Recipe, resources: "Resources") -> tuple[MemoryPlan | None, list[Problem]]:
-    """Memory rows for the recipe on the resources; problems when `micro_batch: auto` cannot be resolved."""
+RulesOut = Callable[[Recipe, "Resources", list[str]], dict[str, str]]
+"""Memory row name -> why the rest of the recipe rules its strategy out (launcher.plan.checks.incompatible_rows)."""
+
+
+def plan_memory(recipe: Recipe, resources: "Resources",
+                rules_out: RulesOut | None = None) -> tuple[MemoryPlan | None, list[Problem]]:
+    """Memory rows for the recipe on the resources; problems when `micro_batch: auto` cannot be resolved. With
+    `rules_out`, `auto` chooses only among strategies the rest of the recipe can run with."""
     problems: list[Problem] = []
     auto_batch = recipe.optim.micro_batch == "auto"
     config_dir = model_config_dir(recipe)
@@ -97,7 +103,8 @@ def plan_memory(recipe: Recipe, resources: "Resources") -> tuple[MemoryPlan | No
                                     hint="set a number, or point model.path at a directory with config.json"))
         return None, problems
     try:
-        return _plan_rows(recipe, resources, mem.count_parameters(mem.read_model_config(config_dir)), problems)
+        return _plan_rows(recipe, resources, mem.count_parameters(mem.read_model_config(config_dir)), problems,
+                          rules_out)
     except UNREADABLE_CONFIG as err:  # a broken (or hostile) config.json is a problem to report, not a traceback
         return None, [Problem("model.path", f"cannot size the model from {config_dir / 'config.json'}: "
                               f"{type(err).__name__}: {err}",
@@ -108,8 +115,8 @@ UNREADABLE_CONFIG = (ValueError, KeyError, TypeError, AttributeError, ZeroDivisi
 """What reading and sizing a config.json can raise when the file is not what it claims to be."""
 
 
-def _plan_rows(recipe: Recipe, resources: "Resources", counts: mem.ParamCounts,
-               problems: list[Problem]) -> tuple[MemoryPlan | None, list[Problem]]:
+def _plan_rows(recipe: Recipe, resources: "Resources", counts: mem.ParamCounts, problems: list[Problem],
+               rules_out: RulesOut | None) -> tuple[MemoryPlan | None, list[Problem]]:
     auto_batch = recipe.optim.micro_batch == "auto"
     args = training_arguments(recipe, counts)
     gpus = max(1, resources.gpus_per_node)
@@ -129,7 +136,9 @@ def _plan_rows(recipe: Recipe, resources: "Resources", counts: mem.ParamCounts,
                                gpu_mem_bytes=gpu_mem if gpu_mem is not None else 2**62,
                                micro_batch=micro_batch or int(recipe.optim.micro_batch), **args)
     if gpu_mem is not None:
-        chosen, reason = mem.choose_strategy(rows)
+        incompatible = rules_out(recipe, resources, [r.name for r in rows]) \
+            if rules_out is not None and recipe.strategy.name == "auto" else {}
+        chosen, reason = mem.choose_strategy(rows, incompatible=incompatible)
     else:
         chosen, reason = None, "no GPU memory given (--gpu-mem): estimates only"
     trainable = _trainable(recipe, counts, args)

@@ -1127,20 +1127,35 @@ def plan_strategies(
 
 
 def choose_strategy(
-    rows: Sequence[StrategyRow], *, order: Sequence[str] = DEFAULT_STRATEGY_ORDER
+    rows: Sequence[StrategyRow], *, order: Sequence[str] = DEFAULT_STRATEGY_ORDER,
+    incompatible: dict[str, str] | None = None,
 ) -> tuple[str | None, str]:
     """Pick the first row in ``order`` that fits; return ``(name, reason)``, or ``(None, reason)`` if none fits.
 
-    The reason names the estimate and the GPU budget, and the cheaper strategies that were passed over."""
+    ``incompatible`` maps a row name to why the rest of the recipe rules it out (an optimizer it cannot step, a
+    setting it cannot shard); its rows are passed over even when they fit, and when only such rows fit the reason
+    names the change that would make one usable. The reason names the estimate and the GPU budget, and the cheaper
+    strategies that were passed over."""
     by_name = {r.name: r for r in rows}
     ranked = [by_name[n] for n in order if n in by_name]
+    incompatible = incompatible or {}
     skipped: list[str] = []
+    ruled_out: list[str] = []
+    blocked: list[str] = []
     for row in ranked:
         budget = row.estimate.total + row.headroom
+        why_not = incompatible.get(row.name)
+        if why_not is not None:
+            if row.fits:
+                blocked.append(f"{row.name} ({row.estimate.total / GiB:.1f} GiB) would fit but {why_not}")
+            ruled_out.append(f"{row.name} ({why_not.split(':', 1)[0]})")
+            continue
         if row.fits:
             reason = f"{row.name}: {row.estimate.total / GiB:.1f} GiB of {budget / GiB:.1f} GiB per GPU"
             if skipped:
                 reason += "; does not fit: " + ", ".join(skipped)
+            if ruled_out:
+                reason += "; ruled out by the recipe: " + ", ".join(ruled_out)
             return row.name, reason
         if row.headroom < 0:
             skipped.append(f"{row.name} ({row.estimate.total / GiB:.1f} GiB)")
@@ -1148,6 +1163,8 @@ def choose_strategy(
             skipped.append(f"{row.name} (host RAM {row.host_per_node / GiB:.0f} GiB per node)")
     if not ranked:
         return None, "no strategies evaluated"
+    if blocked:
+        return None, "nothing compatible with the recipe fits; " + blocked[0]
     smallest = min(ranked, key=lambda r: r.estimate.total)
     budget = smallest.estimate.total + smallest.headroom
     return None, (

@@ -29,6 +29,11 @@ CASES: dict[str, tuple[str, list[str], Resources]] = {
     "demo-2ranks-fsdp": ("recipes/demo.yaml", ["strategy.name=fsdp"], Resources(procs_per_node=2)),
     "llama3-70b-qlora": ("recipes/llama3-70b-qlora.yaml", [],
                          Resources(nodes=1, gpus_per_node=8, procs_per_node=8, gpu_mem_bytes=H100)),
+    # The case: on 2 x 48 GiB only sharded strategies fit, and fsdp cannot step paged_adamw_8bit: zero3.
+    "llama3-70b-qlora-2x48gib": ("recipes/llama3-70b-qlora.yaml", ["optim.grad_accum=8"],
+                                 Resources(nodes=1, gpus_per_node=2, procs_per_node=2, gpu_mem_bytes=48 * 2**30)),
+    "llama3-405b-qlora": ("recipes/llama3-405b-qlora.yaml", [],
+                          Resources(nodes=1, gpus_per_node=8, procs_per_node=8, gpu_mem_bytes=H100)),
     "llama3-70b-full": ("recipes/llama3-70b-full.yaml", [],
                         Resources(nodes=4, gpus_per_node=8, procs_per_node=8, gpu_mem_bytes=H100)),
     **{f"llama3-70b-full-{s}": ("recipes/llama3-70b-full.yaml", [f"strategy.name={s}"],

@@ -412,6 +412,23 @@ def test_plan_and_choose_strategy() -> None:
     assert mem.choose_strategy(rows)[0] == "ddp"
 
 
+
+def test_choose_strategy_passes_over_what_the_recipe_rules_out() -> None:
+    """`auto` takes the first row that fits AND that the rest of the recipe can run with; when only ruled-out rows
+    fit, nothing is chosen and the reason names the change (the check's hint) that would make one usable."""
+    training = dict(method="qlora", micro_batch=1, seq_len=4096, activation_checkpointing=True)
+    rows = mem.plan_strategies(shipped("llama-3.1-70b"), nodes=1, gpus_per_node=2, gpu_mem_bytes=48 * mem.GiB,
+                               **training)
+    fitting = [r.name for r in rows if r.fits]
+    assert fitting[:2] == ["fsdp", "zero3"], fitting
+    assert mem.choose_strategy(rows)[0] == "fsdp"
+    rule = "optim.name: paged_adamw_8bit cannot update FSDP's DTensors (use optim.name: adamw)"
+    name, reason = mem.choose_strategy(rows, incompatible={"fsdp": rule})
+    assert name == "zero3" and "ruled out by the recipe: fsdp (optim.name)" in reason
+    everything = {r.name: rule for r in rows}
+    name, reason = mem.choose_strategy(rows, incompatible=everything)
+    assert name is None and reason.startswith("nothing compatible with the recipe fits; fsdp") and "use optim.name" in reason
+
 def test_largest_micro_batch() -> None:
     counts = shipped("llama-3.1-8b")
     kw = dict(method="lora", strategy="ddp", seq_len=4096, activation_checkpointing=True)
