@@ -171,7 +171,7 @@ def render(results: Path) -> str:
     rows = _rows(results)
     parts = ["# GPU check\n", env_section(rows), steps_section(rows), kernels_section(rows),
              training_section(rows, "strategy", "Strategies on one GPU"),
-             training_section(rows, "qlora", "QLoRA 4-bit (nf4, double quantization) + paged AdamW 8-bit"),
+             training_section(rows, "qlora", "QLoRA 4-bit (nf4, double quantization): ddp + paged AdamW 8-bit; fsdp + AdamW"),
              resume_section(rows), e2e_section(results)]
     return "\n".join(p for p in parts if p)
 
