@@ -248,7 +248,7 @@ class QuantFields(Section):
 class QLoraMethod(LoraFields, QuantFields):
     name: Literal["qlora"]
     """LoRA on a 4-bit (or 8-bit) quantized base model (Dettmers et al. 2023). The adapter is saved in PEFT
-    format; `output.merge` folds it into an unquantized copy of the base loaded on the CPU."""
+    format; `output.merge` folds it into the unquantized base checkpoint, streamed tensor by tensor."""
 
 
 MethodConfig = Annotated[
@@ -388,7 +388,8 @@ class OutputConfig(Section):
 
     merge: bool = False
     """Also write a merged model (adapter folded into the base) under RUN_DIR/merged. With a quantized base (qlora)
-    the adapter is folded into the base reloaded unquantized in model.dtype on the CPU (host RAM for one copy)."""
+    the adapter is folded into the base's unquantized safetensors one tensor at a time, in the checkpoint's dtype
+    (host RAM for one shard); DoRA and modules_to_save adapters reload the base whole in model.dtype on the CPU."""
 
 
 # ------------------------------------------------------------------------------------------------------ strategy

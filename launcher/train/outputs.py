@@ -27,12 +27,12 @@ def save_outputs(model: torch.nn.Module, tokenizer: Any, run_dir: Path, merge: b
         written.append(run_dir / "adapter")
         if merge:
             if is_quantized(model):
-                # Folding a delta into packed 4/8-bit weights would re-quantize it away: merge into the base
-                # loaded again, unquantized, in the training dtype (policy: docs of OutputConfig.merge / QLoraMethod).
-                merged = merge_into_unquantized_base(model, run_dir / "adapter")
+                # Folding a delta into packed 4/8-bit weights would re-quantize it away: merge into the base's own
+                # unquantized checkpoint (policy: docs of OutputConfig.merge / QLoraMethod), streamed tensor by
+                # tensor where the adapter allows it, else loaded whole on the CPU.
+                _merge_into_unquantized_base(model, run_dir / "adapter", run_dir / "merged")
             else:
-                merged = model.merge_and_unload()  # folds the adapter in place: the last use of this model
-            merged.save_pretrained(run_dir / "merged")
+                model.merge_and_unload().save_pretrained(run_dir / "merged")  # folds in place: its last use
             tokenizer.save_pretrained(run_dir / "merged")
             written.append(run_dir / "merged")
     else:
@@ -42,23 +42,32 @@ def save_outputs(model: torch.nn.Module, tokenizer: Any, run_dir: Path, merge: b
     return written
 
 
-def merge_into_unquantized_base(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
-    """The adapter saved in `adapter_dir` merged into the trained model's base, loaded unquantized on the CPU.
+def _merge_into_unquantized_base(model: torch.nn.Module, adapter_dir: Path, out: Path) -> None:
+    """The adapter saved in `adapter_dir` merged into the trained model's base, unquantized, written to `out`.
 
-    The base is loaded in the dtype the run trained in (the quantized model's config dtype), the adapter applied
-    with PEFT and folded in with `merge_and_unload`. The result is the original-precision base plus the update, not
-    the dequantized 4-bit weights plus the update (QLoRA's usual export; the two differ by the quantization error).
-    Needs host RAM for one copy of the base in that dtype.
+    The result is the original-precision base plus the update, not the dequantized 4-bit weights plus the update
+    (QLoRA's usual export; the two differ by the quantization error). A LoRA adapter is folded into the base's
+    safetensors one tensor at a time, in the checkpoint's own dtype (launcher/train/merge_stream.py: peak RAM one
+    shard); otherwise (DoRA, modules_to_save, no safetensors) the base is loaded whole on the CPU in the dtype the
+    run trained in and merged by PEFT, which needs host RAM for one copy of it.
     """
+    from launcher.train.merge_stream import merge_streaming, streamable
+
+    base_model = model.get_base_model()  # type: ignore[operator]
+    source = Path(base_model.config._name_or_path)
+    why_not = streamable(source, adapter_dir)
+    if why_not is None:
+        log.info("merge: folding the adapter into %s tensor by tensor", source)
+        merge_streaming(source, adapter_dir, out)
+        return
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base_model = model.get_base_model()  # type: ignore[operator]
-    source = base_model.config._name_or_path
     dtype = getattr(base_model.config, "dtype", None) or torch.float32
-    log.info("merge: loading %s unquantized (%s) on CPU to fold the adapter in", source, dtype)
+    log.info("merge: loading %s unquantized (%s) on CPU to fold the adapter in (not streamed: %s)", source, dtype,
+             why_not)
     base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map={"": "cpu"})
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out)
 
 
 def plot_losses(run_dir: Path) -> Path | None:
