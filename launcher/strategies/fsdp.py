@@ -154,12 +154,12 @@ def read_checkpoint(directory: Path, trainable_only: bool,
     file and offset, so each shard file is read front to back; why a small default budget: reading is as fast with
     64 MiB as with 256 MiB (0.6-0.9 s for 651 MB here), and `launch export` already holds the whole model.
 
-    Why it is fast (~50x the per-tensor `dcp.load` it replaces, bench/export.py): the `.metadata`, which also lists every optimizer
-    entry, is unpickled once instead of once per tensor (0.02-0.2 s each for a 135M model with its Adam moments,
-    ~300k objects). Each chunk's bytes then go from its shard file straight into the output tensor (`_DirectReader`),
-    where DCP's `read_data` would `torch.load` every chunk into a fresh temporary and copy it (twice the memory
-    traffic and page faults). Chunks the direct reader declines go through one `dcp.load` per batch, reusing the
-    metadata.
+    Why it is fast (~50x the per-tensor `dcp.load` it replaces; bench/export.py): the `.metadata`, which also lists
+    every optimizer entry, is unpickled once instead of once per tensor (0.02-0.2 s each for a 135M model with its
+    Adam moments, ~300k objects). Each chunk's bytes then go from its shard file straight into the output tensor
+    (`_DirectReader`), where DCP's `read_data` would `torch.load` every chunk into a fresh temporary and copy it
+    (twice the memory traffic and page faults). Chunks the direct reader declines go through one `dcp.load` per
+    batch, reusing the metadata.
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
