@@ -100,3 +100,25 @@ def test_export_refusals_name_the_problem(tmp_path: Path, tiny_model_dir: Path) 
     save_file({k: v for k, v in list(tensors.items())[1:]}, str(weights))
     with pytest.raises(ValueError, match="lacks 1 trainable tensors"):
         export_run(run_dir, merge=False, out=tmp_path / "b")
+
+
+def test_a_read_tensor_becomes_the_parameter_only_when_nothing_else_changes() -> None:
+    """`_load_into` adopts the reader's tensor (no copy) when dtype, shape and ownership allow; otherwise it copies."""
+    from launcher.train.export import _load_into
+
+    with torch.no_grad():
+        param = torch.nn.Parameter(torch.zeros(2, 3))
+        owned = torch.arange(6.0).reshape(2, 3)
+        _load_into(param, owned)
+        assert param.data_ptr() == owned.data_ptr() and param.requires_grad
+
+        param = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.bfloat16))
+        _load_into(param, owned)  # another dtype: converted by copy_
+        assert param.dtype == torch.bfloat16 and param.data_ptr() != owned.data_ptr()
+        assert torch.equal(param.float(), owned)
+
+        flat = torch.arange(12.0)  # ZeRO-2 style: parameters are views into one flat buffer
+        param = torch.nn.Parameter(torch.zeros(2, 3))
+        _load_into(param, flat[6:].view(2, 3))
+        assert param.data_ptr() != flat.data_ptr() + 6 * 4  # not aliased: save_pretrained would see shared tensors
+        assert torch.equal(param, flat[6:].view(2, 3))
