@@ -138,8 +138,16 @@ class FSDPStrategy(Strategy):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        options = StateDictOptions(ignore_frozen_params=_has_frozen(model))
-        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        frozen = _has_frozen(model)
+        model_state, optim_state = get_state_dict(model, optimizer,
+                                                  options=StateDictOptions(ignore_frozen_params=frozen))
+        if frozen:
+            # torch (2.13) drops a frozen parameter under the one name `named_parameters()` gives it: a tied alias
+            # (lm_head.weight of a model with tied embeddings) stayed in every adapter checkpoint (108 MiB for
+            # SmolLM2-135M, ~1 GB for a Llama-3 vocabulary). Checkpoints that hold it still load (strict=False).
+            for name, param in model.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    model_state.pop(name, None)
         return {"model": model_state, "optimizer": optim_state}
 
     def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
