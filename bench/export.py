@@ -46,8 +46,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -209,17 +207,6 @@ def _git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
-
-
-def machine_info() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").is_file() else ""
-    total = re.search(r"^MemTotal:\s*(\d+) kB", meminfo, re.M)
-    return {"host": platform.node(), "cpu_model": model.group(1).strip() if model else platform.processor(),
-            "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-            "ram_gib": round(int(total.group(1)) / 2**20, 1) if total else None,
-            "os": platform.platform(), "python": platform.python_version()}
 
 
 def versions() -> dict[str, str]:
@@ -387,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
 
     date = datetime.now(timezone.utc)
     status = _git("status", "--porcelain", "--untracked-files=no")
+    from sft_vs_trl import machine_info  # bench/ is on sys.path as this script's directory (as in data_scale.py)
+
     report = {"date": date.isoformat(timespec="seconds"), "machine": machine_info(), "versions": versions(),
               "code": {"commit": _git("rev-parse", "--short=12", "HEAD") or "unknown", "dirty": bool(status),
                        "branch": _git("rev-parse", "--abbrev-ref", "HEAD")},

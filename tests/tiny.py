@@ -11,6 +11,7 @@ Heavy imports (torch, transformers, tokenizers) happen inside the functions, so 
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -31,6 +32,15 @@ WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "
 CHATML_TEMPLATE_FILE = Path(__file__).resolve().parents[1] / "launcher" / "train" / "templates" / "chatml.jinja"
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")
+
+
+def rank_env(cache: Path) -> dict[str, str]:
+    """Environment of `launch` / torchrun subprocesses in the multi-rank tests: one thread per rank (2 cores), gloo on
+    loopback, no hub, this checkout importable (also from a worktree), and `cache` as the tokenization cache."""
+    repo = Path(__file__).resolve().parents[1]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "FTLAUNCH_CACHE": str(cache),
+            "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "kernels"), os.environ.get("PYTHONPATH", "")])}
 
 
 def _corpus(seed: int = 0, n_lines: int = 400) -> list[str]:

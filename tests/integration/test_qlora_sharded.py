@@ -24,7 +24,6 @@ by more than 1e-1, a lost optimizer state or data position a later step's by mor
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -54,13 +53,11 @@ class Work:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Work]:
-    from tiny import write_dataset
+    from tiny import rank_env, write_dataset
 
     root = tmp_path_factory.mktemp("qlora-sharded")
     write_dataset(root / "train.jsonl", "messages", n=64, seed=1)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "FTLAUNCH_CACHE": str(root / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    env = rank_env(root / "cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FTLAUNCH_CACHE", env["FTLAUNCH_CACHE"])
         yield Work(root, tiny_model_dir, env)

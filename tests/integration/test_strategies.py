@@ -26,7 +26,6 @@ CI machine also compiles DeepSpeed's shm op once (~40 s, cached in ~/.cache/torc
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -70,14 +69,12 @@ def report_timings(integration_timings: dict[str, str]) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Work]:
-    from tiny import write_dataset
+    from tiny import rank_env, write_dataset
 
     root = tmp_path_factory.mktemp("strategies")
     write_dataset(root / "train.jsonl", "messages", n=64, seed=1)
     write_dataset(root / "eval.jsonl", "messages", n=10, seed=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "FTLAUNCH_CACHE": str(root / "cache"),
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    env = rank_env(root / "cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FTLAUNCH_CACHE", env["FTLAUNCH_CACHE"])
         yield Work(root, tiny_model_dir, env)
