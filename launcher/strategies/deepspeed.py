@@ -40,6 +40,12 @@ def _import_deepspeed(device_type: str) -> Any:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the import: DeepSpeed picks its accelerator then
     import deepspeed
 
+    if device_type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (deepspeed_shm_comm) when its comm
+        # starts: about 60 s of g++ on a fresh machine, and a killed build leaves a lock that makes every later start
+        # wait forever. Only `inference_all_reduce` uses that op; training's collectives go through the gloo process
+        # group, so the op is marked unavailable and never built (DeepSpeed's own compatibility table, deepspeed/ops).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
 
 

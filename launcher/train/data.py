@@ -32,8 +32,9 @@ and flex attention, and flash-attention uses the same position ids for its varle
   tests/train/test_data.py checks that each example's logits inside a packed row equal its logits alone (eager and sdpa).
 
 Cache. `cache_key(cfg, tokenizer)` = hash(`data_fingerprint(cfg)`, `tokenizer_fingerprint(tokenizer)`).
-`data_fingerprint` hashes the data files (path, size, mtime) and every DataConfig field that changes the result, with
-the standard library only, so the planning side can compute it without torch/transformers.
+`data_fingerprint` hashes the data files (path, size, mtime) and every DataConfig field that changes the result, and
+the tokenizer's part is the hash of its directory's files where they decide alone, both with the standard library
+only, so the submitting side computes the key without torch/transformers (`cache_key_from_files`).
 """
 
 from __future__ import annotations
@@ -802,8 +803,16 @@ def data_fingerprint(cfg: DataConfig) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of what changes token ids: the backend tokenizer (vocab, merges, normalizer, post-processor), special
-    tokens and the chat template. Needs the tokenizer object (tokenizers/transformers, not torch)."""
+    """Hash of what changes token ids. The files of the directory it loaded from when they decide alone
+    (`tokenizer_files_fingerprint`: the submitting process computes the same key without loading it); else the
+    loaded object: the backend tokenizer (vocab, merges, normalizer, post-processor), special tokens and the chat
+    template."""
+    from launcher.common.model_files import tokenizer_files_fingerprint
+
+    source = str(getattr(tokenizer, "name_or_path", "") or "")
+    files = tokenizer_files_fingerprint(Path(source)) if source else None
+    if files is not None:
+        return "files:" + files
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     template = getattr(tokenizer, "chat_template", None)
@@ -814,6 +823,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
     """Key of the tokenization cache: data_fingerprint(cfg) combined with tokenizer_fingerprint(tokenizer)."""
     return _sha([data_fingerprint(cfg), tokenizer_fingerprint(tokenizer)])[:32]
+
+
+def cache_key_from_files(cfg: DataConfig, tokenizer_dir: Path) -> str | None:
+    """`cache_key` without loading the tokenizer: equal to it for a tokenizer loaded from `tokenizer_dir` whenever
+    `tokenizer_files_fingerprint` decides; None otherwise (load it then)."""
+    from launcher.common.model_files import tokenizer_files_fingerprint
+
+    files = tokenizer_files_fingerprint(tokenizer_dir)
+    return None if files is None else _sha([data_fingerprint(cfg), "files:" + files])[:32]
 
 
 def cache_entry(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> Path:

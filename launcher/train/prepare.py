@@ -32,16 +32,19 @@ log = logging.getLogger("ftlaunch")
 def missing_preparation(recipe: Any) -> str | None:
     """Why a CPU preparation job is needed before training, or None when the model and the data are ready.
 
-    Loads the tokenizer (transformers; the submitting process, not `launch plan`) because the cache key depends on
-    it: a cheaper key from file names alone could call stale data ready."""
-    from launcher.train.data import cache_entry, is_cached
+    The cache key depends on the tokenizer: hashed from its files where they decide alone (no transformers, no
+    torch), else from the loaded tokenizer (transformers, in the submitting process, never in `launch plan`). A key
+    from file names alone could call stale data ready."""
+    from launcher.train.data import cache_entry, cache_key_from_files, is_cached
     from launcher.common.gguf import is_complete
-    from launcher.common.model_files import gguf_converted, load_tokenizer
+    from launcher.common.model_files import gguf_converted, load_tokenizer, tokenizer_source
 
     converted = gguf_converted(recipe.model)
     if converted is not None and not is_complete(converted):
         return f"the GGUF model is not converted yet ({converted})"
-    path = cache_entry(recipe.data, load_tokenizer(recipe.model), tokenized_cache_dir())
+    key = cache_key_from_files(recipe.data, tokenizer_source(recipe.model))
+    cache = tokenized_cache_dir()
+    path = cache / key if key is not None else cache_entry(recipe.data, load_tokenizer(recipe.model), cache)
     return None if is_cached(path) else f"the data is not tokenized yet ({path})"
 
 

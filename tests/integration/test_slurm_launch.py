@@ -1,16 +1,16 @@
 """`launch` on the real two-node Slurm cluster (slurm/local-cluster.sh): submission through submitit, the written
 job.sbatch with plain sbatch, preemption and requeue, status/logs/cancel, hostile recipe strings, clear errors.
 
-The cluster has 4 CPUs (2 nodes x 2), so one 4-rank job fills it and jobs run one after another. A local 4-rank run
-of the same recipe (the `reference` fixture, started once per module, beside the cluster's jobs) is what every Slurm
-run must reproduce: same world size, fixed seeds, so an uninterrupted, a preempted and a requeued run all end with
+The cluster has 4 CPUs (2 nodes x 2); the tiny recipe runs one rank per node (`cluster.ranks_per_node: 1`), so a
+job is 2 ranks on 2 nodes: multi-node, and half the CPU of 2 ranks per node on this 2-core machine. A local 2-rank
+run of the same recipe (the `reference` fixture, started once per module, beside the cluster's jobs) is what every
+Slurm run must reproduce: same world size, fixed seeds, so an uninterrupted, a preempted and a requeued run all end with
 its losses and weights. Each test stands alone. Timings go to the terminal summary (measured, not asserted).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -30,10 +30,10 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
-#: Losses of the Slurm run vs a local 4-rank run: measured identical (0.0) on this machine; gloo's all-reduce of
-#: 4 ranks sums in the same order whether the ranks are on one host or two.
+#: Losses of the Slurm run vs a local 2-rank run: measured identical (0.0) on this machine; gloo's all-reduce of
+#: 2 ranks sums in the same order whether the ranks are on one host or two.
 LOSS_TOLERANCE = 1e-6
-#: Long enough that a signal sent at step 3 lands mid-run: a step of the tiny model takes ~40 ms with 4 ranks, and
+#: Long enough that a signal sent at step 3 lands mid-run: a step of the tiny model takes ~40 ms, and
 #: scancel -> slurmd -> submitit -> trainer takes a few hundred ms (with 8 steps the run had ended when it arrived).
 STEPS = 40
 
@@ -41,7 +41,8 @@ STEPS = 40
 # ---------------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """A directory with the tiny recipe (STEPS steps of 4 ranks x micro batch 2, checkpoint every 4 steps)."""
+    """A directory with the tiny recipe (STEPS steps of 2 ranks x micro batch 2, checkpoint every 4 steps; on Slurm
+    one rank on each of 2 nodes)."""
     root = tmp_path_factory.mktemp("slurm-launch")
     rows = [{"messages": [{"role": "user", "content": f"reverse {w}"}, {"role": "assistant", "content": w[::-1]}]}
             for w in (WORDS[i % len(WORDS)] for i in range(64))]
@@ -53,6 +54,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path
         "optim": {"lr": 3e-3, "micro_batch": 2, "max_steps": STEPS, "warmup_steps": 2, "seed": 3},
         "eval": {"at_start": False}, "checkpoint": {"every_steps": 4, "keep_last": STEPS},
         "logging": {"progress": False, "tensorboard": False}, "output": {"root": str(root / "runs")},
+        "cluster": {"ranks_per_node": 1},
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     return root
@@ -65,7 +67,7 @@ def env(slurm_cluster: SlurmCluster, work: Path) -> dict[str, str]:
 
 @dataclass
 class LocalReference:
-    """A `launch tiny.yaml --procs 4` run in the background; `run_dir()` waits for it to end."""
+    """A `launch tiny.yaml --procs 2` run in the background; `run_dir()` waits for it to end."""
 
     proc: subprocess.Popen[str]
     path: Path
@@ -80,10 +82,10 @@ class LocalReference:
 
 @pytest.fixture(scope="module")
 def reference(env: dict[str, str], work: Path) -> Iterator[LocalReference]:
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", str(work / "tiny.yaml"), "--procs", "4",
-                             "output.name=local4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", str(work / "tiny.yaml"), "--procs", "2",
+                             "output.name=local2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    yield LocalReference(proc, work / "runs" / "local4")
+    yield LocalReference(proc, work / "runs" / "local2")
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
@@ -162,16 +164,17 @@ def assert_same_weights(a: Path, b: Path) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ tests
-def test_two_nodes_train_to_the_end_like_four_local_ranks(env: dict[str, str], work: Path,
+def test_two_nodes_train_to_the_end_like_two_local_ranks(env: dict[str, str], work: Path,
                                                           reference: LocalReference,
                                                           integration_timings: dict[str, str]) -> None:
-    """`launch recipe --nodes 2` trains to the end; its losses equal a local `--procs 4` run's. Meanwhile: a second
-    submission pends behind it and is cancelled with `launch cancel`; `launch status/logs/runs` read real jobs."""
+    """`launch recipe --nodes 2` trains to the end; its losses equal a local `--procs 2` run's. Meanwhile: a second
+    submission (2 ranks per node: the CPUs the first job leaves cannot hold it) pends behind it and is cancelled with
+    `launch cancel`; `launch status/logs/runs` read real jobs."""
     recipe = str(work / "tiny.yaml")
     t0 = time.time()
     job_id, run_dir = submit(env, recipe, "--nodes", "2")
-    queued_id, queued_dir = submit(env, recipe, "--nodes", "2", "output.name=queued")
-    # The second job cannot start while the first holds all 4 CPUs: cancel it while it pends.
+    queued_id, queued_dir = submit(env, recipe, "--nodes", "2", "--procs", "2", "output.name=queued")
+    # The second job needs both CPUs of each node while the first holds one: cancel it while it pends.
     out = launch(env, "cancel", str(queued_dir)).stderr
     assert f"cancelled Slurm job {queued_id}" in out
     wait_for("the cancelled job's state", lambda: run_status(queued_dir).state == "CANCELLED", 60, poll=1)
@@ -180,21 +183,21 @@ def test_two_nodes_train_to_the_end_like_four_local_ranks(env: dict[str, str], w
     wait_for("the first training step", lambda: train_rows(run_dir), 240, poll=0.2)
     integration_timings["launch --nodes 2 -> first training step"] = f"{time.time() - t0:.1f} s"
     status = json.loads(launch(env, "status", str(run_dir), "--json").stdout)
-    assert status["job_id"] == job_id and status["kind"] == "slurm" and status["world_size"] == 4
+    assert status["job_id"] == job_id and status["kind"] == "slurm" and status["world_size"] == 2
     assert status["state"] in ("RUNNING", "COMPLETING", "COMPLETED") and status["node_list"] == "node[1-2]"
     assert " rank0 " in launch(env, "logs", str(run_dir)).stdout
-    launch(env, "logs", str(run_dir), "--rank", "3")  # rank 3 (on node2) logs only warnings: may be empty
-    assert "ranks 0..3" in launch(env, "logs", str(run_dir), "--rank", "4", check=False).stderr
+    launch(env, "logs", str(run_dir), "--rank", "1")  # rank 1 (on node2) logs only warnings: may be empty
+    assert "ranks 0..1" in launch(env, "logs", str(run_dir), "--rank", "2", check=False).stderr
     wait_completed(run_dir)
-    integration_timings[f"launch --nodes 2 -> done ({STEPS} steps, 4 ranks)"] = f"{time.time() - t0:.1f} s"
+    integration_timings[f"launch --nodes 2 -> done ({STEPS} steps, 2 ranks)"] = f"{time.time() - t0:.1f} s"
     follow = launch(env, "logs", str(run_dir), "--follow", timeout=30).stdout  # returns: the run has ended
     assert "outputs:" in follow
     local_dir = reference.run_dir()
     diff = max(abs(a - b) for a, b in zip(losses(run_dir), losses(local_dir)))
-    integration_timings["loss |slurm 2x2 - local 4| max"] = f"{diff:.2e}"
+    integration_timings["loss |slurm 2x1 - local 2| max"] = f"{diff:.2e}"
     assert diff <= LOSS_TOLERANCE
     table = launch(env, "runs", "--root", str(work / "runs")).stdout
-    for name in ("tiny", "queued", "local4"):
+    for name in ("tiny", "queued", "local2"):
         assert name in table
     assert job_id in table and "COMPLETED" in table and "CANCELLED" in table
 
@@ -299,26 +302,26 @@ def test_plain_sbatch_of_the_written_script_and_requeue_without_warning(
 def test_cancelled_run_resumes_on_one_node(env: dict[str, str], work: Path, reference: LocalReference,
                                            integration_timings: dict[str, str]) -> None:
     """A 2-node run cancelled mid-run (no warning: the checkpoint being written may be half done) is resubmitted
-    with `launch --resume RUN --cluster local --nodes 1`: re-planned for 1 node x 2 ranks (grad_accum 1 -> 2 keeps
-    the global batch), it continues from its last complete checkpoint and ends on the 4-rank curve."""
+    with `launch --resume RUN --cluster local --nodes 1`: re-planned for 1 node x 1 rank (grad_accum 1 -> 2 keeps
+    the global batch), it continues from its last complete checkpoint and ends on the 2-rank curve."""
     job_id, run_dir = submit(env, str(work / "tiny.yaml"), "--nodes", "2", "output.name=moved")
     wait_for("step 5", lambda: len(train_rows(run_dir)) >= 5, 240, poll=0.05)
     launch(env, "cancel", str(run_dir))
     wait_for("the cancelled state", lambda: run_status(run_dir).state == "CANCELLED", 60, poll=0.5)
     refused = launch(env, "--resume", str(run_dir), "--cluster", "local", "--nodes", "1", "--procs", "3", check=False)
-    assert refused.returncode == 2 and "divides 4: 1, 2, 4" in " ".join(refused.stderr.split()), refused.stderr
+    assert refused.returncode == 2 and "divides 2: 1, 2" in " ".join(refused.stderr.split()), refused.stderr
     t0 = time.time()
     proc = launch(env, "--resume", str(run_dir), "--cluster", "local", "--nodes", "1")
-    assert "resume: 4 -> 2 ranks; grad_accum 1 -> 2 keeps the global batch 8" in " ".join(proc.stderr.split())
+    assert "resume: 2 -> 1 ranks; grad_accum 1 -> 2 keeps the global batch 4" in " ".join(proc.stderr.split())
     new_id = proc.stdout.strip().splitlines()[-1]
     assert new_id != job_id
     wait_completed(run_dir)
-    integration_timings["launch --resume (4 -> 2 ranks) -> done"] = f"{time.time() - t0:.1f} s"
+    integration_timings["launch --resume (2 -> 1 ranks) -> done"] = f"{time.time() - t0:.1f} s"
     status = json.loads(launch(env, "status", str(run_dir), "--json").stdout)
-    assert (status["job_id"], status["world_size"], status["nodes"]) == (new_id, 2, 1)
+    assert (status["job_id"], status["world_size"], status["nodes"]) == (new_id, 1, 1)
     assert "resumed from step-" in (run_dir / "logs" / "rank0.log").read_text()
     assert (run_dir / "plan-history" / "001.json").is_file() and "#SBATCH --nodes=1" in (run_dir / "job.sbatch").read_text()
-    # 2 ranks x grad_accum 2 see the examples of 4 ranks x 1 in each step; only the summation order differs.
+    # 1 rank x grad_accum 2 sees the examples of 2 ranks x 1 in each step; only the summation order differs.
     assert losses(run_dir) == pytest.approx(losses(reference.run_dir()), abs=1e-4)
 
 

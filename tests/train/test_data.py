@@ -476,6 +476,44 @@ def test_prepare_fills_the_cache_the_job_reads(tmp_path: Path, tiny_model_dir: P
     assert "not tokenized yet" in (missing_preparation(recipe) or "")
 
 
+def test_submission_computes_the_cache_key_without_transformers(tmp_path: Path, tiny_model_dir: Path,
+                                                                tiny_tokenizer: Any) -> None:
+    """`missing_preparation` (run by `launch` at submission) hashes the tokenizer's files instead of loading it: no
+    transformers, no torch, and the same key as the loaded tokenizer gives. A changed tokenizer file changes it; a copy
+    of the directory keeps it; a directory with remote code falls back to loading."""
+    from launcher.common.model_files import tokenizer_files_fingerprint
+    from launcher.train.data import cache_key_from_files
+
+    data = write_dataset(tmp_path / "d.jsonl", "messages", 3)
+    (tmp_path / "r.yaml").write_text(json.dumps({
+        "name": "k", "model": {"path": str(tiny_model_dir)}, "data": {"train": {"path": str(data)}},
+        "method": {"name": "lora"}, "output": {"root": str(tmp_path / "runs")}}))
+    code = ("import sys; from launcher.config.recipe import load_recipe; "
+            "from launcher.train.prepare import missing_preparation; "
+            f"print(missing_preparation(load_recipe({str(tmp_path / 'r.yaml')!r}).recipe)); "
+            "heavy = [m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    env = {**os.environ, "FTLAUNCH_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    cfg = DataConfig(train=[DataSource(path=str(data))])
+    key = cache_key(cfg, tiny_tokenizer)
+    assert key == cache_key_from_files(cfg, tiny_model_dir) and key in out.stdout
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in tiny_model_dir.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    assert cache_key_from_files(cfg, copy) == key
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["chat_template"] = config.get("chat_template", "") + " "
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    assert cache_key_from_files(cfg, copy) not in (key, None)
+    (copy / "tokenization_custom.py").write_text("")
+    assert tokenizer_files_fingerprint(copy) is None and cache_key_from_files(cfg, copy) is None
+    assert tokenizer_files_fingerprint(tmp_path) is None  # no tokenizer files at all
+
+
 def test_data_fingerprint_needs_no_torch(tmp_path: Path) -> None:
     path = write_dataset(tmp_path / "d.jsonl", "text", 2)
     code = ("import sys; from launcher.train.data import data_fingerprint; from launcher.config.schema import DataConfig; "
