@@ -111,6 +111,8 @@ class SlurmSettings:
     """Submit a CPU job that tokenizes the data first when it is not cached (launcher/train/prepare.py)."""
     prepare_partition: str | None = None
     """Partition of that CPU-only job; None: the training partition."""
+    prepare_tasks: int = 1
+    """Tasks (one per node) of that CPU-only job, each tokenizing 1/N of the shards."""
 
     @property
     def tasks_per_node(self) -> int:
@@ -205,6 +207,7 @@ def resolve_settings(profile_name: str | None, recipe_cluster: "ClusterConfig", 
         max_requeues=pick("max_requeues") if pick("max_requeues") is not None else 3,
         shared_roots=[*profile.shared_roots, *recipe_cluster.shared_roots],
         tokenize_first=pick("tokenize_first") is not False, prepare_partition=pick("prepare_partition"),
+        prepare_tasks=pick("prepare_tasks") or 1,
     )
 
 
@@ -432,6 +435,11 @@ def preflight(settings: SlurmSettings, run_dir: Path, *, need_cluster: bool = Tr
     if settings.prepare_partition is not None and settings.prepare_partition not in partitions:
         raise SlurmError(f"unknown cluster.prepare_partition {settings.prepare_partition!r}; sinfo lists: "
                          f"{', '.join(sorted(partitions)) or 'none'}")
+    prepare_on = settings.prepare_partition or partition
+    if settings.prepare_tasks > partitions[prepare_on].nodes:
+        raise SlurmError(f"cluster.prepare_tasks {settings.prepare_tasks} (one per node) but partition "
+                         f"{prepare_on!r} has {partitions[prepare_on].nodes} node(s). Fix: at most "
+                         f"{partitions[prepare_on].nodes}, or another cluster.prepare_partition")
     warning = check_shared_storage(run_dir, settings)
     from dataclasses import replace
 
@@ -454,7 +462,7 @@ def _run(cmd: list[str], timeout: float = 30) -> str:
 # -------------------------------------------------------------------------------------------------- submission
 def _executor(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_name: str, *, nodes: int,
               tasks_per_node: int, gpus_per_node: int, partition: str | None, dependency: str | None,
-              max_requeues: int, exclusive: bool) -> Any:
+              max_requeues: int, exclusive: bool, srun_args: list[str] | None = None) -> Any:
     """A submitit executor with the run's account/qos/setup/container, for a job of the given shape."""
     # submitit reads the preemption signal's name when it is imported; the job's submitit reads it from the
     # exported environment (sbatch --export=ALL is the default) and from the setup line below.
@@ -483,8 +491,9 @@ def _executor(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], j
     )
     if gpus_per_node:
         params["gpus_per_node"] = gpus_per_node
-    if settings.container_image:
-        params["slurm_srun_args"] = [f"--container-image={settings.container_image}"]
+    srun = [*(srun_args or []), *([f"--container-image={settings.container_image}"] if settings.container_image else [])]
+    if srun:
+        params["slurm_srun_args"] = srun
     executor.update_parameters(**params)
     return executor
 
@@ -507,16 +516,22 @@ def submit(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_
 
 def submit_prepare(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_name: str,
                    reason: str) -> str:
-    """Submit the CPU-only job that converts the model and tokenizes the data (launcher/train/prepare.py): one task, no
-    GPU, on `prepare_partition` (else the training partition). Returns its job id; the training job is submitted
-    with `dependency=afterok:<id>`."""
-    executor = _executor(run_dir, settings, secrets, f"{job_name}-prepare", nodes=1, tasks_per_node=1,
+    """Submit the CPU-only job that converts the model and tokenizes the data (launcher/train/prepare.py):
+    `prepare_tasks` tasks, one per node, no GPU, each with the CPUs a node's training tasks would have, on
+    `prepare_partition` (else the training partition). Returns its job id; the training job is submitted with
+    `dependency=afterok:<id>`. One failed task ends them all (`srun --kill-on-bad-exit`): the first task would
+    otherwise wait for a part that never comes."""
+    from dataclasses import replace
+
+    tasks = settings.prepare_tasks
+    shape = replace(settings, cpus_per_task=settings.cpus_per_task * settings.tasks_per_node)
+    executor = _executor(run_dir, shape, secrets, f"{job_name}-prepare", nodes=tasks, tasks_per_node=1,
                          gpus_per_node=0, partition=settings.prepare_partition or settings.partition,
-                         dependency=None, max_requeues=0, exclusive=False)
+                         dependency=None, max_requeues=0, exclusive=False, srun_args=["--kill-on-bad-exit=1"])
     from cluster.slurm_task import PrepareTask
 
     job = executor.submit(PrepareTask(str(run_dir), settings.env))
     record_event(run_dir, "submitted", job_id=str(job.job_id), via="submitit", kind="prepare",
-                 submitit_folder=str(executor.folder), reason=reason,
+                 submitit_folder=str(executor.folder), reason=reason, nodes=tasks,
                  partition=settings.prepare_partition or settings.partition)
     return str(job.job_id)

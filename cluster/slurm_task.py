@@ -95,10 +95,19 @@ class PrepareTask:
         self.env = dict(env)
 
     def __call__(self) -> dict[str, Any]:
-        record_event(Path(self.run_dir), "started", job_id=os.environ.get("SLURM_JOB_ID", ""), via="submitit",
-                     kind="prepare", nodes=os.environ.get("SLURM_JOB_NODELIST", ""))
-        code = subprocess.call([sys.executable, "-m", "launcher.train.prepare", self.run_dir],
-                               env={**os.environ, **self.env})
+        import submitit
+
+        job = submitit.JobEnvironment()
+        task, tasks = job.global_rank, job.num_tasks
+        if task == 0:
+            record_event(Path(self.run_dir), "started", job_id=str(job.job_id), via="submitit", kind="prepare",
+                         nodes=os.environ.get("SLURM_JOB_NODELIST", ""), tasks=tasks)
+        command = [sys.executable, "-m", "launcher.train.prepare", self.run_dir]
+        if tasks > 1:
+            # the tasks share a work directory named by the attempt: a requeued job starts a fresh one
+            attempt = f"{job.job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+            command += ["--task", str(task), "--tasks", str(tasks), "--attempt", attempt]
+        code = subprocess.call(command, env={**os.environ, **self.env})
         if code != 0:
-            raise RuntimeError(f"preparing the data exited {code}: see {self.run_dir}/logs/prepare.log")
-        return {"prepared": self.run_dir}
+            raise RuntimeError(f"preparing the data exited {code}: see {self.run_dir}/logs/prepare*.log")
+        return {"prepared": self.run_dir, "task": task}

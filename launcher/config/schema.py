@@ -564,6 +564,11 @@ class ClusterConfig(Section):
     prepare_partition: str | None = Field(default=None, pattern=SLURM_NAME_PATTERN)
     """Partition of that CPU-only job (a CPU partition is cheaper); null: the training partition."""
 
+    prepare_tasks: int | None = Field(default=None, ge=1, le=1024)
+    """Tasks of that CPU-only job, one per node: task i of N tokenizes the shards i, i+N, i+2N, ... (4,096 rows each)
+    with the CPUs of its node's training tasks (`cpus_per_task` x ranks per node), and the first task publishes the
+    entry when all are done. For datasets one node tokenizes too slowly. Default (null): 1."""
+
     @model_validator(mode="after")
     def _check_values(self) -> "ClusterConfig":
         import re

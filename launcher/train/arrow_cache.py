@@ -90,6 +90,17 @@ def new_entry_dir(cache_dir: Path, key: str) -> Path:
     return Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".tmp-{key}-"))
 
 
+def task_work_dir(cache_dir: Path, key: str, attempt: str) -> Path:
+    """The directory the tasks of one multi-task prepare job write their shards into: the same name for all of them
+    (key and job attempt), under the temporary prefix, so stale ones are cleared like any killed build's."""
+    if not attempt or not all(c.isalnum() or c in "._-" for c in attempt):
+        raise ValueError(f"attempt {attempt!r}: expected the job id (letters, digits, `._-`)")
+    new_entry_dir(cache_dir, key).rmdir()  # clears stale temporaries on the way
+    work = cache_dir / f".tmp-{key}-job{attempt}"
+    work.mkdir(exist_ok=True)
+    return work
+
+
 def publish(tmp: Path, entry: Path, meta: dict[str, Any]) -> None:
     """Write meta.json last, fsync, and rename the directory into place. When another process published the same
     entry first, ours is discarded (both hold the same bytes)."""

@@ -40,7 +40,6 @@ only, so the submitting side computes the key without torch/transformers (`cache
 from __future__ import annotations
 
 import csv
-import io
 import hashlib
 import json
 import logging
@@ -238,20 +237,115 @@ def require_object(path: Path | str, number: int, row: Any) -> dict[str, Any]:
     return row
 
 
-def _load_json(path: Path, limit: int | None) -> list[tuple[int, Any]]:
+_JSON_BAD = "Fix: the file must hold one JSON array of objects, or one object per line"
+_JSON_CHUNK_CHARS = 1 << 20
+
+
+def _load_json(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """A .json file: an array of objects is streamed element by element (below); JSON Lines saved as .json (as
+    `datasets`' to_json writes it) streams as JSON Lines; anything else (one object, a scalar) is parsed whole."""
+    with open(path, "rb") as handle:
+        start = handle.read(64 * 1024).lstrip()
+    if start.startswith(b"["):
+        for number, row in enumerate(_json_array(path), start=1):
+            if limit is not None and number > limit:
+                return
+            yield number, row
+        return
+    if start.startswith(b"{") and _first_line_is_an_object(path):
+        yield from _load_jsonl(path, limit)
+        return
     text = _text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        if text.lstrip().startswith("{") and err.msg == "Extra data":
-            return list(_load_jsonl(path, limit))  # JSON Lines saved as .json (as datasets' to_json writes it)
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}). Fix: the "
-                        f"file must hold one JSON array of objects, or one object per line") from None
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno} ({err.msg}). "
+                        f"{_JSON_BAD}") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of objects. Fix: write [{{...}}, {{...}}] or JSON Lines")
-    return list(enumerate(data[:limit] if limit else data, start=1))
+    yield from enumerate(data[:limit] if limit else data, start=1)
+
+
+def _first_line_is_an_object(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    return isinstance(json.loads(raw), dict)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return False
+    return False
+
+
+def _json_array(path: Path) -> Iterator[Any]:
+    """The elements of a top-level JSON array, decoded one at a time from a sliding window of the file's text
+    (`json.JSONDecoder.raw_decode`), so a large .json dataset is never held whole. Errors name the line and column,
+    as `json.loads` would. Written here because the standard library has no streaming parser and ijson is not a
+    dependency."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        buf, pos, eof = "", 0, False
+        line_of_buf, column_of_buf = 1, 0  # where buf[0] is in the file (for error messages)
+
+        def fill() -> bool:
+            nonlocal buf, pos, line_of_buf, column_of_buf, eof
+            try:
+                chunk = handle.read(_JSON_CHUNK_CHARS)
+            except UnicodeDecodeError:
+                _text(path)  # raises the DataError naming the line and byte
+                raise
+            if not chunk:
+                eof = True
+                return False
+            newline = buf.rfind("\n", 0, pos)
+            line_of_buf += buf.count("\n", 0, pos)
+            column_of_buf = pos - newline - 1 if newline >= 0 else column_of_buf + pos
+            buf, pos = buf[pos:] + chunk, 0
+            return True
+
+        def skip_space() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return buf[pos:pos + 1]
+
+        def fail(at: int, message: str) -> DataError:
+            newline = buf.rfind("\n", 0, at)
+            column = at - newline if newline >= 0 else column_of_buf + at + 1
+            return DataError(f"{path}: invalid JSON at line {line_of_buf + buf.count(chr(10), 0, at)}, column "
+                             f"{column} ({message}). {_JSON_BAD}")
+
+        skip_space()
+        pos += 1  # the "[" the caller saw
+        if skip_space() == "]":
+            pos += 1
+        else:
+            while True:
+                skip_space()
+                while True:
+                    try:
+                        value, end = decoder.raw_decode(buf, pos)
+                    except json.JSONDecodeError as err:
+                        if eof or not fill():
+                            raise fail(err.pos, err.msg) from None
+                        continue
+                    if end == len(buf) and not eof and fill():
+                        continue  # a number or literal may go on in the next chunk
+                    break
+                pos = end
+                yield value
+                after = skip_space()
+                pos += 1
+                if after == "]":
+                    break
+                if after != ",":
+                    raise fail(pos - 1, "Expecting ',' delimiter" if after else "Expecting value")
+        if skip_space():
+            raise fail(pos, "Extra data")
 
 
 def _load_parquet(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
@@ -272,17 +366,21 @@ def _load_parquet(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
 def _load_csv(path: Path, limit: int | None) -> Iterator[tuple[int, Any]]:
     # stdlib csv rather than datasets: values stay strings (no type guessing turning "0042" into 42) and row numbers
     # are exact; the header line is not counted.
+    # Streamed: the file is decoded as it is read, so preparing a large CSV does not hold its text.
     number = 0
     try:
-        reader = csv.DictReader(io.StringIO(_text(path), newline=""), strict=True)
-        for row in reader:
-            if limit is not None and number >= limit:
-                return
-            number += 1
-            yield number, dict(row)
+        with open(path, encoding="utf-8", errors="strict", newline="") as handle:
+            for row in csv.DictReader(handle, strict=True):
+                if limit is not None and number >= limit:
+                    return
+                number += 1
+                yield number, dict(row)
     except csv.Error as err:
         raise DataError(f"{path}: row {number + 1}: not valid CSV ({err}). Fix: quote fields that hold commas, "
                         "quotes or line breaks") from None
+    except UnicodeDecodeError:
+        _text(path)  # raises the DataError that names the line and byte (the decoder only knows its chunk)
+        raise
 
 
 def _load_saved_dataset(path: Path, split: str | None, limit: int | None) -> list[tuple[int, Any]]:
@@ -906,16 +1004,33 @@ def write_entry(cfg: DataConfig, tokenizer: Any, out: Path) -> dict[str, Any]:
 
     The same pipeline as :func:`build_bundle` (the per-row reference, which tests compare this with token for token),
     batched per shard and spread over `data.num_proc` processes; packing runs once on the tokenized table."""
+    return finish_entry(cfg, out, tokenize_shards(cfg, tokenizer, out))
+
+
+Part = tuple[int, int]
+"""(task, tasks): the shards of one task of a multi-task prepare job: those whose index % tasks == task."""
+
+
+def tokenize_shards(cfg: DataConfig, tokenizer: Any, out: Path, part: Part = (0, 1)) -> dict[str, dict[str, int]]:
+    """Write the shards of `part` (all of them by default) under `out`; return the counts per kind (train, eval).
+    Several tasks writing their parts into one directory give the bytes one task writes (shard i holds the same
+    rows whoever writes it)."""
     chat = any(s.format in ("alpaca", "messages") for s in [*cfg.train, *cfg.eval])  # the formats with messages
     tokenize = _Tokenize(tokenizer, cfg, chat)  # template checks fail here, before any worker starts
     num_proc = cfg.num_proc or default_num_proc()
     counts: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
     progress = _Progress()
-    for kind, shard_counts in _run_shard_jobs(tokenize, _shard_jobs(cfg), out, num_proc):
+    for kind, shard_counts in _run_shard_jobs(tokenize, _shard_jobs(cfg, part), out, num_proc):
         for key, value in shard_counts.items():
             counts[kind][key] = counts[kind].get(key, 0) + value
         progress.update(shard_counts)
     progress.done()
+    return counts
+
+
+def finish_entry(cfg: DataConfig, out: Path, counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """After every shard is written (`counts`: summed over the parts): check that examples are left, pack the train
+    shards when asked, and return meta.json's content."""
     stats = {key: counts["train"].get(key, 0) for key in _COUNT_KEYS}
     if stats["kept"] == 0:
         raise DataError(f"no training examples left: {stats['dropped']} longer than max_length {cfg.max_length} "
@@ -1016,18 +1131,21 @@ def _run_shard_jobs(tokenize: "_Tokenize", jobs: Iterator[tuple[str, int, list[R
             yield pending.popleft().get()
 
 
-def _shard_jobs(cfg: DataConfig) -> Iterator[tuple[str, int, list[RawRow]]]:
-    """(kind, shard index, raw rows) in row order, read as they are needed. The eval rows of `eval_fraction` are
-    the ones `split_eval` holds out (the same indices: it depends only on the row count, fraction and seed)."""
+def _shard_jobs(cfg: DataConfig, part: Part = (0, 1)) -> Iterator[tuple[str, int, list[RawRow]]]:
+    """(kind, shard index, raw rows) in row order, read as they are needed, for the shards of `part` (the rows of
+    other shards are counted, not kept). The eval rows of `eval_fraction` are the ones `split_eval` holds out (the
+    same indices: it depends only on the row count, fraction and seed)."""
+    task, tasks = part
     held: set[int] = set()
     if not cfg.eval and cfg.eval_fraction > 0:
         held = held_out(sum(count_rows(source) for source in cfg.train), cfg.eval_fraction, cfg.eval_seed)
     buffers: dict[str, list[RawRow]] = {"train": [], "eval": []}
+    filled = {"train": 0, "eval": 0}
     index = {"train": 0, "eval": 0}
 
     def full(kind: str) -> tuple[str, int, list[RawRow]]:
         job = (kind, index[kind], buffers[kind])
-        buffers[kind], index[kind] = [], index[kind] + 1
+        buffers[kind], filled[kind], index[kind] = [], 0, index[kind] + 1
         return job
 
     streams = [("train", _raw_rows("train", cfg.train))]
@@ -1036,40 +1154,58 @@ def _shard_jobs(cfg: DataConfig) -> Iterator[tuple[str, int, list[RawRow]]]:
     for kind, stream in streams:
         for i, sample in enumerate(stream):
             target = "eval" if kind == "train" and i in held else kind
-            buffers[target].append(sample)
-            if len(buffers[target]) >= SHARD_ROWS:
-                yield full(target)
+            filled[target] += 1
+            if index[target] % tasks == task:
+                buffers[target].append(sample)
+            if filled[target] >= SHARD_ROWS:
+                job = full(target)
+                if job[1] % tasks == task:
+                    yield job
     for kind in ("train", "eval"):
-        if buffers[kind]:
+        if filled[kind] and index[kind] % tasks == task:
             yield full(kind)
 
 
 class _Progress:
-    """Rows and tokens per second in the log while preparing, every few seconds (a bar would only clutter the
-    rank's log file, which is where this runs)."""
+    """Rows and tokens per second while preparing: a live rich bar on a terminal; in a log file (the Slurm prepare
+    job, a rank's log) a line every `every_s` seconds instead, since a bar there is only carriage returns. The end
+    is always logged."""
 
-    def __init__(self, every_s: float = 10.0) -> None:
+    def __init__(self, every_s: float = 10.0, live: bool | None = None) -> None:
+        import sys
         import time
 
         self._clock = time.monotonic
         self.start = self.last = self._clock()
         self.every_s = every_s
         self.rows = self.tokens = 0
+        self._bar: Any = None
+        if sys.stderr.isatty() if live is None else live:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(SpinnerColumn(), TextColumn("[bold]tokenizing"), TextColumn("{task.fields[stats]}"),
+                                 TimeElapsedColumn(), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("tokenize", total=None, stats=self._stats())
 
     def update(self, counts: dict[str, int]) -> None:
         self.rows += counts.get("rows", 0)
         self.tokens += counts.get("tokens", 0)
-        if self._clock() - self.last >= self.every_s:
+        if self._bar is not None:
+            self._bar.update(self._task, stats=self._stats())
+        elif self._clock() - self.last >= self.every_s:
             self.last = self._clock()
-            self._log("tokenizing")
+            log.info("tokenizing: %s", self._stats())
 
     def done(self) -> None:
-        self._log("tokenized")
+        if self._bar is not None:
+            self._bar.stop()
+        log.info("tokenized: %s", self._stats())
 
-    def _log(self, what: str) -> None:
+    def _stats(self) -> str:
         elapsed = max(self._clock() - self.start, 1e-9)
-        log.info("%s: %d rows, %d tokens in %.0f s (%.0f rows/s, %.0f tokens/s)", what, self.rows, self.tokens,
-                 elapsed, self.rows / elapsed, self.tokens / elapsed)
+        return (f"{self.rows:,} rows, {self.tokens:,} tokens in {elapsed:.0f} s "
+                f"({self.rows / elapsed:,.0f} rows/s, {self.tokens / elapsed:,.0f} tokens/s)")
 
 
 def _split_samples(cfg: DataConfig) -> tuple[list[Sample], list[Sample]]:

@@ -16,6 +16,7 @@ Reads only the run directory and the environment (ARCHITECTURE.md). Exit codes: 
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -48,33 +49,92 @@ def missing_preparation(recipe: Any) -> str | None:
     return None if is_cached(path) else f"the data is not tokenized yet ({path})"
 
 
-def prepare(run_dir: Path) -> int:
-    """Convert the model if needed and tokenize the data into the cache; the training ranks then only read."""
+def prepare(run_dir: Path, part: tuple[int, int] = (0, 1), attempt: str = "") -> int:
+    """Convert the model if needed and tokenize the data into the cache; the training ranks then only read.
+
+    `part` = (task, tasks) in a multi-task job (`cluster.prepare_tasks`): each task writes its shards, the first
+    publishes the entry (see :func:`_prepare_part`); `attempt` names the job attempt the tasks share."""
     from launcher.train.data import DataError, tokenize_cached
     from launcher.plan.files import load_plan
     from launcher.common.model_files import load_tokenizer
 
+    task, tasks = part
     plan = load_plan(run_dir)
-    setup_logging(run_dir, 0, name="prepare")
+    setup_logging(run_dir, task, name="prepare" if task == 0 else f"prepare-{task}")
     recipe = plan.typed_recipe()
     started = time.perf_counter()
     try:
         tokenizer = load_tokenizer(recipe.model)  # converts a GGUF model once (cached) on the way
-        data = tokenize_cached(recipe.data, tokenizer, tokenized_cache_dir())
+        if tasks == 1:
+            stats: dict[str, Any] | None = tokenize_cached(recipe.data, tokenizer, tokenized_cache_dir()).stats
+        else:
+            stats = _prepare_part(recipe.data, tokenizer, tokenized_cache_dir(), part, attempt)
     except (DataError, FileNotFoundError) as err:
         log.error("%s", err)
         return EXIT_BAD_INPUT
-    log.info("prepared in %.1f s: %s", time.perf_counter() - started,
-             "  ".join(f"{key}={value}" for key, value in data.stats.items()))
+    if stats is None:
+        log.info("task %d of %d: its shards written in %.1f s", task, tasks, time.perf_counter() - started)
+    else:
+        log.info("prepared in %.1f s: %s", time.perf_counter() - started,
+                 "  ".join(f"{key}={value}" for key, value in stats.items()))
     return EXIT_OK
 
 
+#: How often the first task of a multi-task job looks for the other tasks' parts, and logs which are missing.
+PART_POLL_S, PART_REPORT_S = 0.5, 60.0
+
+
+def _prepare_part(cfg: Any, tokenizer: Any, cache_dir: Path, part: tuple[int, int], attempt: str) -> dict[str, Any] | None:
+    """One task of N: write shards i, i+N, ... into a work directory all tasks share (named by the cache key and
+    the job attempt, so a requeued job never mixes with its first try), then `part-<i>.json` with the counts. The
+    first task waits for every part, sums the counts, packs when asked and publishes the entry as one rename, as a
+    single task does; the others return None. A task that fails ends the job's other tasks (srun
+    --kill-on-bad-exit), so the first never waits for a part that will not come; the unpublished work directory is
+    cleared as a stale temporary later (launcher/train/arrow_cache.py)."""
+    from launcher.common.rundir import write_json_atomic
+    from launcher.train import arrow_cache
+    from launcher.train.data import cache_entry, finish_entry, tokenize_shards
+
+    task, tasks = part
+    entry = cache_entry(cfg, tokenizer, cache_dir)
+    if arrow_cache.is_complete(entry):
+        log.info("already in the tokenization cache: %s", entry.name)
+        return dict(arrow_cache.read_meta(entry)["stats"]) if task == 0 else None
+    work = arrow_cache.task_work_dir(cache_dir, entry.name, attempt)
+    counts = tokenize_shards(cfg, tokenizer, work, part)
+    write_json_atomic(work / f"part-{task}.json", counts)
+    if task != 0:
+        return None
+    parts = [work / f"part-{i}.json" for i in range(tasks)]
+    waited, reported = time.monotonic(), time.monotonic()
+    while missing := [p.name for p in parts if not p.is_file()]:
+        if time.monotonic() - reported >= PART_REPORT_S:
+            reported = time.monotonic()
+            log.info("waiting %.0f s for the other tasks: %s", reported - waited, ", ".join(missing))
+        time.sleep(PART_POLL_S)
+    total: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
+    for path in parts:
+        for kind, kind_counts in json.loads(path.read_text()).items():
+            for key, value in kind_counts.items():
+                total[kind][key] = total[kind].get(key, 0) + value
+        path.unlink()
+    meta = finish_entry(cfg, work, total)
+    arrow_cache.publish(work, entry, meta)
+    return dict(meta["stats"])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m launcher.train.prepare RUN_DIR", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    return prepare(Path(args[0]).resolve())
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m launcher.train.prepare")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--task", type=int, default=0, help="this task's index in a multi-task job")
+    parser.add_argument("--tasks", type=int, default=1, help="tasks of the job (cluster.prepare_tasks)")
+    parser.add_argument("--attempt", default="", help="the job attempt the tasks share (Slurm job id)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not 0 <= args.task < args.tasks:
+        parser.error(f"--task {args.task} not in 0..{args.tasks - 1}")
+    return prepare(args.run_dir.resolve(), (args.task, args.tasks), args.attempt)
 
 
 if __name__ == "__main__":

@@ -205,11 +205,13 @@ def test_two_nodes_train_to_the_end_like_two_local_ranks(env: dict[str, str], wo
 def test_untokenized_data_is_prepared_by_a_cpu_job_first(env: dict[str, str], work: Path, slurm_cluster: SlurmCluster,
                                                          reference: LocalReference,
                                                          integration_timings: dict[str, str]) -> None:
-    """A cold tokenization cache: `launch --nodes 2` first submits a one-task CPU job that tokenizes, and the training
-    job waits for it (afterok), then reads the cache instead of tokenizing on rank 0. A warm cache: no such job."""
+    """A cold tokenization cache: `launch --nodes 2` first submits a CPU job that tokenizes (here as 2 tasks on 2
+    nodes, `cluster.prepare_tasks: 2`), and the training job waits for it (afterok), then reads the cache instead of
+    tokenizing on rank 0. A warm cache: no such job. (That N tasks write the bytes of one: tests/train/test_data.py.)"""
     cold = {**env, "FTLAUNCH_CACHE": str(work / "cold-cache")}
     t0 = time.time()
-    proc = launch(cold, str(work / "tiny.yaml"), "--nodes", "2", "output.name=tokenize-first")
+    proc = launch(cold, str(work / "tiny.yaml"), "--nodes", "2", "output.name=tokenize-first",
+                  "cluster.prepare_tasks=2")
     run_dir = work / "runs" / "tokenize-first"
     prepare, train = [e for e in events(run_dir) if e["event"] == "submitted"]
     assert (prepare["kind"], train["kind"], train["job_id"]) == ("prepare", "train", proc.stdout.split()[-1])
@@ -226,6 +228,9 @@ def test_untokenized_data_is_prepared_by_a_cpu_job_first(env: dict[str, str], wo
     rows = {r.split("|")[0]: r.split("|")[1:] for r in times.splitlines() if r.strip()}
     assert rows[train["job_id"]][0] >= rows[prepare["job_id"]][1]  # ISO times: training started after it ended
     assert "prepared in" in (run_dir / "logs" / "prepare.log").read_text()
+    assert "task 1 of 2" in (run_dir / "logs" / "prepare-1.log").read_text()
+    started = [e for e in events(run_dir) if e["event"] == "started" and e.get("kind") == "prepare"]
+    assert started[0]["tasks"] == 2 and started[0]["nodes"] == "node[1-2]"
     assert "read from the tokenization cache" in (run_dir / "logs" / "rank0.log").read_text()
     assert losses(run_dir) == pytest.approx(losses(reference.run_dir()), abs=1e-6)
 
@@ -367,6 +372,7 @@ def test_hostile_recipe_strings_run_nothing(env: dict[str, str], work: Path, slu
     (["--time", "1h"], "bad time limit '1h'"),
     (["--time", "2:00:00"], "exceeds partition 'debug'"),
     (["--cluster", "nowhere"], "unknown cluster profile 'nowhere'"),
+    (["cluster.prepare_tasks=3"], "cluster.prepare_tasks 3 (one per node) but partition 'debug' has 2 node(s)"),
 ])
 def test_clear_errors_before_submitting(env: dict[str, str], work: Path, args: list[str], message: str) -> None:
     proc = launch(env, str(work / "tiny.yaml"), "--nodes", "2", *args, check=False)

@@ -391,6 +391,43 @@ def test_any_num_proc_writes_the_same_bytes(tmp_path: Path, tiny_tokenizer: Any,
             assert (entry / name).read_bytes() == (entries[0] / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_tasks_of_a_prepare_job_write_the_bytes_of_one(tmp_path: Path, tiny_model_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, packing: bool) -> None:
+    """`cluster.prepare_tasks: 3`: each task writes shards i, i+3, ...; the first, run last here, waits for the
+    others' parts and publishes. The published entry holds the files a one-task build writes, byte for byte (the
+    counts in meta.json too), and the work directory is gone."""
+    from launcher.common.rundir import write_json_atomic
+    from launcher.config.recipe import load_recipe
+    from launcher.plan.build import Resources, make_plan
+    from launcher.train.prepare import prepare
+
+    monkeypatch.setattr(data_mod, "SHARD_ROWS", 4)
+    data = write_dataset(tmp_path / "d.jsonl", "messages", 30)
+    recipe_data = {"train": {"path": str(data)}, "eval_fraction": 0.2, "packing": packing, "num_proc": 1}
+    entries = []
+    for name, parts in (("one", [(0, 1)]), ("three", [(2, 3), (1, 3), (0, 3)])):
+        monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / f"cache-{name}"))
+        (tmp_path / f"{name}.yaml").write_text(json.dumps({
+            "name": name, "model": {"path": str(tiny_model_dir)}, "data": recipe_data, "method": {"name": "lora"},
+            "output": {"root": str(tmp_path / "runs")}}))
+        run_dir = tmp_path / "runs" / name
+        write_json_atomic(run_dir / "plan.json",
+                          make_plan(load_recipe(tmp_path / f"{name}.yaml"), Resources(), run_dir).to_json())
+        for part in parts:
+            assert prepare(run_dir, part, attempt="7-0") == 0
+        cache = tmp_path / f"cache-{name}" / "tokenized"
+        assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no work directory left
+        entries.append(next(cache.iterdir()))
+    one, three = entries
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in three.iterdir())
+    assert len([n for n in names if n.startswith(("train-", "eval-"))]) == (3 if packing else 8)
+    for name in names:
+        assert (three / name).read_bytes() == (one / name).read_bytes(), name
+    assert "task 1 of 3: its shards written" in (tmp_path / "runs" / "three" / "logs" / "prepare-1.log").read_text()
+
+
 _BUILD = """
 import sys, time
 from pathlib import Path
@@ -560,3 +597,42 @@ def test_random_conversations_label_only_assistant_text(tiny_tokenizer: Any, tmp
     squash = lambda s: "".join(s.split())  # noqa: E731
     assert squash(answer).startswith(squash(labelled)) and squash(labelled)
     assert all(t == i for t, i in zip(example.labels, example.input_ids) if t != IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_preparation_reports_rows_and_tokens_per_second(live: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A live bar on a terminal, log lines in a log file; the totals and rates are logged at the end either way."""
+    caplog.set_level("INFO", logger="ftlaunch")
+    progress = data_mod._Progress(every_s=0.0, live=live)
+    for _ in range(3):
+        progress.update({"rows": 1_000, "tokens": 300_000})
+    progress.done()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[-1].startswith("tokenized: 3,000 rows, 900,000 tokens in ") and "tokens/s)" in lines[-1]
+    assert sum(line.startswith("tokenizing: ") for line in lines) == (0 if live else 3)
+
+
+_ARRAYS = ['[]', ' [ ] ', '[{"a": 1}]', '[\n {"a": [1, 2.5e3, null, true]},\n\n' + r' {"b": "x\\\"\n,]{"}, {"c": {"d": []}}' + '\n]\n',
+           '[12345678901234567890, {"x": -0.000123}, "s"]', '[{"k": "caf\u00e9 \u2603"}]']
+_BAD_ARRAYS = ['[{"a": 1} {"b": 2}]', '[{"a": 1},]', '[{"a": 1}', '[{"a": 1}] x', '[{"a": tru}]', '[\n\n  {"a": 1},\n  oops]']
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
+def test_a_json_array_streams_like_json_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """The .json reader decodes an array element by element from a window of `chunk` characters: the same values as
+    json.loads for any split of the text (numbers and strings cut across chunks), and the same line and column in
+    errors."""
+    monkeypatch.setattr(data_mod, "_JSON_CHUNK_CHARS", chunk)
+    path = tmp_path / "d.json"
+    for text in _ARRAYS:
+        path.write_text(text, encoding="utf-8")
+        assert list(data_mod._json_array(path)) == json.loads(text), text
+    for text in _BAD_ARRAYS:
+        path.write_text(text)
+        with pytest.raises(json.JSONDecodeError) as expected:
+            json.loads(text)
+        with pytest.raises(DataError, match=rf"invalid JSON at line {expected.value.lineno}, column "
+                                            rf"{expected.value.colno} "):
+            list(data_mod._json_array(path))
+    path.write_text('[{"text": "a"}, {"text": "b"}, {"text": "c"}]')
+    assert load_rows(DataSource(path=str(path), format="text", max_rows=2)) == [{"text": "a"}, {"text": "b"}]
