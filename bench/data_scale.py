@@ -13,6 +13,10 @@ processes, each measured from the parent (wall time, and peak RSS through wait4;
 * rank: a process with torch and the data module imported opens the cache and collates its first micro batch of 8;
   time from open to batch, and RSS above the same process before opening.
 
+Each side runs `--repeats` times per size (default 2, alternating which side goes first); the ratio compares the
+median runs (of two: each side's faster run): single runs on a shared 2-core machine are noisy (the baseline's
+tokens/s ranged from 524k to 714k over the three sizes of the previous run, commit 3539e53).
+
 Output: a table on stdout and bench/results/data_scale-<tag>-<UTC date>.json with machine, versions and commit.
 """
 
@@ -57,9 +61,10 @@ def _tokenizer() -> Any:
     return load_tokenizer(ModelConfig(gguf=GGUF))
 
 
-def _rss_kib() -> int:
+def _rss_kib(field: str = "VmRSS") -> int:
+    """VmRSS (all resident pages, file-backed included) or RssAnon (private memory) of this process, in KiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
 
@@ -110,14 +115,17 @@ def child_rank(spec: dict[str, Any]) -> dict[str, Any]:
     from launcher.train import arrow_cache, data  # noqa: F401
 
     entry = next(p for p in Path(spec["cache"]).iterdir() if not p.name.startswith((".", "hf")))
-    before = _rss_kib()
+    before, anon_before = _rss_kib(), _rss_kib("RssAnon")
     started = time.perf_counter()
     bundle = data.open_entry(entry)
     batch = data.collate([bundle.train[i] for i in range(8)], pad_id=0)
     seconds = time.perf_counter() - started
     assert batch["input_ids"].shape[0] == 8
+    # RSS counts the pages of the mapped Arrow files a rank has touched too: file-backed, shared by every rank of the
+    # node through the page cache and dropped under memory pressure. RssAnon is what the rank holds privately.
     return {"seconds_to_first_batch": seconds, "rss_above_idle_mib": (_rss_kib() - before) / 1024,
-            "examples": len(bundle.train)}
+            "anon_above_idle_mib": (_rss_kib("RssAnon") - anon_before) / 1024, "examples": len(bundle.train),
+            "shards": sum(1 for _ in entry.glob("train-*.arrow"))}
 
 
 CHILDREN = {"ours": child_ours, "baseline": child_baseline, "rank": child_rank}
@@ -144,6 +152,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 500_000])
     parser.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each side per size, alternating which goes first (the median is compared)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ftlaunch-data-scale"))
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,18 +172,25 @@ def main() -> None:
         work.mkdir(parents=True)
         data = synthetic_chat(work / "chat.jsonl", rows)
         spec = {"data": str(data), "num_proc": args.num_proc}
-        baseline = run_child("baseline", {**spec, "cache": str(work / "baseline-cache")}, work)
-        ours = run_child("ours", {**spec, "cache": str(work / "cache")}, work)
+        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "baseline": []}
+        for repeat in range(args.repeats):  # A B, then B A: neither side always runs on a cooler machine
+            for side in (("baseline", "ours") if repeat % 2 == 0 else ("ours", "baseline")):
+                cache = work / ("cache" if side == "ours" else "baseline-cache")
+                subprocess.run(["rm", "-rf", str(cache)], check=True)
+                runs[side].append(run_child(side, {**spec, "cache": str(cache)}, work))
+        ours, baseline = (sorted(runs[s], key=lambda r: r["tokens"] / r["seconds"])[len(runs[s]) // 2]
+                          for s in ("ours", "baseline"))  # the median run; of two, the faster (for both sides)
         rank = run_child("rank", {**spec, "cache": str(work / "cache")}, work)
         row = {"rows": rows, "num_proc": args.num_proc, "tokens": ours["tokens"], "ours": ours, "baseline": baseline,
-               "rank": rank, "throughput_ratio": (ours["tokens"] / ours["seconds"]) /
+               "rank": rank, "runs": runs, "throughput_ratio": (ours["tokens"] / ours["seconds"]) /
                (baseline["tokens"] / baseline["seconds"])}
         rows_out.append(row)
         print(f"{rows:>8} rows {ours['tokens'] / 1e6:7.1f}M tokens | ours {ours['tokens'] / ours['seconds']:>9,.0f} tok/s "
               f"(peak {ours['peak_rss_mib']:,.0f} MiB, workers {ours['worker_peak_rss_mib']:,.0f}) | baseline "
               f"{baseline['tokens'] / baseline['seconds']:>9,.0f} tok/s (peak {baseline['peak_rss_mib']:,.0f} MiB) | "
               f"ratio {row['throughput_ratio']:.2f}x | rank: first batch {rank['seconds_to_first_batch']:.3f} s, "
-              f"+{rank['rss_above_idle_mib']:.1f} MiB", flush=True)
+              f"+{rank['rss_above_idle_mib']:.1f} MiB RSS, +{rank['anon_above_idle_mib']:.1f} MiB private "
+              f"({rank['shards']} shards)", flush=True)
     out = ROOT / "bench" / "results" / f"data_scale-{args.tag}-{datetime.now(timezone.utc):%Y%m%d}.json"
     out.write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "machine": machine_info(), "versions": versions(), "code": git_info(),
