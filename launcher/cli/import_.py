@@ -12,15 +12,15 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from rich.markup import escape
 from rich.table import Table
 
 from launcher.cli.args import UsageError
 from launcher.cli.console import console
-from launcher.config.axolotl import Paths, Translation, recipe_text, translate
-from launcher.config.recipe import Problem, RecipeError, load_recipe, read_yaml
+from launcher.config.axolotl import Paths, Translation, locate, recipe_text, translate
+from launcher.config.recipe import KeyPath, Location, Problem, RecipeError, load_recipe, read_yaml
 
 SUFFIX = ".ftlaunch.yaml"
 
@@ -49,7 +49,10 @@ def cmd_import(argv: Sequence[str]) -> int:
         raise UsageError(f"--out {args.out}: that is the axolotl config itself; choose another file")
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists: pass --force to overwrite it, or --out another file")
-    data, locations = read_yaml(config)
+    try:
+        data, locations = read_yaml(config)
+    except RecipeError as err:  # the loader calls its input a recipe: name the config instead
+        raise RecipeError(err.problems, source=str(config)) from None
     # axolotl resolves relative paths against its working directory; the config's directory is tried second.
     paths = Paths(search=(Path.cwd(), config.parent), recipe_dir=out.parent)
     translation = translate(data, paths, locations, source=str(config))
@@ -57,7 +60,8 @@ def cmd_import(argv: Sequence[str]) -> int:
     translation.recipe.setdefault("description", f"Imported from the axolotl config {config.name}.")
     translation.recipe = {"name": translation.recipe.pop("name"), "description": translation.recipe.pop("description"),
                           **translation.recipe}
-    write_checked(recipe_text(translation, config), out, args.force, translation, config)
+    write_checked(recipe_text(translation, config), out, args.force,
+                  lambda problems: _from_config(problems, translation, locations), str(config))
     print(out)
     report(translation)
     console.print(f"[bold green]written[/] {escape(str(out))}: check it with `launch plan {escape(str(out))}`")
@@ -71,9 +75,11 @@ def recipe_name(config: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- writing
-def write_checked(text: str, out: Path, force: bool, translation: Translation, config: Path) -> None:
+def write_checked(text: str, out: Path, force: bool, explain: Callable[[list[Problem]], list[Problem]],
+                  source: str) -> None:
     """Validate `text` as a recipe (from a file beside `out`, so relative paths resolve as they will), then put it
-    at `out`: atomically, and never over an existing file unless `force`."""
+    at `out`: atomically, and never over an existing file unless `force`. `explain` points the schema's problems
+    at what the user wrote."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     temp = Path(name)
@@ -83,8 +89,8 @@ def write_checked(text: str, out: Path, force: bool, translation: Translation, c
         try:
             load_recipe(temp)
         except RecipeError as err:
-            raise RecipeError(_from_config(err.problems, translation),
-                              source=f"{config}: the translated recipe does not validate") from None
+            raise RecipeError(explain(err.problems), source=f"{source}: the translated recipe does not validate") \
+                from None
         if force:
             os.replace(temp, out)
         else:
@@ -95,13 +101,18 @@ def write_checked(text: str, out: Path, force: bool, translation: Translation, c
         temp.unlink(missing_ok=True)
 
 
-def _from_config(problems: Iterable[Problem], translation: Translation) -> list[Problem]:
-    """The schema's problems, each pointed at the axolotl key that set the value (the temporary file is gone)."""
+def _from_config(problems: Iterable[Problem], translation: Translation,
+                 locations: Mapping[KeyPath, Location]) -> list[Problem]:
+    """The schema's problems, each pointed at the axolotl key that set the value and its line (the temporary
+    recipe they were found in is gone)."""
     found = []
     for problem in problems:
         row = translation.source_of(problem.path)
-        hint = f"set by axolotl's `{row.source}`; fix it there" if row else problem.hint
-        found.append(replace(problem, location=None, hint=hint))
+        if row is None:
+            found.append(replace(problem, location=None))
+            continue
+        hint = f"set by axolotl's `{row.source}`; fix it there"
+        found.append(replace(problem, location=locate(locations, row.source), hint=hint))
     return found
 
 

@@ -141,6 +141,15 @@ class Paths:
         return str(path) if relative.count("..") > 2 else relative
 
 
+def locate(locations: Mapping[KeyPath, Location], key: str) -> Location | None:
+    """Where the axolotl key `a.0.b` (or its nearest written parent) is in the config; None when not written."""
+    path: tuple[str | int, ...] = tuple(int(p) if p.isdigit() else p for p in key.split(" ")[0].split("."))
+    for end in range(len(path), 0, -1):
+        if path[:end] in locations:
+            return locations[path[:end]]
+    return None
+
+
 def is_hub_like(text: str) -> bool:
     """`org/name` without a data file suffix: a Hugging Face Hub repository, not a local path."""
     return bool(HUB_ID.match(text)) and not text.lower().endswith(DATA_SUFFIXES)
@@ -186,11 +195,7 @@ class _Builder:
         self.out.notes.append(text)
 
     def where(self, key: str) -> Location | None:
-        path: tuple[str | int, ...] = tuple(int(p) if p.isdigit() else p for p in key.split("."))
-        for end in range(len(path), 0, -1):
-            if path[:end] in self.locations:
-                return self.locations[path[:end]]
-        return None
+        return locate(self.locations, key)
 
     def fail(self, key: str, message: str, hint: str | None = None) -> NoReturn:
         raise RecipeError([Problem(key, message, self.where(key), hint)], source=self.source)
@@ -241,7 +246,7 @@ def translate(config: Any, paths: Paths, locations: Mapping[KeyPath, Location] |
 def _refuse_other_trainers(b: _Builder) -> None:
     for key in ("rl", "reward_model", "process_reward_model"):
         if b.get(key):
-            b.fail(key, f"{key}: {b.get(key)!r} selects a trainer ftlaunch does not have: it trains supervised "
+            b.fail(key, f"{b.get(key)!r} selects a trainer ftlaunch does not have: it trains supervised "
                    "fine-tuning only", "import the config of the supervised (SFT) stage instead")
 
 
@@ -733,7 +738,8 @@ def _adapter_name(b: _Builder, adapter: str, bits: int | None) -> None:
     if dora and bits is not None:
         b.conflict("load_in_4bit" if bits == 4 else "load_in_8bit", "peft_use_dora",
                    "ftlaunch's dora trains on an unquantized base: drop peft_use_dora or the quantization")
-    if dora:
+    if dora:  # both keys decide it: adapter: lora plus peft_use_dora
+        b.put("adapter", "method.name", "dora")
         b.put("peft_use_dora", "method.name", "dora")
     else:
         b.put("adapter", "method.name", "qlora" if bits is not None else "lora")
@@ -980,7 +986,7 @@ def _deepspeed_json(b: _Builder) -> dict[str, Any]:
         b.fail("deepspeed", "expected the path of a DeepSpeed JSON file (or its content as a mapping)")
     path = b.paths.locate(value)
     if path is None or not path.is_file():
-        looked = ", ".join(str(d) for d in b.paths.search)
+        looked = ", ".join(dict.fromkeys(str(d) for d in b.paths.search))
         b.fail("deepspeed", f"{value}: file not found (looked in {looked})",
                "give the path of the JSON (`axolotl fetch deepspeed_configs` writes axolotl's)")
     try:

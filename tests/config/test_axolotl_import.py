@@ -212,16 +212,40 @@ def test_qlora_config_imports_to_a_recipe_launch_plan_accepts(workdir: Path, cap
     assert plan["run_dir"] == str(workdir / "outputs" / "qlora-out")
 
 
-def test_every_key_of_the_config_is_translated_or_listed_with_a_reason(workdir: Path) -> None:
-    config = yaml.safe_load(QLORA)
-    result = translated(workdir, QLORA)
+DORA_FSDP = FULL_BASE + """\
+adapter: lora
+peft_use_dora: true
+lora_r: 16
+lora_alpha: 32
+lora_target_modules: [q_proj, k_proj, v_proj, o_proj]
+lora_modules_to_save: [lm_head]
+fsdp: [full_shard, auto_wrap]
+fsdp_config: {fsdp_version: 2, offload_params: false, state_dict_type: SHARDED_STATE_DICT}
+test_datasets: [{path: data/sharegpt.jsonl, type: chat_template, field_messages: conversations}]
+eval_steps: 100
+early_stopping_patience: 3
+save_total_limit: 2
+lr_scheduler: linear
+adam_beta2: 0.95
+max_grad_norm: 0
+"""
+DEEPSPEED_INLINE = FULL_BASE + "deepspeed: {zero_optimization: {stage: 2, overlap_comm: false}, bf16: {enabled: auto}}\n"
+
+
+@pytest.mark.parametrize("text", [QLORA, CHAT_LORA, DORA_FSDP, DEEPSPEED_INLINE],
+                         ids=["qlora", "chat-lora", "dora-fsdp", "deepspeed-inline"])
+def test_every_key_of_the_config_is_translated_or_listed_with_a_reason(text: str, workdir: Path) -> None:
+    config = yaml.safe_load(text)
+    result = translated(workdir, text)
     sources = {row.source.split(".")[0].split(" ")[0] for row in result.translated}
     listed = {key.split(".")[0] for key, _ in result.untranslated}
     assert set(config) <= sources | listed
     assert all(reason for _, reason in result.untranslated)
+    assert not [key for key, why in result.untranslated if "not an axolotl key" in why]  # these are all real keys
     # Empty keys (most of axolotl's examples) are said to be empty, never guessed at.
     empty = {key for key, value in config.items() if value is None}
     assert {key for key, reason in result.untranslated if "empty" in reason} == empty
+    Recipe.model_validate({**result.recipe, "name": "t"})  # and the schema takes the result as it is
 
 
 def test_recipe_keys_follow_the_schema_order(workdir: Path) -> None:
