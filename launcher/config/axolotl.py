@@ -126,14 +126,20 @@ class Paths:
 
     def locate(self, text: str) -> Path | None:
         """The existing file or directory `text` names, or None."""
-        path = Path(text).expanduser()
-        candidates = [path] if path.is_absolute() else [base / path for base in self.search]
-        return next((c.resolve() for c in candidates if c.exists()), None)
+        try:
+            path = Path(text).expanduser()
+            candidates = [path] if path.is_absolute() else [base / path for base in self.search]
+            return next((c.resolve() for c in candidates if c.exists()), None)
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, `~nobody`: the schema says why
+            return None
 
     def missing(self, text: str) -> Path:
         """Where a local path that does not exist yet would be (the first search directory)."""
-        path = Path(text).expanduser()
-        return path if path.is_absolute() else (self.search[0] / path).resolve()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # `~user` of no user
+            path = Path(text)
+        return path if path.is_absolute() else Path(os.path.abspath(self.search[0] / path))
 
     def for_recipe(self, path: Path) -> str:
         """`path` as the recipe writes it: relative to the recipe when that stays readable, else absolute."""
@@ -204,6 +210,13 @@ class _Builder:
         self.fail(second, f"conflicts with {first} ({self.where(first) or 'set above'}): ftlaunch needs one of "
                   "them", hint)
 
+    def names(self, key: str, value: Any) -> list[str]:
+        """A name or a list of names (module names, roles, patterns)."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            self.fail(key, f"expected a name or a list of names, got {type(value).__name__}")
+        return items
+
     def number(self, key: str, value: Any, kind: type = float) -> Any:
         """A number from the config; PyYAML reads `2e-4` as a string (YAML 1.1), axolotl converts it."""
         if isinstance(value, str):
@@ -214,7 +227,7 @@ class _Builder:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(key, f"expected a number, got {type(value).__name__}", "write it as a number")
         if kind is int:
-            if value != int(value):
+            if value != value or value in (float("inf"), float("-inf")) or value != int(value):
                 self.fail(key, f"expected a whole number, got {value}", "write an integer")
             return int(value)
         return value
@@ -259,7 +272,9 @@ def _model(b: _Builder) -> str | None:
     """model.*; returns the training dtype when a key decides it (QLoRA's compute dtype follows it)."""
     _base_model(b)
     tokenizer = b.get("tokenizer_config")
-    if isinstance(tokenizer, str):
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        b.fail("tokenizer_config", "expected a tokenizer directory")
+    if tokenizer is not None:
         local = b.paths.locate(tokenizer)
         if local is not None:
             b.put("tokenizer_config", "model.tokenizer", b.paths.for_recipe(local))
@@ -529,8 +544,8 @@ def _roles(b: _Builder, prefix: str, ds: dict[str, Any], role_key: str) -> None:
     if not isinstance(roles, dict):
         b.fail(f"{prefix}.roles", "expected a mapping {target role: [names in the data]}")
     unknown = [f"{name!r} -> {target}" for target, names in roles.items()
-               for name in ([names] if isinstance(names, str) else names or [])
-               if _ftlaunch_role(role_key, str(name)) != target]
+               for name in b.names(f"{prefix}.roles.{target}", names or [])
+               if _ftlaunch_role(role_key, name) != target]
     if not unknown:
         b.skip(f"{prefix}.roles", "ftlaunch default already: it maps these role names the same way")
         return
@@ -543,8 +558,8 @@ def _roles_to_train(b: _Builder, prefix: str, ds: dict[str, Any], role_key: str)
     roles = ds.get("roles_to_train")
     if roles is None:
         return
-    names = [roles] if isinstance(roles, str) else list(roles)
-    if {_ftlaunch_role(role_key, str(n)) or str(n) for n in names} == {"assistant"}:
+    names = b.names(f"{prefix}.roles_to_train", roles)
+    if {_ftlaunch_role(role_key, n) or n for n in names} == {"assistant"}:
         b.skip(f"{prefix}.roles_to_train", "ftlaunch default already: data.loss_on: assistant")
     else:
         b.skip(f"{prefix}.roles_to_train", f"{names}: no ftlaunch equivalent: the loss covers assistant tokens or "
@@ -725,7 +740,7 @@ def _full_method(b: _Builder, q4: bool, q8: bool) -> None:
     patterns = b.get("unfrozen_parameters")
     if patterns:
         b.put("unfrozen_parameters", "method.name", "freeze")
-        b.put("unfrozen_parameters", "method.trainable_patterns", [str(p) for p in patterns])
+        b.put("unfrozen_parameters", "method.trainable_patterns", b.names("unfrozen_parameters", patterns))
     else:
         b.put("adapter (not set)", "method.name", "full")  # ftlaunch's default method is lora: say full
     for key in LORA_ONLY:
@@ -763,7 +778,8 @@ def _lora_fields(b: _Builder) -> None:
           0.0 if dropout is None else b.number("lora_dropout", dropout))
     _lora_targets(b)
     if b.get("lora_modules_to_save"):
-        b.put("lora_modules_to_save", "method.modules_to_save", [str(m) for m in b.get("lora_modules_to_save")])
+        b.put("lora_modules_to_save", "method.modules_to_save", b.names("lora_modules_to_save",
+                                                                        b.get("lora_modules_to_save")))
     reasons = {"lora_model_dir": "no ftlaunch equivalent: training starts from new adapters",
                "lora_fan_in_fan_out": "no ftlaunch equivalent (PEFT detects Conv1D layers itself)",
                "peft_use_rslora": "no ftlaunch equivalent: updates are scaled by alpha / r"}
@@ -793,8 +809,7 @@ def _lora_targets(b: _Builder) -> None:
         if not re.fullmatch(r"\w+", modules):
             b.fail("lora_target_modules", f"{modules!r} is a regular expression; ftlaunch takes module names",
                    "list the module names (q_proj, v_proj, ...) or set lora_target_linear: true")
-        modules = [modules]
-    b.put("lora_target_modules", "method.target_modules", [str(m) for m in modules])
+    b.put("lora_target_modules", "method.target_modules", b.names("lora_target_modules", modules))
 
 
 def _quant_fields(b: _Builder, bits: int, dtype: str | None) -> None:
@@ -912,16 +927,19 @@ def _schedule(b: _Builder) -> None:
     has_eval = bool(b.out.recipe.get("data", {}).get("eval") or b.out.recipe.get("data", {}).get("eval_fraction"))
     _every("eval_steps", "eval.every_steps", b, has_eval)
     _every("save_steps", "checkpoint.every_steps", b, True)
-    for key, what in (("evals_per_epoch", "evaluation"), ("saves_per_epoch", "checkpoints")):
+    for key, what, target in (("evals_per_epoch", "evaluation", "eval.every_steps"),
+                              ("saves_per_epoch", "checkpoints", "checkpoint.every_steps")):
         if b.config.get(key) is not None:
             b.skip(key, f"ftlaunch schedules {what} every N optimizer steps, and steps per epoch are known only "
-                   "after tokenizing: set " + ("eval.every_steps" if what == "evaluation" else "checkpoint.every_steps"))
+                   f"after tokenizing: set {target}")
     if b.config.get("save_total_limit") is not None:
-        b.put("save_total_limit", "checkpoint.keep_last", b.number("save_total_limit", b.config["save_total_limit"], int))
+        b.put("save_total_limit", "checkpoint.keep_last",
+              b.number("save_total_limit", b.config["save_total_limit"], int))
     patience = b.config.get("early_stopping_patience")
     if patience is not None:
         if b.out.recipe.get("eval", {}).get("every_steps"):
-            b.put("early_stopping_patience", "early_stopping.patience", b.number("early_stopping_patience", patience, int))
+            b.put("early_stopping_patience", "early_stopping.patience",
+                  b.number("early_stopping_patience", patience, int))
         else:
             b.skip("early_stopping_patience", "needs periodic evaluation (eval_steps as a step count), which this "
                    "config does not translate to")
@@ -1088,8 +1106,10 @@ SHARDING = {"FULL_SHARD": True, "SHARD_GRAD_OP": False, "1": True, "2": False}
 def _fsdp(b: _Builder) -> None:
     source = "fsdp_config" if b.get("fsdp_config") else "fsdp"
     b.put(source, "strategy.name", "fsdp")
-    for j, item in enumerate(b.get("fsdp") or []):
-        _fsdp_word(b, f"fsdp.{j}", str(item))
+    words = b.get("fsdp") or []
+    # transformers also takes the words as one string (`fsdp: "full_shard auto_wrap"`)
+    for j, word in enumerate(words.split() if isinstance(words, str) else b.names("fsdp", words)):
+        _fsdp_word(b, f"fsdp.{j}", word)
     config = b.get("fsdp_config", {})
     if not isinstance(config, dict):
         b.fail("fsdp_config", "expected a mapping of FSDP settings")

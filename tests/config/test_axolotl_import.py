@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tiny import sample_rows, write_dataset
 
 from launcher.cli.main import main
@@ -440,3 +442,49 @@ def test_out_never_overwrites_without_force(workdir: Path, capsys: pytest.Captur
     assert main(["import", str(config), "--out", str(target), "--force"]) == 0
     assert load_recipe(target).recipe.method.name == "qlora"
     assert load_recipe(target).recipe.model.path == str(workdir / "models" / "llama-8b")
+
+
+HOSTILE_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+    st.sampled_from(["", "\0", "x" * 300, "../../x", "a\nb", "auto", "2e-4", "org/model", "~nobody/x", "jinja",
+                     "tokenizer_default_fallback_chatml", "chat_template", "completion", "s3://b/k"]),
+    st.lists(st.one_of(st.integers(), st.text(max_size=5)), max_size=3),
+    st.dictionaries(st.text(max_size=8), st.one_of(st.integers(), st.text(max_size=5), st.none()), max_size=3),
+)
+KEYS = st.sampled_from([
+    *yaml.safe_load(QLORA), "datasets.0.type", "datasets.0.path", "datasets.0.split", "datasets.0.roles",
+    "datasets.0.field_messages", "datasets.0.message_property_mappings", "datasets.0.roles_to_train",
+    "datasets.0.data_files", "deepspeed", "fsdp", "fsdp_config", "chat_template_jinja", "test_datasets",
+    "unfrozen_parameters", "bnb_config_kwargs", "eval_steps", "max_steps", "batch_size", "peft_use_dora", "seed",
+])
+
+
+@settings(max_examples=100, deadline=10_000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(st.tuples(KEYS, HOSTILE_VALUES), min_size=1, max_size=4))
+def test_any_mutation_is_imported_or_refused_with_the_config_named(workdir: Path, capsys: pytest.CaptureFixture[str],
+                                                                   mutations: list[tuple[str, Any]]) -> None:
+    config = yaml.safe_load(QLORA)
+    for key, value in mutations:
+        node: Any = config
+        *parents, last = key.split(".")
+        for part in parents:
+            if isinstance(node, dict):
+                node = node.get(part)
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                node = None
+        if isinstance(node, dict):
+            node[last] = value
+    path = workdir / "mutated.yml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    out = workdir / "mutated.ftlaunch.yaml"
+    code = main(["import", str(path), "--force"])  # an exception escaping here fails the test (a traceback)
+    err = capsys.readouterr().err
+    assert code in (0, 2), err
+    if code == 2:
+        assert str(path) in err, err
+    else:
+        load_recipe(out)  # what was written loads
+    assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]
