@@ -210,6 +210,11 @@ class _Builder:
         self.fail(second, f"conflicts with {first} ({self.where(first) or 'set above'}): ftlaunch needs one of "
                   "them", hint)
 
+    def text(self, key: str, value: Any, what: str) -> str:
+        if not isinstance(value, str):
+            self.fail(key, f"expected {what}, got {type(value).__name__}")
+        return value
+
     def names(self, key: str, value: Any) -> list[str]:
         """A name or a list of names (module names, roles, patterns)."""
         items = [value] if isinstance(value, str) else value
@@ -517,7 +522,8 @@ def _layout(b: _Builder, prefix: str, ds: dict[str, Any], sharegpt: bool) -> tup
     default_role, default_content = ("from", "value") if sharegpt else ("role", "content")
     role_key = ds.get("message_field_role") or mappings.get("role", default_role)
     content_key = ds.get("message_field_content") or mappings.get("content", default_content)
-    if (role_key, content_key) not in MESSAGE_LAYOUTS:
+    if not isinstance(role_key, str) or not isinstance(content_key, str) or \
+            (role_key, content_key) not in MESSAGE_LAYOUTS:
         key = next((f"{prefix}.{k}" for k in ("message_field_role", "message_field_content") if ds.get(k)),
                    f"{prefix}.message_property_mappings")
         b.fail(key, f"messages with role in {role_key!r} and content in {content_key!r}: ftlaunch reads "
@@ -860,7 +866,7 @@ def _optimizer(b: _Builder) -> None:
     name = b.config.get("optimizer")
     if name is None:
         return
-    if name in OPTIMIZERS:
+    if b.text("optimizer", name, "an optimizer name") in OPTIMIZERS:
         b.put("optimizer", "optim.name", OPTIMIZERS[name])
     else:
         b.skip("optimizer", f"{name}: ftlaunch has AdamW (torch, 8-bit, paged 8/32-bit) only; AdamW is used")
@@ -869,7 +875,7 @@ def _optimizer(b: _Builder) -> None:
 def _schedule_kind(b: _Builder) -> None:
     name = b.config.get("lr_scheduler")
     if name is not None:
-        if name in SCHEDULES:
+        if b.text("lr_scheduler", name, "a scheduler name") in SCHEDULES:
             b.put("lr_scheduler", "optim.schedule", SCHEDULES[name])
         else:
             b.skip("lr_scheduler", f"{name}: ftlaunch has linear, cosine and constant; cosine (its default) is used")
