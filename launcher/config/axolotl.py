@@ -156,6 +156,11 @@ def locate(locations: Mapping[KeyPath, Location], key: str) -> Location | None:
     return None
 
 
+def is_empty(value: Any) -> bool:
+    """`key:` left empty, or an empty string, list or mapping: axolotl's examples list many such keys."""
+    return value is None or (isinstance(value, (str, list, dict)) and not value)
+
+
 def is_hub_like(text: str) -> bool:
     """`org/name` without a data file suffix: a Hugging Face Hub repository, not a local path."""
     return bool(HUB_ID.match(text)) and not text.lower().endswith(DATA_SUFFIXES)
@@ -305,9 +310,10 @@ def _base_model(b: _Builder) -> None:
     if is_hub_like(base) or base.startswith(REMOTE):
         target = b.paths.recipe_dir / "models" / PurePosixPath(base.rstrip("/")).name
         b.put("base_model", "model.path", b.paths.for_recipe(target))
-        b.note(f"base_model {base} is a Hugging Face Hub id, and ftlaunch trains offline from local directories: "
-               f"download it first (`huggingface-cli download {base} --local-dir {target}`), or set model.path "
-               "to a copy you have")
+        fetch = (f"`huggingface-cli download {base} --local-dir {target}`" if is_hub_like(base)
+                 else f"copy it to {target}")
+        b.note(f"base_model {base} is not a local directory (a Hugging Face Hub id or a URL), and ftlaunch trains "
+               f"offline from local directories: download it first ({fetch}), or set model.path to a copy you have")
         return
     missing = b.paths.missing(base)
     b.put("base_model", "model.path", b.paths.for_recipe(missing))
@@ -463,9 +469,10 @@ def _format(b: _Builder, prefix: str, ds: dict[str, Any]) -> str:
     key = f"{prefix}.type"
     if kind is None:
         b.fail(key, "required: the dataset type", f"use one of {', '.join(FORMATS)}")
-    if not isinstance(kind, str):
+    if isinstance(kind, dict):
         b.fail(key, "a user-defined prompt format (a mapping) has no ftlaunch equivalent",
                f"convert the rows to one of ftlaunch's formats and use a type among {', '.join(FORMATS)}")
+    kind = b.text(key, kind, "a dataset type name")
     base = kind.split(":")[0]
     if base not in FORMATS:
         b.fail(key, f"unknown dataset type {kind!r}: ftlaunch reads alpaca, chat_template (or sharegpt, messages) "
@@ -594,7 +601,7 @@ def _dataset_leftovers(b: _Builder, prefix: str, ds: dict[str, Any]) -> None:
     for name, value in ds.items():
         if name in answered:
             continue
-        if value is None:
+        if is_empty(value):
             b.skip(f"{prefix}.{name}", EMPTY)
         elif name not in DATASET_KEYS_DONE:
             b.skip(f"{prefix}.{name}", DATASET_REASONS.get(name, "not a dataset key this importer knows"))
@@ -976,15 +983,18 @@ def _every(key: str, target: str, b: _Builder, applies: bool) -> None:
 
 def _output(b: _Builder) -> None:
     out = b.config.get("output_dir")
-    if out is None:
+    if is_empty(out):
         return
-    path = PurePosixPath(str(out).rstrip("/") or "/")
+    path = PurePosixPath(b.text("output_dir", out, "a directory").rstrip("/") or "/")
     # ftlaunch writes a run to output.root/output.name (relative to the working directory, as axolotl's output_dir).
     b.put("output_dir", "output.root", str(path.parent))
     if NAME_PATTERN.match(path.name) and len(path.name) <= 128:
         b.put("output_dir", "output.name", path.name)
-    b.note(f"output_dir {out}: ftlaunch writes the run directory there (adapter/ or model/, checkpoints/, "
-           "metrics.jsonl), and adds a suffix instead of overwriting an existing run")
+        b.note(f"output_dir {out}: ftlaunch writes the run directory there (adapter/ or model/, checkpoints/, "
+               "metrics.jsonl), and adds a suffix instead of overwriting an existing run")
+    else:
+        b.note(f"output_dir {out}: {path.name!r} is not a run name ftlaunch takes (letters, digits, `.`, `_`, `-`): "
+               f"runs go to {path.parent}/<recipe name>")
 
 
 # ------------------------------------------------------------------------------------------------------ strategy
@@ -1278,7 +1288,7 @@ def _leftovers(b: _Builder) -> None:
         if key in b.handled:
             continue
         reason = REASONS.get(key) or next((why for prefix, why in PREFIX_REASONS if key.startswith(prefix)), None)
-        if value is None:
+        if is_empty(value):
             b.skip(key, EMPTY)
         elif reason is None:
             b.skip(key, "not an axolotl key this importer knows (check its spelling)")
