@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -383,6 +385,18 @@ def test_paths_are_written_relative_to_the_recipe(workdir: Path) -> None:
     recipe = load_recipe(out).recipe
     assert recipe.model.path == str(workdir / "models" / "llama-8b")
     assert recipe.data.train[0].path == str(workdir / "data" / "alpaca.jsonl")
+
+
+def test_import_loads_no_torch(workdir: Path) -> None:
+    config = write(workdir / "qlora.yml", QLORA)
+    heavy = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "datasets", "trl")
+    code = ("import sys; from launcher.cli.main import main;"
+            f"rc = main(['import', {str(config)!r}]);"
+            f"loaded = [m for m in {heavy!r} if m in sys.modules]; print(loaded, file=sys.stderr);"
+            "sys.exit(rc or (3 if loaded else 0))")
+    env = {"PYTHONPATH": f"{REPO}:{REPO / 'kernels'}", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_data_loader_copies_match_the_rank_side() -> None:
