@@ -4,6 +4,7 @@
     launch --resume RUN_DIR [--procs N | --nodes N ...]   continue a run, on the same or other resources
     launch plan RECIPE [key.path=value ...] [--nodes N] [--gpus-per-node G] [--procs N] [--json]
     launch export RUN_DIR [--merge] [--out DIR]
+    launch import AXOLOTL.yaml [--out RECIPE.yaml] [--force]      an axolotl config as a recipe, with what did not map
     launch RECIPE --nodes N | --cluster NAME [--partition P] [--time T] [--gpus-per-node G]   submit to Slurm
     launch runs [--root DIR] | status RUN | logs RUN [--rank R] [--follow] | cancel RUN        run management
 
@@ -22,6 +23,7 @@ from cluster.errors import SubmitError
 from launcher.cli.args import UsageError
 from launcher.cli.console import console, error
 from launcher.cli.export import cmd_export
+from launcher.cli.import_ import cmd_import
 from launcher.cli.plan import cmd_plan
 from launcher.cli.run import cmd_run
 from launcher.cli.runs import cmd_cancel, cmd_logs, cmd_runs, cmd_status
@@ -29,8 +31,8 @@ from launcher.common.exits import EXIT_BAD_INPUT, EXIT_CTRL_C
 from launcher.config.recipe import RecipeError
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "plan": cmd_plan, "export": cmd_export, "runs": cmd_runs, "status": cmd_status, "logs": cmd_logs,
-    "cancel": cmd_cancel,
+    "plan": cmd_plan, "export": cmd_export, "import": cmd_import, "runs": cmd_runs, "status": cmd_status,
+    "logs": cmd_logs, "cancel": cmd_cancel,
 }
 """Subcommands; anything else is `launch RECIPE ...` (cmd_run)."""
 

@@ -169,6 +169,15 @@ def _scalar(node: yaml.Node) -> Any:
     return yaml.SafeLoader("").construct_object(node, deep=True)
 
 
+def read_yaml(path: str | Path) -> tuple[Any, dict[KeyPath, Location]]:
+    """A YAML file other than a recipe (`launch import` reads axolotl configs) as plain data, with the file:line of
+    every key, under the recipe loader's bounds (size, UTF-8, aliases, depth, keys written twice). RecipeError
+    otherwise."""
+    source = Path(path).resolve()
+    locs: dict[KeyPath, Location] = {}
+    return _compose(_read_text(source), str(source), locs), locs
+
+
 def _dotted(path: Iterable[str | int]) -> str:
     return ".".join(str(p) for p in path) or "(root)"
 
