@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +90,11 @@ def wandb_history(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def wandb_config(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's config: the run record's, then each config record's update, in order."""
     config: dict[str, Any] = {}
     for record in records:
-        update = (record.get("run") or record.get("config") or {}).get("config", record.get("config", {}))
-        config.update(update.get("update", {}) if isinstance(update, dict) else {})
+        holder = record["run"] if record["type"] == "run" else record if record["type"] == "config" else {}
+        config.update(holder.get("config", {}).get("update", {}))
     return config
 
 
@@ -107,7 +109,7 @@ def tracking_ids(run_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # W&B: no user settings, no netrc, no server: nothing of this machine's login leaks in or out.
@@ -119,6 +121,10 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    if "wandb" in sys.modules:
+        # W&B reads its environment once per process (wandb.setup); tear it down so the next test's variables count.
+        sys.modules["wandb"].teardown()
 
 
 BOTH = {"wandb": {"mode": "offline", "project": "ftlaunch-tests", "tags": ["tiny"]}, "mlflow": {}}
@@ -175,7 +181,7 @@ def test_both_trackers_hold_metrics_jsonl_and_the_recipe_without_secrets(
 def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(
         tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM after step 3 (what Slurm sends before a requeue): checkpoint, exit 3; the second start resumes both
-    tracker runs by the ids in tracking.json, and the adapter is logged as an MLflow artifact at the end."""
+    tracker runs by the ids in tracking.json, and the adapter is logged as an artifact to both at the end."""
     from launcher.common.exits import EXIT_INTERRUPTED
     from launcher.train.trainer import Trainer
 
@@ -187,7 +193,8 @@ def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(
             os.kill(os.getpid(), signal.SIGTERM)  # caught by the trainer's StopFlag: stop after this step
         return out
 
-    logging_section = {**BOTH, "mlflow": {"experiment": "resume-exp", "log_artifacts": True}}
+    logging_section = {"wandb": {**BOTH["wandb"], "log_artifacts": True},
+                       "mlflow": {"experiment": "resume-exp", "log_artifacts": True}}
     run_dir = start_run(write_recipe(tmp_path, tiny_model_dir, logging_section))
     with monkeypatch.context() as patch:
         patch.setattr(Trainer, "train_step", step_then_sigterm)
@@ -210,6 +217,9 @@ def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(
     assert sorted(first) == [0, 1, 2, 3] and sorted(second) == [4, 5, 6]
     assert {step: item["train/loss"] for step, item in {**first, **second}.items() if step} == \
         {r["step"]: r["loss"] for r in train}
+    (artifact,) = [r["artifact"] for r in starts[1] if r["type"] == "artifact"]  # the adapter, logged at the end
+    assert artifact["type"] == "model" and "adapter_config.json" in {f["path"] for f in artifact["manifest"]["contents"]}
+    assert not [r for r in starts[0] if r["type"] == "artifact"]  # nothing at the interrupted start
 
     # MLflow: the same run, finished, each step's loss once, the adapter among its artifacts.
     runs = client.search_runs([client.get_experiment_by_name("resume-exp").experiment_id])
