@@ -142,7 +142,8 @@ def test_optional_trackers_are_imported_only_where_used() -> None:
     eager = {name: sorted(n for n in imports_of(name, path).top if n.split(".")[0] in OPTIONAL)
              for name, path in mods.items()}
     assert not {k: v for k, v in eager.items() if v}, eager
-    lazy = {name for name, path in mods.items() if {n.split(".")[0] for n in imports_of(name, path).lazy} & set(OPTIONAL)}
+    lazy = {name for name, path in mods.items()
+            if {n.split(".")[0] for n in imports_of(name, path).lazy} & set(OPTIONAL)}
     assert lazy == {"launcher.train.tracking"}, lazy  # one module talks to the trackers
 
 

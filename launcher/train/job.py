@@ -57,8 +57,12 @@ def run_job(run_dir: Path) -> int:
     setup_logging(run_dir, env.rank)
     if env.rank == 0:
         outcome.record(run_dir, outcome.Outcome.RUNNING)
-    tracker = _start_tracking(run_dir, plan, env.rank)
+    from launcher.train.tracking import Trackers, start_tracking
+
+    tracker = Trackers()  # W&B / MLflow run on rank 0 only; the other ranks keep this empty, silent one
     try:
+        if env.rank == 0:  # before the ranks meet: the others wait in the rendezvous while it starts (seconds)
+            tracker = start_tracking(run_dir, plan)
         code = _train(run_dir, plan, env, tracker)
     except BaseException as err:
         if env.rank == 0:
@@ -73,13 +77,6 @@ def run_job(run_dir: Path) -> int:
                   }.get(code)
         outcome.record(run_dir, ended, exit_code=code, reason=reason)
     return code
-
-
-def _start_tracking(run_dir: Path, plan: "Plan", rank: int) -> "Trackers":
-    """W&B / MLflow as the recipe asks, on rank 0 only (the other ranks get an empty, silent Trackers)."""
-    from launcher.train.tracking import Trackers, start_tracking
-
-    return start_tracking(run_dir, plan) if rank == 0 else Trackers()
 
 
 def _train(run_dir: Path, plan: "Plan", env: "DistEnv", tracker: "Trackers") -> int:

@@ -218,7 +218,8 @@ def test_a_resumed_run_continues_the_same_wandb_and_mlflow_runs(
     assert {step: item["train/loss"] for step, item in {**first, **second}.items() if step} == \
         {r["step"]: r["loss"] for r in train}
     (artifact,) = [r["artifact"] for r in starts[1] if r["type"] == "artifact"]  # the adapter, logged at the end
-    assert artifact["type"] == "model" and "adapter_config.json" in {f["path"] for f in artifact["manifest"]["contents"]}
+    assert artifact["type"] == "model"
+    assert "adapter_config.json" in {f["path"] for f in artifact["manifest"]["contents"]}
     assert not [r for r in starts[0] if r["type"] == "artifact"]  # nothing at the interrupted start
 
     # MLflow: the same run, finished, each step's loss once, the adapter among its artifacts.
@@ -312,3 +313,33 @@ def test_invalid_tracking_settings_are_refused_when_loading(tmp_path: Path, sect
     with pytest.raises(RecipeError, match=message.replace(".", r"\.")) as refused:
         load_recipe(path)
     assert "hunter2" not in str(refused.value)
+
+
+def test_metrics_log_sends_each_row_to_jsonl_tensorboard_and_the_trackers(tmp_path: Path) -> None:
+    """One naming for TensorBoard and the trackers (`train/loss`, `eval/loss`), from the same rows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launcher.train.tracking import Tracker, Trackers
+    from launcher.train.trainer import MetricsLog
+
+    class Recorder(Tracker):
+        def __init__(self) -> None:
+            self.logged: list[tuple[int, dict[str, float]]] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            self.logged.append((step, metrics))
+
+    recorder = Recorder()
+    log_ = MetricsLog(tmp_path, enabled=True, tensorboard=True, tracker=Trackers([recorder]))
+    log_.write({"kind": "eval", "step": 0, "when": "start", "eval_loss": 3.0})
+    log_.write({"kind": "train", "step": 1, "epoch": 0, "loss": 2.5, "lr": 1e-3, "skipped": False})
+    log_.close()
+    assert recorder.logged == [(0, {"eval/loss": 3.0}), (1, {"train/loss": 2.5, "train/lr": 1e-3, "train/skipped": 0.0})]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["eval/loss", "train/loss", "train/lr", "train/skipped"]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.5)]
+    silent = MetricsLog(tmp_path / "rank1", enabled=False, tensorboard=True, tracker=Trackers([recorder]))
+    silent.write({"kind": "train", "step": 2, "loss": 1.0})  # a rank other than 0 logs nowhere
+    assert len(recorder.logged) == 2 and not (tmp_path / "rank1").exists()
