@@ -397,7 +397,8 @@ class WandbConfig(Section):
     started at all (nor imported)."""
 
     dir: PathText | None = Field(default=None, min_length=1)
-    """Directory W&B writes its `wandb/` folder into; null: the run directory."""
+    """Directory W&B writes its `wandb/` folder into (a relative path is relative to the run directory, whatever
+    the job's working directory); null: the run directory."""
 
     log_artifacts: bool = False
     """Also log the final adapter/model directory (and the merged model) as W&B model artifacts (uploaded whole in

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ftlaunch")
 
 TRACKING_FILE = "tracking.json"
-"""RUN_DIR/tracking.json: {"wandb": {"run_id": ...}, "mlflow": {"run_id": ..., "tracking_uri": ...}}."""
+"""RUN_DIR/tracking.json: {"wandb": {"run_id": ...}, "mlflow": {"run_id": ..., "tracking_uri": null or the URI}}."""
 
 REDACTED = "<redacted>"
 SKIPPED_KEYS = ("kind", "step", "when", "epoch")
@@ -194,7 +194,7 @@ class WandbTracker(Tracker):
             # W&B's own id format (8 of [a-z0-9]); chosen here so that it is on disk before a crash can lose it.
             run_id = "".join(secrets.choice(WANDB_ID_ALPHABET) for _ in range(8))
             _save_id(run_dir, "wandb", {"run_id": run_id})
-        directory = Path(config.dir) if config.dir else run_dir
+        directory = run_dir / config.dir if config.dir else run_dir  # an absolute dir replaces run_dir
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=config.project or recipe_name, entity=config.entity, name=config.name or run_dir.name,
@@ -240,7 +240,8 @@ class MlflowTracker(Tracker):
         uri = config.tracking_uri or f"sqlite:///{run_dir / 'mlflow.db'}"
         self.client = MlflowClient(tracking_uri=uri)
         saved = read_ids(run_dir).get("mlflow", {})
-        self.run_id = saved.get("run_id") if saved.get("tracking_uri") == uri else None
+        # The recipe's URI is kept (null for the default store, so that a moved run directory still matches).
+        self.run_id = saved.get("run_id") if saved.get("tracking_uri") == config.tracking_uri else None
         self.resumed = False
         if self.run_id is not None:
             try:
@@ -262,7 +263,7 @@ class MlflowTracker(Tracker):
             run = self.client.create_run(experiment_id, run_name=config.run_name or run_dir.name,
                                          tags={"ftlaunch.run_dir": str(run_dir)})
             self.run_id = run.info.run_id
-            _save_id(run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri": uri})
+            _save_id(run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri": config.tracking_uri})
 
     def log_config(self, config: dict[str, Any]) -> None:
         from mlflow.entities import Param

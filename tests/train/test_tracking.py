@@ -122,7 +122,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     yield
-    if "wandb" in sys.modules:
+    if sys.modules.get("wandb") is not None:
         # W&B reads its environment once per process (wandb.setup); tear it down so the next test's variables count.
         sys.modules["wandb"].teardown()
 
@@ -343,3 +343,21 @@ def test_metrics_log_sends_each_row_to_jsonl_tensorboard_and_the_trackers(tmp_pa
     silent = MetricsLog(tmp_path / "rank1", enabled=False, tensorboard=True, tracker=Trackers([recorder]))
     silent.write({"kind": "train", "step": 2, "loss": 1.0})  # a rank other than 0 logs nowhere
     assert len(recorder.logged) == 2 and not (tmp_path / "rank1").exists()
+
+
+def test_a_missing_extra_is_one_warning_naming_it(tmp_path: Path, tiny_model_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from launcher.plan.files import load_plan
+    from launcher.train.tracking import start_tracking
+
+    run_dir = start_run(write_recipe(tmp_path, tiny_model_dir, BOTH))
+    for name in ("wandb", "mlflow", "mlflow.tracking"):
+        monkeypatch.setitem(sys.modules, name, None)  # what an environment without the extras gives: ImportError
+    with caplog.at_level(logging.WARNING, logger="ftlaunch"):
+        trackers = start_tracking(run_dir, load_plan(run_dir))
+    assert not trackers
+    messages = [r.getMessage() for r in caplog.records if r.name == "ftlaunch"]
+    assert len(messages) == 2 and all("cannot be imported" in m for m in messages), messages
+    assert "pip install 'ftlaunch[wandb]'" in messages[0] and "pip install 'ftlaunch[mlflow]'" in messages[1]
+    assert not (run_dir / "tracking.json").exists()
