@@ -16,7 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"launcher": ROOT / "launcher", "cluster": ROOT / "cluster", "ftkernels": ROOT / "kernels" / "ftkernels"}
 """Import name -> source folder (the kernels live in the top-level kernels/ folder as the package `ftkernels`)."""
-HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "trl", "datasets", "accelerate", "triton")
+HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "trl", "datasets", "accelerate", "triton",
+         "wandb", "mlflow")
+OPTIONAL = ("wandb", "mlflow")
+"""Optional extras (`ftlaunch[wandb]`, `ftlaunch[mlflow]`): imported only inside functions, anywhere, so that a run
+that does not ask for a tracker never needs it installed."""
 
 PLANNING_PACKAGES = ("launcher.config", "launcher.plan", "launcher.common", "launcher.cli")
 """The torch-free side, by package: what `launch plan`, the login node and `launch runs/status/logs/cancel` import."""
@@ -131,6 +135,16 @@ def test_planning_side_imports_nothing_heavy_at_module_level() -> None:
         if heavy or rank:
             bad[name] = heavy + rank
     assert not bad, f"planning-side modules import heavy or rank-side modules at module level: {bad}"
+
+
+def test_optional_trackers_are_imported_only_where_used() -> None:
+    mods = modules()
+    eager = {name: sorted(n for n in imports_of(name, path).top if n.split(".")[0] in OPTIONAL)
+             for name, path in mods.items()}
+    assert not {k: v for k, v in eager.items() if v}, eager
+    lazy = {name for name, path in mods.items()
+            if {n.split(".")[0] for n in imports_of(name, path).lazy} & set(OPTIONAL)}
+    assert lazy == {"launcher.train.tracking"}, lazy  # one module talks to the trackers
 
 
 def test_planning_side_is_closed_at_module_level() -> None:

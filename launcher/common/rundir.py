@@ -11,6 +11,8 @@
     RUN_DIR/checkpoints/      step-NNNNNNNN/ directories and the `latest` pointer
     RUN_DIR/metrics.jsonl     one JSON object per logged step / evaluation
     RUN_DIR/outcome.json      how the job ended (launcher/common/outcome.py)
+    RUN_DIR/tracking.json     W&B / MLflow run ids: a resume continues the same tracker runs (train/tracking.py)
+    RUN_DIR/wandb/, mlflow.db, mlartifacts/   the trackers' local files (W&B's dir, MLflow's default store)
     RUN_DIR/adapter|model|merged/   final outputs
 
 A run directory is never overwritten nor shared: a new run of the same recipe gets a suffix (`demo-2`), also when two

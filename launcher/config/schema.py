@@ -367,6 +367,86 @@ class CheckpointConfig(Section):
     """Write a checkpoint when interrupted (Ctrl-C, SIGTERM, SIGUSR1 before a Slurm time limit)."""
 
 
+TRACKER_NAME_PATTERN = r"^[^/\\#?%:\x00-\x1f]+$"
+"""W&B project and entity names, MLflow experiment names: no `/ \\ # ? % :` (W&B refuses them in project names and
+they split a run's path `entity/project/id`) and no control characters."""
+
+
+class WandbConfig(Section):
+    """Weights & Biases tracking (`pip install 'ftlaunch[wandb]'`), from rank 0. The API key comes from the
+    environment (`WANDB_API_KEY`, or `wandb login`), never from the recipe; on Slurm list it as
+    `cluster.env: {WANDB_API_KEY: null}`. A resumed or requeued run continues the same W&B run (its id is kept in
+    RUN_DIR/tracking.json). A tracker that cannot start (no network, no key, package missing) logs one warning and
+    training goes on without it."""
+
+    project: str | None = Field(default=None, min_length=1, max_length=128, pattern=TRACKER_NAME_PATTERN)
+    """W&B project; null: the recipe's `name`."""
+
+    entity: str | None = Field(default=None, min_length=1, max_length=128, pattern=TRACKER_NAME_PATTERN)
+    """W&B team or user owning the project; null: the API key's default entity."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    """Display name of the run; null: the run directory's name (`demo`, `demo-2`, ...)."""
+
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list)
+    """Tags of the run (at most 64 characters each, W&B's limit)."""
+
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """online: stream to the W&B server. offline: write RUN_DIR/wandb/offline-run-*/ only (upload later with
+    `wandb sync`; a resumed run adds one such directory per start, synced as one run). disabled: W&B is not
+    started at all (nor imported)."""
+
+    dir: PathText | None = Field(default=None, min_length=1)
+    """Directory W&B writes its `wandb/` folder into (a relative path is relative to the run directory, whatever
+    the job's working directory); null: the run directory."""
+
+    log_artifacts: bool = False
+    """Also log the final adapter/model directory (and the merged model) as W&B model artifacts (uploaded whole in
+    online mode: large for full fine-tuning)."""
+
+
+class MlflowConfig(Section):
+    """MLflow tracking (`pip install 'ftlaunch[mlflow]'`), from rank 0. Credentials for a server come from the
+    environment (`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`), never from the
+    recipe. A resumed or requeued run continues the same MLflow run (RUN_DIR/tracking.json). A tracker that cannot
+    start (server down, bad URI, package missing) logs one warning and training goes on without it."""
+
+    tracking_uri: str | None = Field(default=None, min_length=1, max_length=4096)
+    """Where runs are recorded: `http(s)://server:5000`, `sqlite:////abs/path/mlflow.db`, `databricks`, ...; null:
+    `sqlite:///RUN_DIR/mlflow.db`, a store inside the run directory (MLflow 3's local default is SQLite; its file
+    store is deprecated), with artifacts under RUN_DIR/mlartifacts. Browse it with
+    `mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db`. A user name and password inside the URI are refused
+    (they would be written to plan.json): use the environment variables above."""
+
+    experiment: str | None = Field(default=None, min_length=1, max_length=256, pattern=TRACKER_NAME_PATTERN)
+    """Experiment the run belongs to (created when missing); null: the recipe's `name`."""
+
+    run_name: str | None = Field(default=None, min_length=1, max_length=250)
+    """Display name of the run; null: the run directory's name."""
+
+    log_artifacts: bool = False
+    """Also log the final adapter/model directory (and the merged model) as run artifacts (copied into the
+    artifact store: large for full fine-tuning)."""
+
+    @model_validator(mode="after")
+    def _check_uri(self) -> "MlflowConfig":
+        uri = self.tracking_uri
+        if uri is None:
+            return self
+        if any(ord(ch) < 32 or ch.isspace() for ch in uri):
+            raise ValueError("mlflow.tracking_uri: holds whitespace or a control character")
+        from urllib.parse import urlsplit
+
+        try:
+            password = urlsplit(uri).password
+        except ValueError as err:
+            raise ValueError(f"mlflow.tracking_uri: not a valid URI ({err})") from None
+        if password is not None:
+            raise ValueError("mlflow.tracking_uri: holds a password (user:password@host), which would be written to "
+                             "plan.json; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment")
+        return self
+
+
 class LoggingConfig(Section):
     every_steps: int = Field(default=1, ge=1)
     """Log train loss, lr and tokens/s every N optimizer steps."""
@@ -376,6 +456,14 @@ class LoggingConfig(Section):
 
     progress: bool = True
     """Show a rich progress bar on rank 0."""
+
+    wandb: WandbConfig | None = None
+    """Weights & Biases tracking; null: off. The resolved recipe is logged as the run's config (flattened, secrets
+    left out), train and eval rows as metrics at their step (`train/loss`, `eval/loss`, ...)."""
+
+    mlflow: MlflowConfig | None = None
+    """MLflow tracking; null: off. The resolved recipe is logged as params (flattened, secrets left out), train
+    and eval rows as metrics at their step (`train/loss`, `eval/loss`, ...)."""
 
 
 class OutputConfig(Section):

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from launcher.strategies.base import Strategy
     from launcher.train.data import DataBundle
     from launcher.train.trainer import Trainer
+    from launcher.train.tracking import Trackers
 
 log = logging.getLogger("ftlaunch")
 
@@ -56,12 +57,19 @@ def run_job(run_dir: Path) -> int:
     setup_logging(run_dir, env.rank)
     if env.rank == 0:
         outcome.record(run_dir, outcome.Outcome.RUNNING)
+    from launcher.train.tracking import Trackers, start_tracking
+
+    tracker = Trackers()  # W&B / MLflow run on rank 0 only; the other ranks keep this empty, silent one
     try:
-        code = _train(run_dir, plan, env)
+        if env.rank == 0:  # before the ranks meet: the others wait in the rendezvous while it starts (seconds)
+            tracker = start_tracking(run_dir, plan)
+        code = _train(run_dir, plan, env, tracker)
     except BaseException as err:
         if env.rank == 0:
             outcome.record(run_dir, outcome.Outcome.CRASHED, reason=f"{type(err).__name__}: {err}"[:1000])
+        tracker.finish(None)
         raise
+    tracker.finish(code)
     if env.rank == 0:
         ended = outcome.outcome_of_exit(code)
         reason = {EXIT_BAD_INPUT: f"bad input: see {run_dir / 'logs'}",
@@ -71,7 +79,7 @@ def run_job(run_dir: Path) -> int:
     return code
 
 
-def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
+def _train(run_dir: Path, plan: "Plan", env: "DistEnv", tracker: "Trackers") -> int:
     if env.world_size != plan.world_size:
         log.warning("plan.json says world size %d, this job has %d ranks: continuing with %d (the global batch changes)",
                     plan.world_size, env.world_size, env.world_size)
@@ -112,7 +120,7 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
                                 dtype=strategy.weights_dtype(recipe.model.dtype),
                                 share_quantized=strategy.share_quantized_layout)
         try:  # every rank reaches this with the same data: a refusal here leaves no rank waiting in a barrier
-            trainer = Trainer(run_dir, recipe, strategy, model, tokenizer, data, device)
+            trainer = Trainer(run_dir, recipe, strategy, model, tokenizer, data, device, tracker=tracker)
         except DataError as err:
             if strategy.is_main:
                 log.error("%s", err)
@@ -133,7 +141,8 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv") -> int:
                             result.signal, result.state.step, plan.recipe_file, run_dir)
             return EXIT_INTERRUPTED
         if strategy.is_main:
-            _finish(trainer, run_dir, recipe.output.merge, from_checkpoint=strategy.spec.exports_from_checkpoint)
+            _finish(trainer, run_dir, recipe.output.merge, from_checkpoint=strategy.spec.exports_from_checkpoint,
+                    tracker=tracker)
         return EXIT_OK
     except BaseException:
         failed = True
@@ -170,7 +179,7 @@ def _prepare_data(recipe: "Recipe", strategy: "Strategy") -> "tuple[Any, DataBun
     return tokenizer, data
 
 
-def _finish(trainer: "Trainer", run_dir: Path, merge: bool, from_checkpoint: bool) -> None:
+def _finish(trainer: "Trainer", run_dir: Path, merge: bool, from_checkpoint: bool, tracker: "Trackers") -> None:
     from launcher.train.model import unwrap
     from launcher.train.outputs import plot_losses, save_outputs
 
@@ -180,6 +189,8 @@ def _finish(trainer: "Trainer", run_dir: Path, merge: bool, from_checkpoint: boo
         written = write_outputs_from_checkpoint(run_dir, merge, run_dir)
     else:
         written = save_outputs(unwrap(trainer.model), trainer.tokenizer, run_dir, merge)
+    for path in written:
+        tracker.log_artifact(path)  # a no-op unless the recipe's tracker asks for artifacts
     plot = plot_losses(run_dir)
     history = trainer.state.history
     if history:

@@ -33,6 +33,7 @@ from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkp
 from launcher.train.data import DataBundle, DataError, collate
 from launcher.train.loss import count_label_tokens, forward_loss_sum, input_tokens
 from launcher.train.model import count_parameters, unwrap, weight_bytes
+from launcher.train.tracking import Trackers, scalars
 from launcher.config.schema import OptimConfig, Recipe
 from launcher.strategies.base import Strategy
 
@@ -167,7 +168,7 @@ class Trainer:
     """Owns the model, optimizer, data and state of one rank for one run."""
 
     def __init__(self, run_dir: Path, recipe: Recipe, strategy: Strategy, model: torch.nn.Module,
-                 tokenizer: Any, data: DataBundle, device: torch.device) -> None:
+                 tokenizer: Any, data: DataBundle, device: torch.device, tracker: Trackers | None = None) -> None:
         self.run_dir, self.recipe, self.strategy, self.device = run_dir, recipe, strategy, device
         self.tokenizer = tokenizer
         self.data = data
@@ -187,7 +188,8 @@ class Trainer:
         self.state = TrainerState(world_size=strategy.world_size)
         self.nonfinite_in_row = 0
         """Steps not applied (non-finite loss or gradient norm) since the last applied one."""
-        self.metrics = MetricsLog(self.run_dir, enabled=strategy.is_main, tensorboard=recipe.logging.tensorboard)
+        self.metrics = MetricsLog(self.run_dir, enabled=strategy.is_main, tensorboard=recipe.logging.tensorboard,
+                                  tracker=tracker)
 
     # ------------------------------------------------------------------------------------------------ batches
     def _batch_stream(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -370,12 +372,14 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------------ logging
 class MetricsLog:
-    """RUN_DIR/metrics.jsonl (one object per line) and TensorBoard scalars, from rank 0 only."""
+    """RUN_DIR/metrics.jsonl (one object per line), TensorBoard scalars and the experiment trackers (W&B, MLflow:
+    launcher/train/tracking.py), from rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, tracker: Trackers | None = None) -> None:
         self.enabled = enabled
         self.path = run_dir / METRICS_FILE
         self.writer = None
+        self.tracker = tracker if enabled else None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -392,10 +396,10 @@ class MetricsLog:
             # next checkpoint fails on every rank together (WriteError) if the disk stays full.
             log.error("%s: step %s not logged (%s)", self.path, row.get("step"), err)
         if self.writer is not None:
-            prefix = "train" if row.get("kind") == "train" else "eval"
-            for key, value in row.items():
-                if key not in ("kind", "step", "when", "epoch") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{prefix}/{key.removeprefix('eval_')}", value, row["step"])
+            for name, value in scalars(row).items():
+                self.writer.add_scalar(name, value, row["step"])
+        if self.tracker is not None:
+            self.tracker.log_row(row)  # never raises: a failing tracker is warned about and dropped
 
     def truncate_after(self, step: int) -> None:
         """Drop rows of steps later than `step` (they were lost with the process that logged them)."""
