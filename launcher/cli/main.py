@@ -7,6 +7,7 @@
     launch import AXOLOTL.yaml [--out RECIPE.yaml] [--force]      an axolotl config as a recipe, with what did not map
     launch RECIPE --nodes N | --cluster NAME [--partition P] [--time T] [--gpus-per-node G]   submit to Slurm
     launch runs [--root DIR] | status RUN | logs RUN [--rank R] [--follow] | cancel RUN        run management
+    launch SWEEP | plan SWEEP | report SWEEP_DIR | status SWEEP_DIR      a recipe with `sweep:`: every trial, mean ± std
 
 One module per command (launcher/cli/); they parse flags, call the planning side or an executor (cluster/executor.py)
 and print. Planning side: no torch, transformers, peft or deepspeed here (tests/test_layering.py); training starts in
@@ -27,12 +28,13 @@ from launcher.cli.import_ import cmd_import
 from launcher.cli.plan import cmd_plan
 from launcher.cli.run import cmd_run
 from launcher.cli.runs import cmd_cancel, cmd_logs, cmd_runs, cmd_status
+from launcher.cli.sweep import cmd_report
 from launcher.common.exits import EXIT_BAD_INPUT, EXIT_CTRL_C
 from launcher.config.recipe import RecipeError
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "plan": cmd_plan, "export": cmd_export, "import": cmd_import, "runs": cmd_runs, "status": cmd_status,
-    "logs": cmd_logs, "cancel": cmd_cancel,
+    "logs": cmd_logs, "cancel": cmd_cancel, "report": cmd_report,
 }
 """Subcommands; anything else is `launch RECIPE ...` (cmd_run)."""
 

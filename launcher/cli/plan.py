@@ -25,6 +25,13 @@ def parser() -> argparse.ArgumentParser:
 def cmd_plan(argv: Sequence[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     loaded = load_recipe(args.recipe, args.overrides)
+    if loaded.recipe.sweep is not None:
+        if args.out is not None:
+            raise cli_args.UsageError("--out plans one run directory; a sweep's trials are planned by `launch "
+                                      "SWEEP` into its sweep directory")
+        from launcher.cli.sweep import plan_sweep
+
+        return plan_sweep(args, loaded, args.json)
     run, request_warnings = cli_args.executor(args).dry_run(loaded, args.out)
     warnings(request_warnings)
     if args.out is not None:

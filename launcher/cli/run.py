@@ -73,8 +73,13 @@ def cmd_run(argv: Sequence[str]) -> int:
     if args.resume is not None:
         executor, run = _resume(args)
     else:
+        loaded = load_recipe(args.recipe, args.overrides)
+        if loaded.recipe.sweep is not None:
+            from launcher.cli.sweep import run_sweep
+
+            return run_sweep(args, loaded)
         executor = cli_args.executor(args)
-        run = executor.prepare(load_recipe(args.recipe, args.overrides))
+        run = executor.prepare(loaded)
     warnings(run.notes)
     info("resuming" if run.resumed and executor.kind == "local" else "run directory", str(run.run_dir))
     return report(executor.start(run), run)

@@ -33,6 +33,13 @@ def cmd_status(argv: Sequence[str]) -> int:
     _run_arg(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    from cluster.sweep import is_sweep_dir
+
+    for candidate in (Path(args.run), args.root / args.run):
+        if is_sweep_dir(candidate):
+            from launcher.cli.sweep import sweep_status
+
+            return sweep_status(candidate.resolve(), args.json)
     status = Executor.status(find_run(args.run, args.root))
     if args.json:
         print(json.dumps(status.to_json(), indent=2))

@@ -9,7 +9,7 @@ This module imports pydantic only: it is on the planning side and must load with
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_serializer, model_validator
 
@@ -687,6 +687,107 @@ class ClusterConfig(Section):
 KernelName = Literal["rmsnorm", "rope", "swiglu", "fused_ce"]
 
 
+# --------------------------------------------------------------------------------------------------------- sweep
+SPACE_KINDS = ("choice", "uniform", "loguniform", "int")
+
+
+def _check_space(spec: dict[str, Any]) -> dict[str, Any]:
+    """One search dimension: exactly one of {choice: [v, ...]}, {uniform: [a, b]}, {loguniform: [a, b]} (a > 0),
+    {int: [a, b]} (integers, both ends included)."""
+    if len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+        raise ValueError(f"expected one of {{{', '.join(f'{k}: [...]' for k in SPACE_KINDS)}}}, got "
+                         f"{{{', '.join(map(str, spec))}}}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{kind}: expected a non-empty list")
+    if kind == "choice":
+        return spec
+    values = [_yaml_number(v) for v in values]
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{kind}: expected [low, high] (two numbers), got {values}")
+    low, high = values
+    if kind == "int" and not all(isinstance(v, int) for v in values):
+        raise ValueError(f"int: expected two integers, got {values}")
+    if not (low < high if kind != "int" else low <= high):
+        raise ValueError(f"{kind}: expected low < high, got {values}")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"loguniform: expected 0 < low, got {values}")
+    return {kind: values}
+
+
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` as text; a search range means a number (as `optim.lr: 1e-4` does)."""
+    if isinstance(value, str):
+        try:
+            return int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            return value
+    return value
+
+
+SearchSpace = Annotated[dict[str, Any], AfterValidator(_check_space)]
+
+
+class RandomSearch(Section):
+    """Configurations drawn at random from a search space (the same draws for the same `seed`)."""
+
+    trials: int = Field(ge=1, le=1000)
+    """How many configurations to draw."""
+
+    space: dict[str, SearchSpace] = Field(min_length=1)
+    """Key path -> {choice: [...]}, {uniform: [a, b]}, {loguniform: [a, b]} or {int: [a, b]}."""
+
+    seed: int = Field(default=0, ge=0, lt=2**32)
+    """Seed of the draws (not of training: that is `sweep.seeds`)."""
+
+
+class SweepConfig(Section):
+    """A hyperparameter sweep with repeated seeds: every configuration (grid point x random draw) trains once per
+    seed, each trial an ordinary run directory under one sweep directory (`launch RECIPE` runs them all)."""
+
+    seeds: int | list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(default=1)
+    """Training seeds per configuration: N (optim.seed, optim.seed + 1, ...) or a list. The data split
+    (data.eval_seed) stays the same, so every trial is scored on the same examples."""
+
+    grid: dict[str, Annotated[list[Any], AfterValidator(lambda values: [_yaml_number(v) for v in values])]] = Field(
+        default_factory=dict)
+    """Key path -> values; every combination is a configuration (e.g. `optim.lr: [1e-4, 3e-4]`)."""
+
+    random: RandomSearch | None = None
+    """Random search; combined with `grid` when both are given (each grid point x each draw)."""
+
+    metric: str = Field(default="eval_loss", min_length=1)
+    """The metrics.jsonl key that ranks configurations: its last value in each trial (eval_loss, eval_exact_match,
+    eval_perplexity, loss, ...)."""
+
+    mode: Literal["min", "max"] = "min"
+    """Whether a lower or a higher `metric` is better."""
+
+    max_parallel: int | None = Field(default=None, ge=1)
+    """Slurm: at most this many trials run at once (the job array's `%N`); null: as the cluster allows."""
+
+    seconds_per_step: float | None = Field(default=None, gt=0)
+    """For `launch plan`'s GPU-hours estimate: seconds per optimizer step of one trial (measure one run)."""
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> "SweepConfig":
+        if isinstance(self.seeds, int) and not 1 <= self.seeds <= 100:
+            raise ValueError(f"seeds: expected 1..100 (or a list of seeds), got {self.seeds}")
+        if isinstance(self.seeds, list) and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds: expected distinct seeds, got {self.seeds}")
+        keys = [*self.grid, *(self.random.space if self.random else {})]
+        for key in keys:
+            if key.split(".")[0] in ("sweep", "output", "name") or key == "optim.seed":
+                raise ValueError(f"{key}: a sweep sets this itself (trial names, directories, seeds); sweep "
+                                 "other keys, and training seeds with sweep.seeds")
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key}: expected a non-empty list of values")
+        if len(keys) != len(set(keys)):
+            raise ValueError(f"a key is in both grid and random.space: {sorted(k for k in keys if keys.count(k) > 1)}")
+        return self
+
+
 class Recipe(Section):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
     """Recipe name: the default run name (letters, digits, `.`, `_`, `-`)."""
@@ -729,3 +830,6 @@ class Recipe(Section):
 
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Slurm settings overriding the cluster profile (used by `launch --nodes N` / `--cluster NAME`)."""
+
+    sweep: SweepConfig | None = None
+    """Run this recipe as a sweep (grid/random search x seeds, one run directory per trial); null: one run."""
