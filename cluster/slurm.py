@@ -514,6 +514,30 @@ def submit(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_
     return str(job.job_id)
 
 
+def submit_array(folder: Path, run_dirs: list[Path], settings: SlurmSettings, secrets: dict[str, str], job_name: str,
+                 max_parallel: int | None = None, dependency: str | None = None) -> list[str]:
+    """Submit one Slurm job array, one element per run directory (a sweep's trials: same shape, their own run
+    directories), at most `max_parallel` running at once (`--array=0-N%max_parallel`). Each element is the same
+    RankTask as a single run, so it checkpoints, requeues and resumes on its own. Returns the element ids
+    (`ARRAY_INDEX`), recorded in each run directory's jobs.jsonl."""
+    executor = _executor(folder, settings, secrets, job_name, nodes=settings.nodes,
+                         tasks_per_node=settings.tasks_per_node, gpus_per_node=settings.gpus_per_node,
+                         partition=settings.partition, dependency=dependency, max_requeues=settings.max_requeues,
+                         exclusive=settings.exclusive)
+    if max_parallel is not None:
+        executor.update_parameters(slurm_array_parallelism=max_parallel)
+    from cluster.slurm_task import RankTask
+
+    with executor.batch():
+        jobs = [executor.submit(RankTask(str(run_dir), settings.env)) for run_dir in run_dirs]
+    ids = [str(job.job_id) for job in jobs]
+    for run_dir, job_id in zip(run_dirs, ids):
+        record_event(run_dir, "submitted", job_id=job_id, via="submitit", kind="train", array=True,
+                     submitit_folder=str(executor.folder), nodes=settings.nodes,
+                     tasks_per_node=settings.tasks_per_node, partition=settings.partition, dependency=dependency)
+    return ids
+
+
 def submit_prepare(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], job_name: str,
                    reason: str) -> str:
     """Submit the CPU-only job that converts the model and tokenizes the data (launcher/train/prepare.py):

@@ -18,7 +18,8 @@ from cluster.errors import SubmitError
 from cluster.executor import (Executor, PreparedRun, Submission, loaded_from_plan, refuse_completed,
                               require_runnable, resume_notes)
 from cluster.slurm import (CLUSTER_FILE, SBATCH_FILE, SlurmSettings, load_profile, preflight, render_sbatch,
-                           resolve_settings, secret_values, submit, submit_prepare)
+                           resolve_settings, secret_values, submit, submit_array,
+                           submit_prepare)
 from launcher.common.rundir import write_json_atomic, write_text_atomic
 from launcher.config.recipe import LoadedRecipe
 from launcher.config.schema import Recipe
@@ -160,6 +161,25 @@ class SlurmExecutor(Executor):
         return Submission(run_dir=run.run_dir, job_id=job_id, notes=tuple(notes),
                           description=f"Slurm job {job_id}: {s.nodes} node(s) x {s.tasks_per_node} rank(s), "
                                       f"partition {s.partition}, time {s.time}")
+
+    def start_array(self, folder: Path, name: str, runs: list[PreparedRun], max_parallel: int | None) -> list[Submission]:
+        """Checked and written runs of one shape (a sweep's trials) as one job array named `ftlaunch-<name>`, after
+        one CPU tokenize job per distinct missing cache entry (trials that share data share it)."""
+        first: PreparedRun = runs[0]
+        context: SlurmContext = first.context
+        reasons = {run.context.prepare_reason: run for run in runs if run.context.prepare_reason is not None}
+        prepare_ids = [submit_prepare(run.run_dir, context.settings, context.secrets, job_name(run.loaded.recipe),
+                                      reason) for reason, run in reasons.items()]
+        dependency = f"afterok:{':'.join(prepare_ids)}" if prepare_ids else None
+        notes = tuple(f"tokenize first: CPU job(s) {', '.join(prepare_ids)}; the array starts after them"
+                      for _ in prepare_ids[:1])
+        ids = submit_array(folder, [run.run_dir for run in runs], context.settings, context.secrets,
+                           f"ftlaunch-{name}", max_parallel, dependency)
+        s = context.settings
+        return [Submission(run_dir=run.run_dir, job_id=job_id, notes=notes,
+                           description=f"Slurm array element {job_id}: {s.nodes} node(s) x {s.tasks_per_node} "
+                                       f"rank(s), partition {s.partition}, time {s.time}")
+                for run, job_id in zip(runs, ids)]
 
     def request_warnings(self, run: PreparedRun) -> list[str]:
         """`launch plan` on a machine with Slurm checks the request as `launch` would; without Slurm it says so."""

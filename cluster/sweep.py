@@ -112,3 +112,27 @@ def run_locally(sweep: Sweep, sweep_dir: Path, executor: Executor,
         submission: Submission = executor.start(run)
         codes[trial.trial.name] = submission.returncode or 0
     return codes
+
+
+def submit_to_slurm(sweep: Sweep, sweep_dir: Path, executor: Any) -> tuple[list[Submission], list[TrialState]]:
+    """The unfinished trials as one Slurm job array (cluster/slurm.py `submit_array`); trials with a job still queued
+    or running are left alone (returned second): submitting the sweep again never runs a trial twice at once."""
+    from cluster.runs import ACTIVE_STATES, run_status
+    from cluster.slurm import JOBS_FILE
+
+    plan_trials(sweep, sweep_dir, executor)
+    todo, active = [], []
+    for state in states(sweep, sweep_dir):
+        if state.state == "completed":
+            continue
+        if (state.run_dir / JOBS_FILE).is_file() and run_status(state.run_dir).state in ACTIVE_STATES:
+            active.append(state)
+        else:
+            todo.append(state)
+    if not todo:
+        return [], active
+    runs = [executor.prepare_resume(state.run_dir, replan=False) for state in todo]
+    recipe = sweep.loaded.recipe
+    return executor.start_array(sweep_dir / "submitit", recipe.output.name or recipe.name, runs,
+                                sweep.config.max_parallel), active
+

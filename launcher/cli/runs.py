@@ -62,6 +62,15 @@ def cmd_cancel(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="launch cancel", description="Cancel a run's Slurm job(s).")
     _run_arg(parser)
     args = parser.parse_args(argv)
+    from cluster.sweep import is_sweep_dir
+
+    for candidate in (Path(args.run), args.root / args.run):
+        if is_sweep_dir(candidate):
+            from launcher.cli.sweep import sweep_cancel
+
+            for line in sweep_cancel(candidate.resolve()):
+                console.print(escape(line))
+            return 0
     for line in Executor.cancel(find_run(args.run, args.root)):
         console.print(escape(line))
     return 0

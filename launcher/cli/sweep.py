@@ -13,9 +13,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from cluster.executor import Executor
-from cluster.sweep import TrialState, open_sweep_dir, read_sweep, run_locally, states, trial_state
+from cluster.runs import cancel_run, run_status
+from cluster.slurm import JOBS_FILE
+from cluster.sweep import (TrialState, open_sweep_dir, read_sweep, run_locally, states, submit_to_slurm,
+                           trial_state)
 from launcher.cli import args as cli_args
-from launcher.cli.args import UsageError
 from launcher.cli.console import console, info, wide_console
 from launcher.common.sweep_report import REPORT_MD, REPORT_PNG, best, final_metric, write_report
 from launcher.config.recipe import LoadedRecipe
@@ -64,13 +66,12 @@ def plan_sweep(args: argparse.Namespace, loaded: LoadedRecipe, as_json: bool) ->
 
 
 def run_sweep(args: argparse.Namespace, loaded: LoadedRecipe) -> int:
-    if cli_args.on_slurm(args):
-        raise UsageError("sweeps run on this machine in this version (launch SWEEP, trials one after another); "
-                         "Slurm job arrays for sweeps are not built yet")
     sweep: Sweep = load_sweep(loaded.source, loaded.overrides)
     executor: Executor = cli_args.executor(args)
     sweep_dir, continued = open_sweep_dir(sweep)
     info("sweep", f"{sweep_dir} ({len(sweep.trials)} trials{', continued' if continued else ''})")
+    if executor.kind == "slurm":
+        return _submit(sweep, sweep_dir, executor)
 
     def announce(state: TrialState, i: int, n: int) -> None:
         verb = {"planned": "starting", "missing": "starting"}.get(state.state, "resuming")
@@ -87,6 +88,25 @@ def run_sweep(args: argparse.Namespace, loaded: LoadedRecipe) -> int:
         console.print(f"[red]trials that did not complete:[/] {escape(', '.join(sorted(failed)))} "
                       f"(launch {escape(str(loaded.source))} again resumes them)")
         return max(failed.values())
+    return 0
+
+
+def _submit(sweep: Sweep, sweep_dir: Path, executor: Executor) -> int:
+    submissions, active = submit_to_slurm(sweep, sweep_dir, executor)
+    for state in active:
+        info("still queued or running", f"{state.trial.name}: left alone")
+    if not submissions:
+        info("sweep", "nothing to submit: " + ("every trial has completed" if not active else "the rest is queued"))
+        return 0
+    for note in submissions[0].notes:
+        info("note:", note)
+    array = submissions[0].job_id.split("_")[0] if submissions[0].job_id else "?"
+    console.print(f"[bold green]submitted[/] Slurm array {array}: {len(submissions)} trial(s) "
+                  f"({escape(', '.join(s.run_dir.name for s in submissions))})"
+                  + (f", at most {sweep.config.max_parallel} at once" if sweep.config.max_parallel else ""))
+    console.print(f"  state: launch status {sweep_dir}    report: launch report {sweep_dir}    "
+                  f"stop: launch cancel {sweep_dir}")
+    print(array)  # stdout: the array's job id alone, for scripts
     return 0
 
 
@@ -117,6 +137,16 @@ def cmd_report(argv: Sequence[str]) -> int:
     return 0
 
 
+def sweep_cancel(sweep_dir: Path) -> list[str]:
+    """Cancel every trial's queued or running Slurm job."""
+    done = []
+    for trial in read_sweep(sweep_dir)["trials"]:
+        run_dir = sweep_dir / "trials" / trial["name"]
+        if (run_dir / JOBS_FILE).is_file():
+            done += [f"{trial['name']}: {line}" for line in cancel_run(run_dir)]
+    return done or ["nothing to cancel: no trial was submitted to Slurm"]
+
+
 def sweep_status(sweep_dir: Path, as_json: bool) -> int:
     """Every trial's state, last step and latest value of the sweep's metric."""
     sweep = read_sweep(sweep_dir)
@@ -124,7 +154,10 @@ def sweep_status(sweep_dir: Path, as_json: bool) -> int:
     for trial in sweep["trials"]:
         run_dir = sweep_dir / "trials" / trial["name"]
         step = final_metric(run_dir, "step")
-        rows.append({"trial": trial["name"], "state": trial_state(run_dir),
+        state = trial_state(run_dir)
+        if state != "completed" and (run_dir / JOBS_FILE).is_file():
+            state = run_status(run_dir).state  # the scheduler's word: PENDING, RUNNING, REQUEUED, ...
+        rows.append({"trial": trial["name"], "state": state,
                      "step": None if step is None else int(step), sweep["metric"]: final_metric(run_dir, sweep["metric"])})
     if as_json:
         print(json.dumps(rows, indent=2))

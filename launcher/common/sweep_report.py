@@ -121,6 +121,13 @@ def plot(sweep: dict[str, Any], results: list[ConfigResult], path: Path, baselin
     plt.close(fig)
 
 
+def all_trials_completed(sweep_dir: Path) -> bool:
+    from launcher.common import outcome
+
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    return all(outcome.completed(sweep_dir / "trials" / t["name"]) for t in sweep["trials"])
+
+
 def write_report(sweep_dir: Path) -> tuple[dict[str, Any], list[ConfigResult]]:
     """report.json, report.md and sweep.png from the trials' metrics as they are now."""
     sweep = json.loads((sweep_dir / "sweep.json").read_text())

@@ -646,8 +646,8 @@ class ClusterConfig(Section):
     systems (nfs, lustre, gpfs, ...) are recognised without this."""
 
     tokenize_first: bool | None = None
-    """When the tokenized data is not cached yet, submit a one-task CPU job that tokenizes it and start the training
-    job after it (`--dependency=afterok`), so no GPU waits on tokenization. Default (null): true."""
+    """When the tokenized data is not cached yet, submit a CPU job that tokenizes it (`prepare_tasks` tasks) and start
+    the training job after it (`--dependency=afterok`), so no GPU waits on tokenization. Default (null): true."""
 
     prepare_partition: str | None = Field(default=None, pattern=SLURM_NAME_PATTERN)
     """Partition of that CPU-only job (a CPU partition is cheaper); null: the training partition."""

@@ -76,7 +76,26 @@ def run_job(run_dir: Path) -> int:
                   EXIT_WRITE_FAILED: f"the run directory could not be written (disk full?): see {run_dir / 'logs'}"
                   }.get(code)
         outcome.record(run_dir, ended, exit_code=code, reason=reason)
+        if ended == outcome.Outcome.COMPLETED:
+            _report_sweep_if_last(run_dir)
     return code
+
+
+def _report_sweep_if_last(run_dir: Path) -> None:
+    """A sweep's trial (RUN_DIR = SWEEP_DIR/trials/<trial>) that completes the last unfinished trial writes the
+    sweep's report (launcher/common/sweep_report.py): on Slurm, no process waits for the array to end. Two trials
+    ending together both write it; each write is atomic and reads the same files."""
+    sweep_dir = run_dir.parent.parent
+    if run_dir.parent.name != "trials" or not (sweep_dir / "sweep.json").is_file():
+        return
+    from launcher.common.sweep_report import write_report, all_trials_completed
+
+    try:
+        if all_trials_completed(sweep_dir):
+            write_report(sweep_dir)
+            log.info("sweep report: %s", sweep_dir / "report.md")
+    except Exception as err:  # noqa: BLE001 (the trial itself completed; `launch report` can write it again)
+        log.warning("sweep report not written (%s): run `launch report %s`", err, sweep_dir)
 
 
 def _train(run_dir: Path, plan: "Plan", env: "DistEnv", tracker: "Trackers") -> int:

@@ -2,8 +2,9 @@
 
 Why a step of its own: tokenizing inside the training job keeps every GPU of the allocation idle while rank 0 works,
 and on a big dataset the other ranks' NCCL collectives time out waiting for it. So on Slurm, when the tokenized data
-is not cached yet, `launch` first submits a one-task CPU job running this module and makes the training job depend on
-it (`--dependency=afterok:ID`); the training ranks then read the cache. Locally the job does the same step on rank 0
+is not cached yet, `launch` first submits a CPU job running this module (one task, or `cluster.prepare_tasks` tasks
+that split the shards) and makes the training job depend on it (`--dependency=afterok:ID`); the training ranks then
+read the cache. Locally the job does the same step on rank 0
 before any rank trains (launcher/train/job.py, `_prepare_data`), with the other ranks waiting at a barrier.
 
 What is prepared, and where (both on storage every node sees, like the run directory):

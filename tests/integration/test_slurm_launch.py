@@ -383,3 +383,41 @@ def test_no_slurm_on_path(env: dict[str, str], work: Path) -> None:
     no_slurm = {**env, "PATH": str(Path(sys.executable).parent)}
     proc = launch(no_slurm, str(work / "tiny.yaml"), "--nodes", "2", check=False)
     assert proc.returncode == 2 and "Slurm not found" in proc.stderr, proc.stderr
+
+
+def test_a_sweep_is_one_job_array_and_a_preempted_trial_resumes_alone(env: dict[str, str], work: Path) -> None:
+    """`launch SWEEP --nodes 1`: 2 configurations x 2 seeds as one Slurm array (4 one-rank elements). The two
+    configurations differ only in checkpoint.keep_last, so c0-s3 and c1-s3 train the same: c0-s3 gets SIGUSR1 mid-run,
+    requeues and resumes alone, and ends on c1-s3's losses. The last trial to end writes the report, whose mean and
+    std are the statistics of the trials' own metrics; submitting again runs nothing."""
+    import statistics
+
+    sweep = {"extends": "tiny.yaml", "name": "sweep", "sweep": {
+        "seeds": 2, "grid": {"checkpoint.keep_last": [STEPS, STEPS - 1]}, "metric": "loss", "max_parallel": 4}}
+    (work / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    proc = launch(env, str(work / "sweep.yaml"), "--nodes", "1")
+    array = proc.stdout.strip().splitlines()[-1]
+    sweep_dir = work / "runs" / "sweep"
+    names = ["c0-s3", "c0-s4", "c1-s3", "c1-s4"]
+    trials = {name: sweep_dir / "trials" / name for name in names}
+    assert [e["job_id"] for n in names for e in events(trials[n]) if e["event"] == "submitted"] == \
+        [f"{array}_{i}" for i in range(4)]
+    target = trials["c0-s3"]
+    wait_for("step 3 of c0-s3", lambda: len(train_rows(target)) >= 3, 240, poll=0.05)
+    subprocess.run(["scancel", "--signal=USR1", f"{array}_0"], env=env, check=True, timeout=30)
+    for name in names:
+        wait_completed(trials[name])
+    assert [e for e in events(target) if e["event"] == "requeued"]
+    assert "resumed from step-" in (target / "logs" / "rank0.log").read_text()
+    assert not [e for e in events(trials["c1-s3"]) if e["event"] == "requeued"]  # the others ran once
+    assert losses(target) == pytest.approx(losses(trials["c1-s3"]), abs=LOSS_TOLERANCE)
+    assert losses(trials["c0-s3"]) != losses(trials["c0-s4"])
+    report = json.loads((sweep_dir / "report.json").read_text())  # written by the last trial to end
+    for config, pair in ((0, ("c0-s3", "c0-s4")), (1, ("c1-s3", "c1-s4"))):
+        finals = [losses(trials[n])[-1] for n in pair]
+        assert report["configs"][config]["mean"] == pytest.approx(statistics.fmean(finals))
+        assert report["configs"][config]["std"] == pytest.approx(statistics.stdev(finals))
+    again = launch(env, str(work / "sweep.yaml"), "--nodes", "1")
+    assert "every trial has completed" in " ".join(again.stderr.split()) and again.stdout.strip() == ""
+    status = launch(env, "status", str(sweep_dir), "--json")
+    assert {row["state"] for row in json.loads(status.stdout)} == {"completed"}
