@@ -171,8 +171,8 @@ class SlurmExecutor(Executor):
         prepare_ids = [submit_prepare(run.run_dir, context.settings, context.secrets, job_name(run.loaded.recipe),
                                       reason) for reason, run in reasons.items()]
         dependency = f"afterok:{':'.join(prepare_ids)}" if prepare_ids else None
-        notes = tuple(f"tokenize first: CPU job(s) {', '.join(prepare_ids)}; the array starts after them"
-                      for _ in prepare_ids[:1])
+        notes = (f"tokenize first: CPU job(s) {', '.join(prepare_ids)}; the array starts after them",) if prepare_ids \
+            else ()
         ids = submit_array(folder, [run.run_dir for run in runs], context.settings, context.secrets,
                            f"ftlaunch-{name}", max_parallel, dependency)
         s = context.settings

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +142,13 @@ def test_report_is_the_mean_and_sample_std_of_each_configuration(tmp_path: Path)
 def test_a_local_sweep_runs_every_trial_once_and_reports(tmp_path: Path, tiny_model_dir: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    """2 learning rates x 2 seeds of tiny runs through `launch SWEEP`: each trial is an ordinary completed run
-    directory; the report equals the statistics of the trials' own metrics files; the same sweep submitted again
-    runs nothing; `launch status` and `launch report` read the sweep directory."""
+    """2 learning rates x 1 seed of tiny runs through `launch SWEEP` (the 2 x 2 case, std included, runs as a Slurm
+    array in tests/integration/test_slurm_launch.py): each trial is an ordinary completed run directory; the report
+    equals the trials' own metrics files; the same sweep submitted again runs nothing; `launch status` and `launch
+    report` read the sweep directory."""
     monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    path = sweep_recipe(tmp_path, tiny_model_dir, {"seeds": 2, "grid": {"optim.lr": [1e-3, 1e-2]}})
+    path = sweep_recipe(tmp_path, tiny_model_dir, {"seeds": 1, "grid": {"optim.lr": [1e-3, 1e-2]}})
     assert main([str(path)]) == 0
     sweep_dir = tmp_path / "runs" / "sw"
     trials = json.loads((sweep_dir / "sweep.json").read_text())["trials"]
@@ -160,12 +160,11 @@ def test_a_local_sweep_runs_every_trial_once_and_reports(tmp_path: Path, tiny_mo
         assert plan["recipe"]["optim"]["seed"] == trial["seed"] and plan["recipe"]["sweep"] is None
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         finals[trial["name"]] = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
-    assert finals["c0-s3"] != finals["c0-s4"] and finals["c0-s3"] != finals["c1-s3"]  # seeds and lrs both matter
+    assert finals["c0-s3"] != finals["c1-s3"]  # the learning rate mattered
     report = json.loads((sweep_dir / "report.json").read_text())
-    for config, names in ((0, ("c0-s3", "c0-s4")), (1, ("c1-s3", "c1-s4"))):
+    for config, name in ((0, "c0-s3"), (1, "c1-s3")):
         entry = report["configs"][config]
-        assert entry["mean"] == pytest.approx(statistics.fmean(finals[n] for n in names))
-        assert entry["std"] == pytest.approx(statistics.stdev(finals[n] for n in names))
+        assert (entry["mean"], entry["std"], entry["n"]) == (pytest.approx(finals[name]), None, 1)
     best = min((0, 1), key=lambda c: report["configs"][c]["mean"])
     assert report["best_config"] == best
 
