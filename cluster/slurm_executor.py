@@ -167,7 +167,10 @@ class SlurmExecutor(Executor):
         one CPU tokenize job per distinct missing cache entry (trials that share data share it)."""
         first: PreparedRun = runs[0]
         context: SlurmContext = first.context
-        reasons = {run.context.prepare_reason: run for run in runs if run.context.prepare_reason is not None}
+        reasons: dict[str, PreparedRun] = {}
+        for run in runs:  # the first trial needing an entry holds its tokenize job (logs/prepare.log there)
+            if run.context.prepare_reason is not None:
+                reasons.setdefault(run.context.prepare_reason, run)
         prepare_ids = [submit_prepare(run.run_dir, context.settings, context.secrets, job_name(run.loaded.recipe),
                                       reason) for reason, run in reasons.items()]
         dependency = f"afterok:{':'.join(prepare_ids)}" if prepare_ids else None

@@ -37,7 +37,7 @@ class RankTask(Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
-        job_id = os.environ.get("SLURM_JOB_ID", "")
+        job_id = slurm_job_id()
         if rank == 0:
             record_event(Path(self.run_dir), "started", job_id=job_id, via="submitit",
                          restart=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
@@ -68,9 +68,16 @@ class RankTask(Checkpointable):
             except ProcessLookupError:
                 pass
             _wait_pid(child.pid, self.stop_timeout_s)
-        record_event(Path(self.run_dir), "requeued", job_id=os.environ.get("SLURM_JOB_ID", ""),
+        record_event(Path(self.run_dir), "requeued", job_id=slurm_job_id(),
                      restart=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
         return DelayedSubmission(RankTask(self.run_dir, self.env, self.stop_timeout_s))
+
+
+def slurm_job_id() -> str:
+    """This job's id as sacct and squeue take it: `ARRAY_INDEX` for an element of a job array (a sweep's trial),
+    whose own SLURM_JOB_ID sacct -j does not find."""
+    array, index = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{index}" if array and index else os.environ.get("SLURM_JOB_ID", "")
 
 
 def _wait_pid(pid: int, timeout_s: float) -> None:

@@ -386,7 +386,7 @@ def test_no_slurm_on_path(env: dict[str, str], work: Path) -> None:
 
 
 def test_a_sweep_is_one_job_array_and_a_preempted_trial_resumes_alone(env: dict[str, str], work: Path) -> None:
-    """`launch SWEEP --nodes 1`: 2 configurations x 2 seeds as one Slurm array (4 one-rank elements). The two
+    """`launch SWEEP --cluster local`: 2 configurations x 2 seeds as one Slurm array (4 one-rank elements). The two
     configurations differ only in checkpoint.keep_last, so c0-s3 and c1-s3 train the same: c0-s3 gets SIGUSR1 mid-run,
     requeues and resumes alone, and ends on c1-s3's losses. The last trial to end writes the report, whose mean and
     std are the statistics of the trials' own metrics; submitting again runs nothing."""
@@ -395,13 +395,16 @@ def test_a_sweep_is_one_job_array_and_a_preempted_trial_resumes_alone(env: dict[
     sweep = {"extends": "tiny.yaml", "name": "sweep", "sweep": {
         "seeds": 2, "grid": {"checkpoint.keep_last": [STEPS, STEPS - 1]}, "metric": "loss", "max_parallel": 4}}
     (work / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
-    proc = launch(env, str(work / "sweep.yaml"), "--nodes", "1")
+    proc = launch(env, str(work / "sweep.yaml"), "--cluster", "local")
     array = proc.stdout.strip().splitlines()[-1]
     sweep_dir = work / "runs" / "sweep"
     names = ["c0-s3", "c0-s4", "c1-s3", "c1-s4"]
     trials = {name: sweep_dir / "trials" / name for name in names}
-    assert [e["job_id"] for n in names for e in events(trials[n]) if e["event"] == "submitted"] == \
-        [f"{array}_{i}" for i in range(4)]
+    submitted = [e for n in names for e in events(trials[n]) if e["event"] == "submitted"]
+    assert [e["job_id"] for e in submitted if e["kind"] == "train"] == [f"{array}_{i}" for i in range(4)]
+    prepare = [e for e in submitted if e["kind"] == "prepare"]  # one tokenize job: the trials share their data
+    assert len(prepare) == 1 and all(e["dependency"] == f"afterok:{prepare[0]['job_id']}"
+                                     for e in submitted if e["kind"] == "train")
     target = trials["c0-s3"]
     wait_for("step 3 of c0-s3", lambda: len(train_rows(target)) >= 3, 240, poll=0.05)
     subprocess.run(["scancel", "--signal=USR1", f"{array}_0"], env=env, check=True, timeout=30)
@@ -417,7 +420,7 @@ def test_a_sweep_is_one_job_array_and_a_preempted_trial_resumes_alone(env: dict[
         finals = [losses(trials[n])[-1] for n in pair]
         assert report["configs"][config]["mean"] == pytest.approx(statistics.fmean(finals))
         assert report["configs"][config]["std"] == pytest.approx(statistics.stdev(finals))
-    again = launch(env, str(work / "sweep.yaml"), "--nodes", "1")
+    again = launch(env, str(work / "sweep.yaml"), "--cluster", "local")
     assert "every trial has completed" in " ".join(again.stderr.split()) and again.stdout.strip() == ""
     status = launch(env, "status", str(sweep_dir), "--json")
     assert {row["state"] for row in json.loads(status.stdout)} == {"completed"}
