@@ -395,6 +395,7 @@ def test_a_sweep_is_one_job_array_and_a_preempted_trial_resumes_alone(env: dict[
     sweep = {"extends": "tiny.yaml", "name": "sweep", "sweep": {
         "seeds": 2, "grid": {"checkpoint.keep_last": [STEPS, STEPS - 1]}, "metric": "loss", "max_parallel": 4}}
     (work / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    env = {**env, "FTLAUNCH_CACHE": str(work / "sweep-cache")}  # cold: the trials share one tokenize job
     proc = launch(env, str(work / "sweep.yaml"), "--cluster", "local")
     array = proc.stdout.strip().splitlines()[-1]
     sweep_dir = work / "runs" / "sweep"
