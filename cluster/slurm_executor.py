@@ -162,7 +162,8 @@ class SlurmExecutor(Executor):
                           description=f"Slurm job {job_id}: {s.nodes} node(s) x {s.tasks_per_node} rank(s), "
                                       f"partition {s.partition}, time {s.time}")
 
-    def start_array(self, folder: Path, name: str, runs: list[PreparedRun], max_parallel: int | None) -> list[Submission]:
+    def start_array(self, folder: Path, name: str, runs: list[PreparedRun],
+                    max_parallel: int | None) -> list[Submission]:
         """Checked and written runs of one shape (a sweep's trials) as one job array named `ftlaunch-<name>`, after
         one CPU tokenize job per distinct missing cache entry (trials that share data share it)."""
         first: PreparedRun = runs[0]

@@ -34,12 +34,18 @@ def plan_sweep(args: argparse.Namespace, loaded: LoadedRecipe, as_json: bool) ->
     sweep = load_sweep(loaded.source, loaded.overrides)
     executor = cli_args.executor(args)
     root = Path(loaded.recipe.output.root).resolve() / (loaded.recipe.output.name or loaded.recipe.name)
-    plans = {t.config: executor.plan(sweep.load_trial(t, root)) for t in sweep.trials}  # seeds share a plan's shape
+    trials = {t.config: sweep.load_trial(t, root) for t in sweep.trials}  # the seeds of a configuration plan alike
+    plans = {config: executor.plan(trial) for config, trial in trials.items()}
     per_trial = next(iter(plans.values()))
     gpus = per_trial.nodes * per_trial.gpus_per_node
-    steps = loaded.recipe.optim.max_steps
+    steps_of = {config: trial.recipe.optim.max_steps for config, trial in trials.items()}  # a grid may sweep them
+    steps = steps_of[0] if len(set(steps_of.values())) == 1 else None
     seconds = sweep.config.seconds_per_step
-    hours = (len(sweep.trials) * max(gpus, 1) * steps * seconds / 3600) if steps and seconds else None
+    hours = None
+    if seconds and all(steps_of.values()):
+        device_steps = sum(max(plans[t.config].nodes * plans[t.config].gpus_per_node, 1) * (steps_of[t.config] or 0)
+                           for t in sweep.trials)
+        hours = device_steps * seconds / 3600
     if as_json:
         print(json.dumps({"trials": [{"name": t.name, "config": t.config, "seed": t.seed, "values": t.values}
                                      for t in sweep.trials], "gpus_per_trial": gpus, "max_steps": steps,
@@ -51,13 +57,14 @@ def plan_sweep(args: argparse.Namespace, loaded: LoadedRecipe, as_json: bool) ->
         table.add_column(column)
     for trial in sweep.trials:
         plan = plans[trial.config]
-        table.add_row(trial.name, escape(_values(trial.values)), str(trial.seed), plan.strategy, str(steps or "epochs"))
+        table.add_row(trial.name, escape(_values(trial.values)), str(trial.seed), plan.strategy,
+                      str(steps_of[trial.config] or "epochs"))
     out = wide_console()
     out.print(table)
     unit = "GPU-hours" if gpus else "CPU-hours (no GPU)"
     if hours is not None:
-        out.print(f"estimate: {len(sweep.trials)} trials x {max(gpus, 1)} x {steps} steps x {seconds} s = "
-                  f"{hours:.2f} {unit}")
+        out.print(f"estimate: {len(sweep.trials)} trials x {max(gpus, 1)} x {steps or 'their'} steps x {seconds} s"
+                  f" = {hours:.2f} {unit}")
     else:
         out.print("estimate: set optim.max_steps and sweep.seconds_per_step (seconds per step of one trial) for "
                   "the GPU-hours")
@@ -158,7 +165,8 @@ def sweep_status(sweep_dir: Path, as_json: bool) -> int:
         if state != "completed" and (run_dir / JOBS_FILE).is_file():
             state = run_status(run_dir).state  # the scheduler's word: PENDING, RUNNING, REQUEUED, ...
         rows.append({"trial": trial["name"], "state": state,
-                     "step": None if step is None else int(step), sweep["metric"]: final_metric(run_dir, sweep["metric"])})
+                     "step": None if step is None else int(step),
+                     sweep["metric"]: final_metric(run_dir, sweep["metric"])})
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0

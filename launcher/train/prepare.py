@@ -4,8 +4,8 @@ Why a step of its own: tokenizing inside the training job keeps every GPU of the
 and on a big dataset the other ranks' NCCL collectives time out waiting for it. So on Slurm, when the tokenized data
 is not cached yet, `launch` first submits a CPU job running this module (one task, or `cluster.prepare_tasks` tasks
 that split the shards) and makes the training job depend on it (`--dependency=afterok:ID`); the training ranks then
-read the cache. Locally the job does the same step on rank 0
-before any rank trains (launcher/train/job.py, `_prepare_data`), with the other ranks waiting at a barrier.
+read the cache. Locally the job does the same step on rank 0 before any rank trains (launcher/train/job.py,
+`_prepare_data`), with the other ranks waiting at a barrier.
 
 What is prepared, and where (both on storage every node sees, like the run directory):
   - a GGUF model converted once to a Hugging Face directory (launcher/common/gguf.py, `$FTLAUNCH_CACHE/models`);
@@ -85,7 +85,8 @@ def prepare(run_dir: Path, part: tuple[int, int] = (0, 1), attempt: str = "") ->
 PART_POLL_S, PART_REPORT_S = 0.5, 60.0
 
 
-def _prepare_part(cfg: Any, tokenizer: Any, cache_dir: Path, part: tuple[int, int], attempt: str) -> dict[str, Any] | None:
+def _prepare_part(cfg: Any, tokenizer: Any, cache_dir: Path, part: tuple[int, int],
+                  attempt: str) -> dict[str, Any] | None:
     """One task of N: write shards i, i+N, ... into a work directory all tasks share (named by the cache key and
     the job attempt, so a requeued job never mixes with its first try), then `part-<i>.json` with the counts. The
     first task waits for every part, sums the counts, packs when asked and publishes the entry as one rename, as a
