@@ -31,7 +31,10 @@ def rank_environment(plan: Any) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")  # the job reads local files only; never wait on a hub
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if plan.device == "cpu" and plan.world_size > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")
+        # The node's CPUs shared by its ranks. Set here because torchrun would otherwise set 1 for every rank, and the
+        # ranks honour an explicit OMP_NUM_THREADS (launcher/train/job.py, cpu_threads).
+        cores = len(os.sched_getaffinity(0))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, plan.procs_per_node))))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local ranks talk over loopback
     return env
 

@@ -26,3 +26,19 @@ def test_slurm_cpus_per_task_then_the_allowed_cpus_shared_by_the_ranks() -> None
 @pytest.mark.parametrize("value", ["", "0", "-2", "two"])
 def test_unusable_values_are_ignored(value: str) -> None:
     assert cpu_threads(1, {"OMP_NUM_THREADS": value}) == len(os.sched_getaffinity(0))
+
+
+def test_local_ranks_share_the_cpus_unless_the_user_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun sets OMP_NUM_THREADS=1 for every rank when it is unset; the local executor sets the node's CPUs //
+    ranks first (at least 1), and leaves a value the user exported alone."""
+    from types import SimpleNamespace
+
+    from cluster.local import rank_environment
+
+    plan = SimpleNamespace(device="cpu", world_size=2, procs_per_node=2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert rank_environment(plan)["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert rank_environment(plan)["OMP_NUM_THREADS"] == "3"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert "OMP_NUM_THREADS" not in rank_environment(SimpleNamespace(device="cpu", world_size=1, procs_per_node=1))
