@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from cluster.executor import Executor, PreparedRun, Submission
 from launcher.common import outcome
-from launcher.common.rundir import PLAN_FILE, claim_run_dir, write_json_atomic
+from launcher.common.rundir import PLAN_FILE, claim_run_dir, is_suffixed, write_json_atomic
 from launcher.config.sweep import SWEEP_FILE, TRIALS_DIR, Sweep, Trial
 
 
@@ -40,14 +40,9 @@ def existing_sweep_dir(sweep: Sweep) -> Path | None:
     """The latest directory of this sweep's name holding the same sweep (fingerprint), if any."""
     recipe = sweep.loaded.recipe
     root, name = Path(recipe.output.root).resolve(), recipe.output.name or recipe.name
-    candidates = [p for p in root.glob(f"{name}*") if (p.name == name or _suffixed(p.name, name)) and is_sweep_dir(p)]
+    candidates = [p for p in root.glob(f"{name}*") if (p.name == name or is_suffixed(p.name, name)) and is_sweep_dir(p)]
     same = [p for p in candidates if read_sweep(p).get("fingerprint") == sweep.fingerprint()]
     return max(same, key=lambda p: (p / SWEEP_FILE).stat().st_mtime) if same else None
-
-
-def _suffixed(candidate: str, name: str) -> bool:
-    head, sep, tail = candidate.rpartition("-")
-    return bool(sep) and head == name and tail.isdigit()
 
 
 def sweep_json(sweep: Sweep, sweep_dir: Path) -> dict[str, Any]:

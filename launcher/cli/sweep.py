@@ -15,11 +15,11 @@ from rich.table import Table
 from cluster.executor import Executor
 from cluster.runs import cancel_run, run_status
 from cluster.slurm import JOBS_FILE
-from cluster.sweep import (TrialState, open_sweep_dir, read_sweep, run_locally, states, submit_to_slurm,
+from cluster.sweep import (TrialState, open_sweep_dir, read_sweep, run_locally, submit_to_slurm,
                            trial_state)
 from launcher.cli import args as cli_args
 from launcher.cli.console import console, info, wide_console
-from launcher.common.sweep_report import REPORT_MD, REPORT_PNG, best, final_metric, write_report
+from launcher.common.sweep_report import REPORT_MD, REPORT_PNG, best, final_values, write_report
 from launcher.config.recipe import LoadedRecipe
 from launcher.config.sweep import Sweep, load_sweep
 
@@ -160,13 +160,14 @@ def sweep_status(sweep_dir: Path, as_json: bool) -> int:
     rows = []
     for trial in sweep["trials"]:
         run_dir = sweep_dir / "trials" / trial["name"]
-        step = final_metric(run_dir, "step")
+        last = final_values(run_dir, ("step", sweep["metric"]))
+        step = last["step"]
         state = trial_state(run_dir)
         if state != "completed" and (run_dir / JOBS_FILE).is_file():
             state = run_status(run_dir).state  # the scheduler's word: PENDING, RUNNING, REQUEUED, ...
         rows.append({"trial": trial["name"], "state": state,
                      "step": None if step is None else int(step),
-                     sweep["metric"]: final_metric(run_dir, sweep["metric"])})
+                     sweep["metric"]: last[sweep["metric"]]})
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -180,4 +181,4 @@ def sweep_status(sweep_dir: Path, as_json: bool) -> int:
     return 0
 
 
-__all__ = ["plan_sweep", "run_sweep", "cmd_report", "sweep_status", "states"]
+__all__ = ["plan_sweep", "run_sweep", "cmd_report", "sweep_status", "sweep_cancel"]

@@ -124,12 +124,13 @@ def runs_of(root: Path, name: str) -> list[Path]:
     """Existing run directories of a run name, oldest first (by plan.json time)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and (p.name == name or _is_suffixed(p.name, name))
+    found = [p for p in root.iterdir() if p.is_dir() and (p.name == name or is_suffixed(p.name, name))
              and (p / PLAN_FILE).is_file()]
     return sorted(found, key=lambda p: (p / PLAN_FILE).stat().st_mtime)
 
 
-def _is_suffixed(candidate: str, name: str) -> bool:
+def is_suffixed(candidate: str, name: str) -> bool:
+    """`name-N` (N digits): another run of `name`, as next_run_dir numbers them."""
     head, sep, tail = candidate.rpartition("-")
     return bool(sep) and head == name and tail.isdigit()
 

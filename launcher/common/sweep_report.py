@@ -38,14 +38,20 @@ class ConfigResult:
 
 def final_metric(run_dir: Path, metric: str) -> float | None:
     """The metric's last finite value in a run's metrics.jsonl, or None."""
+    return final_values(run_dir, (metric,))[metric]
+
+
+def final_values(run_dir: Path, keys: tuple[str, ...]) -> dict[str, float | None]:
+    """The last finite value of each key in a run's metrics.jsonl (None where it has none), in one read."""
+    found: dict[str, float | None] = dict.fromkeys(keys)
     path = run_dir / METRICS_FILE
     if not path.is_file():
-        return None
-    found = None
+        return found
     for row in read_jsonl(path):
-        value = row.get(metric)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            found = float(value)
+        for key in keys:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                found[key] = float(value)
     return found
 
 
