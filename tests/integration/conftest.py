@@ -34,8 +34,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slurm: needs the local Slurm cluster (slurm/local-cluster.sh)")
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: tests/conftest.py prints them in the controller's summary
+        workeroutput["integration_timings"] = dict(TIMINGS)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if TIMINGS:
+    if TIMINGS and not hasattr(terminalreporter.config, "workeroutput"):
         terminalreporter.section("integration timings (measured, not asserted)")
         for name, value in TIMINGS.items():
             terminalreporter.write_line(f"{name}: {value}")
