@@ -39,8 +39,45 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
 """Subcommands; anything else is `launch RECIPE ...` (cmd_run)."""
 
 
+OVERVIEW = """\
+launch: fine-tune a model from a recipe, here or on Slurm.
+
+commands (one example each; `launch COMMAND --help` for its flags):
+  launch RECIPE [key.path=value ...]     train on this machine       launch recipes/demo.yaml optim.lr=1e-4
+  launch RECIPE --nodes N | --cluster C  submit to Slurm             launch recipes/llama3-70b-qlora.yaml --nodes 4
+  launch --resume [RUN_DIR]              continue from a checkpoint  launch --resume runs/demo --procs 2
+  launch plan RECIPE [--nodes N]         check and size, run nothing launch plan recipes/demo.yaml --nodes 4
+  launch baseline RECIPE                 TF-IDF/majority/copy scores launch baseline recipes/demo-classify.yaml
+  launch runs [--root DIR]               recent runs                 launch runs
+  launch status RUN | SWEEP_DIR          state, step, metrics        launch status runs/demo
+  launch logs RUN [--rank R] [--follow]  one rank's log              launch logs runs/demo --follow
+  launch cancel RUN | SWEEP_DIR          cancel its Slurm job(s)     launch cancel runs/demo
+  launch export RUN_DIR [--merge]        checkpoint -> HF model      launch export runs/demo --merge
+  launch import AXOLOTL.yaml             axolotl config -> recipe    launch import qlora.yml --out r.yaml
+  launch report SWEEP_DIR                sweep mean +- std table     launch report runs/demo-sweep
+  launch --version
+
+training flags (launch RECIPE ...):
+"""
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as package_version
+
+    try:
+        return package_version("ftlaunch")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH without `pip install -e .`
+        return "unknown (not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(OVERVIEW, end="")
+        return cmd_run(["--help"])
+    if argv[:1] == ["--version"]:
+        print(f"ftlaunch {version()}")
+        return 0
     command = COMMANDS.get(argv[0] if argv else "", cmd_run)
     if command is not cmd_run:
         argv = argv[1:]

@@ -23,6 +23,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_plan(argv: Sequence[str]) -> int:
+    if not [a for a in argv if not a.startswith("-")] and not {"-h", "--help"} & set(argv):
+        # argparse would say "the following arguments are required: recipe, key.path=value"; overrides are optional.
+        raise cli_args.UsageError("launch plan needs a recipe: `launch plan RECIPE.yaml [key.path=value ...] "
+                                  "[--nodes N]` (e.g. `launch plan recipes/demo.yaml`)")
     args = parser().parse_intermixed_args(argv)
     loaded = load_recipe(args.recipe, args.overrides)
     if loaded.recipe.sweep is not None:

@@ -69,7 +69,8 @@ def cmd_run(argv: Sequence[str]) -> int:
         args.overrides.insert(0, args.resume)  # `--resume key=value`: an override, not a run directory
         args.resume = "latest"
     if args.resume is None and args.recipe is None:
-        raise UsageError("launch needs a recipe (launch RECIPE ...) or a run to resume (launch --resume RUN_DIR)")
+        raise UsageError("launch needs a recipe (launch RECIPE ...) or a run to resume (launch --resume RUN_DIR); "
+                         "`launch --help` lists every command")
     if args.resume is not None:
         executor, run = _resume(args)
     else:

@@ -315,7 +315,7 @@ def apply_override(data: dict[str, Any], keys: list[str], value: Any, text: str)
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise RecipeError([Problem(".".join(keys[: i + 1]), f"no list item {key} (the list has {len(node)})",
-                                           None, f"in override `{text}`")], source="override")
+                                           None, _list_hint(keys, i, len(node), text))], source="override")
             node = node[int(key)]
         else:
             child = node.get(key)
@@ -328,11 +328,37 @@ def apply_override(data: dict[str, Any], keys: list[str], value: Any, text: str)
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            raise RecipeError([Problem(".".join(keys), f"no list item {last}", None, f"in override `{text}`")],
-                              source="override")
+            raise RecipeError([Problem(".".join(keys), f"no list item {last} (the list has {len(node)})", None,
+                                       _list_hint(keys, len(keys) - 1, len(node), text))], source="override")
         node[int(last)] = value
     else:
         node[last] = value
+
+
+def _list_hint(keys: list[str], at: int, length: int, text: str) -> str:
+    """`data.train.path=x` -> "`data.train` is a list: name an item by its index, e.g. `data.train.0.path=...`"."""
+    where = ".".join(keys[:at])
+    if keys[at].isdigit():
+        return f"in override `{text}`: `{where}` has items 0..{length - 1}" if length else \
+            f"in override `{text}`: `{where}` is empty; set the whole list, e.g. `{where}=[...]`"
+    example = ".".join([*keys[:at], "0", *keys[at:]])
+    return f"in override `{text}`: `{where}` is a list; name an item by its index, e.g. `{example}=...`"
+
+
+MODEL_SOURCES = ("path", "gguf")
+"""The model's mutually exclusive sources: an override that sets one drops the other the recipe set, so switching
+from a GGUF file to a directory is one override, not two (`model.path=DIR` alone used to fail "set exactly one")."""
+
+
+def _switch_model_source(data: dict[str, Any], overridden: set[tuple[str, ...]]) -> None:
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return
+    chosen = [key for key in MODEL_SOURCES if ("model", key) in overridden and model.get(key) is not None]
+    if len(chosen) == 1:
+        for other in MODEL_SOURCES:
+            if other != chosen[0] and ("model", other) not in overridden:
+                model.pop(other, None)
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -438,8 +464,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
     files: list[Path] = []
     data = _load_tree(source, (), locs, files)
     shown: list[str] = []
+    overridden: set[tuple[str, ...]] = set()
     for text in overrides:
         keys, value = parse_override(text)
+        overridden.add(tuple(keys))
         shown.append(redact_override(text))
         apply_override(data, keys, value, shown[-1])
         for end in range(1, len(keys) + 1):  # new keys point at the override that made them
@@ -447,6 +475,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
             if end == len(keys) or prefix not in locs:
                 locs[prefix] = Location(f"override `{shown[-1]}`")
         _rebase_paths(data, Path.cwd())  # a relative path given on the command line is relative to the shell
+    _switch_model_source(data, overridden)
     data.setdefault("name", source.stem)
     return LoadedRecipe(recipe=validate(data, locs, source), source=source, files=files, overrides=shown,
                         locations=locs)

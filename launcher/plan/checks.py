@@ -22,6 +22,20 @@ IMPLEMENTED_STRATEGIES = tuple(STRATEGIES)
 """Strategies whose rank-side implementation exists (the registry). Others accepted by the schema can be planned, and
 are refused with a clear message rather than failing after a job has queued for hours."""
 
+def _missing_data_hint(path: Path) -> str:
+    """Where relative paths come from, and what to do when the path was meant as a Hub dataset name: ftlaunch reads
+    local files only (the ranks of a cluster job usually have no internet), so `tatsu-lab/alpaca` must be fetched
+    first."""
+    hint = ("check the path (it was resolved to this: a relative path in a recipe is relative to the recipe file that "
+            "names it, one in a command-line override to the current directory)")
+    owner, name = path.parent.name, path.name
+    if not path.parent.exists() and not path.suffix and owner and name and "." not in owner:
+        hint += (f"; if `{owner}/{name}` is a Hugging Face Hub dataset: ftlaunch reads local files, so save it first "
+                 f"(`datasets.load_dataset(\"{owner}/{name}\").save_to_disk(DIR)` where there is internet) and set "
+                 "the path to DIR")
+    return hint
+
+
 def data_problems(recipe: Recipe) -> list[Problem]:
     """Data files that are not there or cannot be read, from this machine (the login node sees the storage the
     ranks read). `launch plan` prints them as warnings (sizing a recipe needs no data); a run is not created with
@@ -32,8 +46,7 @@ def data_problems(recipe: Recipe) -> list[Problem]:
             path = Path(source.path)
             key = f"data.{split}.{i}.path"
             if not path.exists():
-                found.append(Problem(key, f"{path} does not exist", hint="check the path (relative paths are "
-                                     "relative to the recipe file that names them)"))
+                found.append(Problem(key, f"{path} does not exist", hint=_missing_data_hint(path)))
             elif not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
                 found.append(Problem(key, f"{path} is not readable by this user", hint="check its permissions"))
             elif path.is_file() and path.stat().st_size == 0:

@@ -241,3 +241,37 @@ def test_random_yaml_text_never_tracebacks(tmp_path: Path, text: str) -> None:
         load_recipe(path)
     except RecipeError:
         pass
+
+
+def test_an_override_into_a_list_without_an_index_names_the_indexed_path(tmp_path: Path) -> None:
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    (problem,) = problems_of(path, ["data.train.path=other.jsonl"])
+    assert "no list item path (the list has 1)" in problem and "`data.train.0.path=...`" in problem
+    (problem,) = problems_of(path, ["data.train.3.path=other.jsonl"])
+    assert "items 0..0" in problem
+
+
+def test_one_override_switches_the_model_source(tmp_path: Path) -> None:
+    gguf = write(tmp_path, "g.yaml", {**MINIMAL, "model": {"gguf": "m.gguf"}})
+    switched = load_recipe(gguf, ["model.path=other"]).recipe.model
+    assert (switched.path, switched.gguf) == (str((Path.cwd() / "other").resolve()), None)
+    back = load_recipe(write(tmp_path, "p.yaml", MINIMAL), ["model.gguf=x.gguf"]).recipe.model
+    assert back.path is None and back.gguf.endswith("x.gguf")
+    # Both on the command line is still the user's contradiction, reported as before.
+    assert "exactly one of model.path or model.gguf" in problems_of(gguf, ["model.path=a", "model.gguf=b.gguf"])[0]
+
+
+def test_a_relative_path_from_an_override_is_relative_to_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from launcher.plan.checks import data_problems
+
+    (tmp_path / "recipes").mkdir()
+    path = write(tmp_path / "recipes", "r.yaml", MINIMAL)
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe(path, ["data.train.0.path=here.jsonl"])
+    assert loaded.recipe.data.train[0].path == str(tmp_path / "here.jsonl")
+    (problem,) = data_problems(loaded.recipe)
+    assert str(tmp_path / "here.jsonl") in str(problem) and "command-line override to the current directory" in \
+        str(problem)
+    hub = load_recipe(path, ["data.train.0.path=tatsu-lab/alpaca"]).recipe
+    assert 'load_dataset("tatsu-lab/alpaca")' in str(data_problems(hub)[0])

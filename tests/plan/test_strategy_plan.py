@@ -217,3 +217,18 @@ def test_launch_resume_needs_a_recipe_or_a_run(capsys: pytest.CaptureFixture[str
     assert "--resume without a run directory needs the recipe" in capsys.readouterr().err
     assert main([]) == 2
     assert "launch needs a recipe" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_with_an_example_and_version_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    from launcher.cli.main import COMMANDS
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    listed = {line.split()[1] for line in out.splitlines() if line.startswith("  launch ")}
+    assert set(COMMANDS) <= listed, set(COMMANDS) - listed
+    assert "--nodes" in out and "--resume" in out  # the training flags follow the overview
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("ftlaunch ")
+    assert main(["plan"]) == 2
+    assert "launch plan needs a recipe" in capsys.readouterr().err
