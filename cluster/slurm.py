@@ -130,7 +130,18 @@ class SlurmSettings:
 def profile_dirs() -> list[Path]:
     """Where profiles are looked up: $FTLAUNCH_PROFILES (colon-separated), ~/.config/ftlaunch/profiles, shipped."""
     extra = [Path(p) for p in os.environ.get("FTLAUNCH_PROFILES", "").split(os.pathsep) if p]
-    return [*extra, Path.home() / ".config" / "ftlaunch" / "profiles", PROFILE_DIR]
+    return [*extra, Path.home() / ".config" / "ftlaunch" / "profiles", PROFILE_DIR, PROFILE_DIR / "examples"]
+
+
+def local_profile_warning(profile_name: str | None, gpus_per_node: int) -> str | None:
+    """The default profile is this machine's loopback test cluster (partition debug, 20 minutes, gloo on `lo`):
+    applying it to a GPU job is almost never what was meant, so it is said, not done silently."""
+    if profile_name is None and default_profile() == DEFAULT_PROFILE and gpus_per_node > 0:
+        return (f"no cluster profile named: the default `{DEFAULT_PROFILE}` profile (the loopback test cluster of "
+                "slurm/local-cluster.sh: partition debug, 00:20:00, GLOO_SOCKET_IFNAME=lo) is applied to this "
+                f"{gpus_per_node}-GPU-per-node job; name your cluster's with --cluster NAME or $FTLAUNCH_CLUSTER "
+                "(examples: cluster/profiles/examples/)")
+    return None
 
 
 def default_profile() -> str:
@@ -237,6 +248,13 @@ def _sbatch_option_pair(option: str) -> tuple[str, str | bool]:
 
 
 # ----------------------------------------------------------------------------------------------------- sbatch
+def srun_command(settings: SlurmSettings, run_dir: str, python: str = sys.executable) -> list[str]:
+    """The job step that starts every rank (one task per rank; job.sbatch runs it, and `launch plan` shows it as the
+    launch command of a Slurm plan)."""
+    container = [f"--container-image={settings.container_image}"] if settings.container_image else []
+    return ["srun", *container, python, "-m", "launcher.train.job", run_dir]
+
+
 def render_sbatch(settings: SlurmSettings, run_dir: str, job_name: str, python: str = sys.executable,
                   recipe_file: str | None = None) -> str:
     """The equivalent batch script, for `sbatch RUN_DIR/job.sbatch`.
@@ -285,14 +303,12 @@ def render_sbatch(settings: SlurmSettings, run_dir: str, job_name: str, python: 
     lines += [f"export {k}={q(v)}" for k, v in sorted(settings.env.items())]
     for name in settings.secret_env:  # names match [A-Za-z_][A-Za-z0-9_]* (schema), safe unquoted
         lines.append(f': "${{{name}:?export {name} in the shell that runs sbatch (never written to files)}}"')
-    run_q = q(run_dir)
     lines += ["",
               "# run history for `launch status` (the job id is digits)",
               f'printf \'{{"event": "started", "job_id": "%s", "restart": %s, "time": %s, "via": "sbatch"}}\\n\' '
               f'"$SLURM_JOB_ID" "${{SLURM_RESTART_COUNT:-0}}" "$(date +%s)" >> {q(run_dir + "/" + JOBS_FILE)}',
               "", "# one task per rank; ranks find rank 0 on the first node of the allocation (cluster/env.py)"]
-    srun = ["srun"] + ([f"--container-image={settings.container_image}"] if settings.container_image else [])
-    lines += [f"rc=0; {' '.join(q(a) for a in srun)} {q(python)} -m launcher.train.job {run_q} || rc=$?"]
+    lines += [f"rc=0; {shlex.join(srun_command(settings, run_dir, python))} || rc=$?"]
     lines += [f"# exit {EXIT_INTERRUPTED}: stopped by SIGUSR1 (time limit) after a checkpoint: requeue, "
               "the ranks resume from it",
               f'if [ "$rc" -eq {EXIT_INTERRUPTED} ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {settings.max_requeues} ]; then',

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from cluster.errors import SubmitError
 from cluster.executor import (Executor, PreparedRun, Submission, loaded_from_plan, refuse_completed,
                               require_runnable, resume_notes)
-from cluster.slurm import (CLUSTER_FILE, SBATCH_FILE, SlurmSettings, load_profile, preflight, render_sbatch,
+from cluster.slurm import (CLUSTER_FILE, SBATCH_FILE, SlurmSettings, load_profile, local_profile_warning, preflight,
+                           render_sbatch, srun_command,
                            resolve_settings, secret_values, submit, submit_array,
                            submit_prepare)
 from launcher.common.rundir import write_json_atomic, write_text_atomic
@@ -46,6 +47,8 @@ class SlurmRequest:
     time: str | None = None
     gpu_mem_bytes: int | None = None
     """Memory of one GPU, for the memory planner's fits and auto choices."""
+    offline: bool = False
+    """`launch plan --offline`: plan for a cluster this machine cannot reach (or is not on): no sinfo checks."""
 
     def recorded(self, run_dir: Path) -> "SlurmRequest":
         """Unset fields filled from RUN_DIR/cluster.json (the run's last submission)."""
@@ -102,7 +105,10 @@ class SlurmExecutor(Executor):
         """The plan holding the batch script its settings render (also RUN_DIR/job.sbatch)."""
         sbatch = render_sbatch(run.context.settings, run.plan.run_dir, job_name(run.loaded.recipe),
                                recipe_file=run.plan.recipe_file)
-        return dataclasses.replace(run, plan=dataclasses.replace(run.plan, sbatch=sbatch))
+        # The command shown as the plan's launch command is the job step job.sbatch runs, not this machine's
+        # torchrun line.
+        command = srun_command(run.context.settings, run.plan.run_dir)
+        return dataclasses.replace(run, plan=dataclasses.replace(run.plan, sbatch=sbatch, command=command))
 
     def check(self, run: PreparedRun) -> PreparedRun:
         """sinfo (partition, sizes), shared storage, secrets to pass through, and whether data must be prepared."""
@@ -187,6 +193,11 @@ class SlurmExecutor(Executor):
 
     def request_warnings(self, run: PreparedRun) -> list[str]:
         """`launch plan` on a machine with Slurm checks the request as `launch` would; without Slurm it says so."""
+        settings = run.context.settings
+        warnings = [w for w in [local_profile_warning(self.request.profile, settings.gpus_per_node)] if w]
+        if self.request.offline:
+            return [*warnings, "--offline: partition, node sizes and limits not checked against a Slurm controller "
+                               "(`launch` checks them when it submits)"]
         if shutil.which("sinfo") is None:
-            return ["Slurm is not on PATH here: partition and sizes not checked"]
-        return preflight(run.context.settings, run.run_dir, need_cluster=False)[1]
+            return [*warnings, "Slurm is not on PATH here: partition and sizes not checked"]
+        return [*warnings, *preflight(settings, run.run_dir, need_cluster=False)[1]]

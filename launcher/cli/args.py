@@ -49,7 +49,7 @@ def layout_given(args: argparse.Namespace) -> bool:
 
 def on_slurm(args: argparse.Namespace) -> bool:
     """Slurm when asked for several nodes or a cluster profile; this machine otherwise."""
-    return nodes(args) > 1 or args.cluster is not None
+    return nodes(args) > 1 or args.cluster is not None or getattr(args, "offline", False)
 
 
 def parse_size(text: str) -> int:
@@ -104,7 +104,7 @@ def slurm_executor(args: argparse.Namespace, *, resume: bool = False) -> SlurmEx
     """Flags given; for a resume, None where not given (the executor takes the run's recorded layout)."""
     request = SlurmRequest(profile=args.cluster, nodes=args.nodes if resume else nodes(args),
                            gpus_per_node=args.gpus_per_node, procs=args.procs, partition=args.partition,
-                           time=args.time, gpu_mem_bytes=gpu_mem(args))
+                           time=args.time, gpu_mem_bytes=gpu_mem(args), offline=getattr(args, "offline", False))
     return SlurmExecutor(request, missing_preparation=_missing_preparation)
 
 

@@ -16,6 +16,9 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch plan", description="Resolve a recipe into a plan; runs nothing.")
     cli_args.add_recipe_args(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--offline", action="store_true",
+                        help="plan a Slurm job for a cluster this machine does not reach (or is not on): the profile, "
+                             "recipe and flags only, no sinfo checks; e.g. --cluster h100-ib --nodes 4 --offline")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="also write the run directory (plan.json, ds_config.json, job.sbatch) to DIR; "
                              "`launch --resume DIR` or `sbatch DIR/job.sbatch` runs it. Default: write nothing")

@@ -222,3 +222,56 @@ def test_plan_does_not_wait_on_a_controller_that_does_not_answer(tmp_path: Path,
     assert same == settings and len(warnings) == 1
     assert warnings[0].startswith("cluster not checked: sinfo ") and \
         f"did not answer in {PLAN_SINFO_TIMEOUT_S:.0f} s: is slurmctld up?" in warnings[0]
+
+
+EXAMPLE_PROFILES = sorted((Path(__file__).resolve().parents[2] / "cluster" / "profiles" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("profile", EXAMPLE_PROFILES, ids=lambda p: p.stem)
+def test_example_profiles_plan_offline_with_their_settings(profile: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`launch plan --cluster NAME --offline` on a machine whose Slurm would refuse the job (a controller with one
+    2-GPU partition): no Slurm command runs, the plan holds the profile's settings, and its launch command is the
+    srun line job.sbatch runs."""
+    import yaml
+
+    from cluster.slurm import load_profile
+    from launcher.cli.main import main
+
+    bin_dir, called = tmp_path / "bin", tmp_path / "called"
+    bin_dir.mkdir()
+    for name in ("sbatch", "sinfo", "squeue", "scontrol"):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {name} >> {called}\necho 'debug*|2|gpu:2|2|00:30:00'\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(tmp_path)}, "data": {"train": {"path": str(recipe)}},
+                                      "output": {"root": str(tmp_path / "runs")}}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                                                      "num_attention_heads": 4, "intermediate_size": 128,
+                                                      "vocab_size": 400}))
+    assert main(["plan", str(recipe), "--cluster", profile.stem, "--nodes", "2", "--offline", "--json"]) == 0
+    out, err = capsys.readouterr()
+    plan = json.loads(out)
+    assert not called.exists()
+    assert "--offline: partition, node sizes and limits not checked" in " ".join(err.split())
+    cluster = load_profile(profile.stem)
+    assert plan["command"][0] == "srun" and plan["command"][-3:] == ["-m", "launcher.train.job", plan["run_dir"]]
+    if cluster.container_image:
+        assert plan["command"][1] == f"--container-image={cluster.container_image}"
+    assert f"#SBATCH --gpus-per-node={cluster.gpus_per_node}" in plan["sbatch"]
+    assert f"#SBATCH --partition={cluster.partition}" in plan["sbatch"]
+    for name, value in cluster.env.items():
+        assert (f"export {name}=" in plan["sbatch"]) == (value is not None), name  # HF_TOKEN: passed, never written
+
+
+def test_the_default_local_profile_on_a_gpu_plan_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.slurm import DEFAULT_PROFILE, local_profile_warning
+
+    monkeypatch.delenv("FTLAUNCH_CLUSTER", raising=False)
+    assert f"default `{DEFAULT_PROFILE}` profile" in (local_profile_warning(None, 8) or "")
+    assert local_profile_warning(None, 0) is None  # CPU ranks: what the local cluster runs
+    assert local_profile_warning("local", 8) is None  # named on purpose
+    monkeypatch.setenv("FTLAUNCH_CLUSTER", "h100-ib")
+    assert local_profile_warning(None, 8) is None
