@@ -24,19 +24,30 @@ from launcher.plan.resources import Resources
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def rank_environment(plan: Any) -> dict[str, str]:
-    """The environment of the job's processes."""
+def rank_environment(plan: Any, jobs: int = 1) -> dict[str, str]:
+    """The environment of the job's processes; `jobs`: how many such jobs run on this machine at once (a sweep's
+    `--parallel`), which share its CPUs."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")  # the job reads local files only; never wait on a hub
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if plan.device == "cpu" and plan.world_size > 1:
+    if plan.device == "cpu" and (plan.world_size > 1 or jobs > 1):
         # The node's CPUs shared by its ranks. Set here because torchrun would otherwise set 1 for every rank, and the
         # ranks honour an explicit OMP_NUM_THREADS (launcher/train/job.py, cpu_threads).
         cores = len(os.sched_getaffinity(0))
-        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, plan.procs_per_node))))
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local ranks talk over loopback
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, plan.procs_per_node * jobs))))
+        if plan.world_size > 1:
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local ranks talk over loopback
     return env
+
+
+def start_background(plan: Any, output: Path, jobs: int) -> subprocess.Popen[bytes]:
+    """Start the plan's local command with its output appended to `output` (several jobs at once would interleave
+    on one terminal); the caller waits. Ctrl-C still reaches it (same process group)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "ab") as sink:
+        return subprocess.Popen(plan.command, env=rank_environment(plan, jobs), stdout=sink,
+                                stderr=subprocess.STDOUT)
 
 
 def run_local(plan: Any) -> int:

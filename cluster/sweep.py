@@ -94,18 +94,53 @@ def plan_trials(sweep: Sweep, sweep_dir: Path, executor: Executor) -> None:
             executor.dry_run(sweep.load_trial(trial, sweep_dir), run_dir)
 
 
+CONSOLE_LOG = "logs/console.log"
+"""A trial's terminal output when trials run side by side (`--parallel`), relative to its run directory."""
+
+
 def run_locally(sweep: Sweep, sweep_dir: Path, executor: Executor,
-                announce: Callable[[TrialState, int, int], None] = lambda *_: None) -> dict[str, int]:
-    """Every unfinished trial, one after another, in the foreground: planned ones start, interrupted and failed
-    ones resume (a failed trial with no checkpoint starts again). Returns trial name -> exit code."""
+                announce: Callable[[TrialState, int, int], None] = lambda *_: None,
+                parallel: int = 1) -> dict[str, int]:
+    """Every unfinished trial in the foreground, `parallel` at a time (sharing this machine's CPUs): planned ones
+    start, interrupted and failed ones resume (a failed trial with no checkpoint starts again). Returns trial name
+    -> exit code."""
     plan_trials(sweep, sweep_dir, executor)
     todo = [s for s in states(sweep, sweep_dir) if s.state != "completed"]
+    if parallel > 1:
+        return _run_side_by_side(todo, executor, announce, parallel)
     codes: dict[str, int] = {}
     for i, trial in enumerate(todo, start=1):
         announce(trial, i, len(todo))
         run: PreparedRun = executor.prepare_resume(trial.run_dir, replan=False)
         submission: Submission = executor.start(run)
         codes[trial.trial.name] = submission.returncode or 0
+    return codes
+
+
+def _run_side_by_side(todo: list[TrialState], executor: Executor,
+                      announce: Callable[[TrialState, int, int], None], parallel: int) -> dict[str, int]:
+    """Up to `parallel` trials at once, each a child process writing to its CONSOLE_LOG. On Ctrl-C (which every child
+    receives too, and answers by checkpointing) no further trial starts and the running ones are waited for."""
+    import time
+
+    from cluster.local import start_background
+
+    queue, running, codes = list(enumerate(todo, start=1)), {}, {}
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                i, trial = queue.pop(0)
+                announce(trial, i, len(todo))
+                run: PreparedRun = executor.prepare_resume(trial.run_dir, replan=False)
+                running[trial.trial.name] = start_background(run.plan, trial.run_dir / CONSOLE_LOG, parallel)
+            for name, process in list(running.items()):
+                if process.poll() is not None:
+                    codes[name] = process.returncode
+                    del running[name]
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for name, process in running.items():  # they are writing their checkpoints
+            codes[name] = process.wait()
     return codes
 
 

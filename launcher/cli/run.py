@@ -28,6 +28,9 @@ def parser() -> argparse.ArgumentParser:
                         help="continue the latest run of this recipe, or the given run directory, from its last "
                              "checkpoint; --procs/--nodes/--gpus-per-node resume it on another world size (the "
                              "global batch is kept: grad_accum absorbs the change)")
+    parser.add_argument("--parallel", type=int, default=None, metavar="K",
+                        help="a sweep on this machine: run K trials at once (they share its CPUs/GPUs; each writes "
+                             "RUN_DIR/logs/console.log). Default 1; on Slurm, sweep.max_parallel throttles the array")
     return parser
 
 
@@ -71,7 +74,12 @@ def cmd_run(argv: Sequence[str]) -> int:
     if args.resume is None and args.recipe is None:
         raise UsageError("launch needs a recipe (launch RECIPE ...) or a run to resume (launch --resume RUN_DIR); "
                          "`launch --help` lists every command")
+    if args.parallel is not None and args.parallel < 1:
+        raise UsageError(f"--parallel must be >= 1 (got {args.parallel})")
     if args.resume is not None:
+        if args.parallel is not None:
+            raise UsageError("--parallel runs a sweep's trials side by side: `launch SWEEP.yaml --parallel K` "
+                             "(it resumes the unfinished trials itself)")
         executor, run = _resume(args)
     else:
         loaded = load_recipe(args.recipe, args.overrides)
@@ -79,6 +87,8 @@ def cmd_run(argv: Sequence[str]) -> int:
             from launcher.cli.sweep import run_sweep
 
             return run_sweep(args, loaded)
+        if args.parallel is not None:
+            raise UsageError("--parallel runs the trials of a sweep side by side; this recipe has no `sweep:`")
         executor = cli_args.executor(args)
         run = executor.prepare(loaded)
     warnings(run.notes)

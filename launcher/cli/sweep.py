@@ -15,7 +15,7 @@ from rich.table import Table
 from cluster.executor import Executor
 from cluster.runs import cancel_run, run_status
 from cluster.slurm import JOBS_FILE
-from cluster.sweep import (TrialState, open_sweep_dir, read_sweep, run_locally, submit_to_slurm,
+from cluster.sweep import (CONSOLE_LOG, TrialState, open_sweep_dir, read_sweep, run_locally, submit_to_slurm,
                            trial_state)
 from launcher.cli import args as cli_args
 from launcher.cli.console import console, info, wide_console
@@ -78,13 +78,20 @@ def run_sweep(args: argparse.Namespace, loaded: LoadedRecipe) -> int:
     sweep_dir, continued = open_sweep_dir(sweep)
     info("sweep", f"{sweep_dir} ({len(sweep.trials)} trials{', continued' if continued else ''})")
     if executor.kind == "slurm":
+        if getattr(args, "parallel", None) is not None:
+            raise cli_args.UsageError("--parallel is for trials on this machine; on Slurm, sweep.max_parallel "
+                                      "throttles the job array")
         return _submit(sweep, sweep_dir, executor)
+
+    parallel = getattr(args, "parallel", None) or 1
 
     def announce(state: TrialState, i: int, n: int) -> None:
         verb = {"planned": "starting", "missing": "starting"}.get(state.state, "resuming")
-        info(f"trial {i}/{n}", f"{verb} {state.trial.name} ({_values(state.trial.values)}, seed {state.trial.seed})")
+        where = f"; output in {state.run_dir / CONSOLE_LOG}" if parallel > 1 else ""
+        info(f"trial {i}/{n}", f"{verb} {state.trial.name} ({_values(state.trial.values)}, seed {state.trial.seed})"
+                               f"{where}")
 
-    codes = run_locally(sweep, sweep_dir, executor, announce)
+    codes = run_locally(sweep, sweep_dir, executor, announce, parallel=parallel)
     if not codes:
         info("sweep", "every trial has completed: nothing to run")
     failed = {name: code for name, code in codes.items() if code != 0}

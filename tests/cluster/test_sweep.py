@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -149,17 +150,23 @@ def test_a_local_sweep_runs_every_trial_once_and_reports(tmp_path: Path, tiny_mo
     monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     path = sweep_recipe(tmp_path, tiny_model_dir, {"seeds": 1, "grid": {"optim.lr": [1e-3, 1e-2]}})
-    assert main([str(path)]) == 0
+    assert main([str(path), "--parallel", "2"]) == 0
     sweep_dir = tmp_path / "runs" / "sw"
     trials = json.loads((sweep_dir / "sweep.json").read_text())["trials"]
-    finals = {}
+    finals, spans = {}, []
     for trial in trials:
         run = sweep_dir / "trials" / trial["name"]
-        assert json.loads((run / "outcome.json").read_text())["outcome"] == "completed"
+        ended = json.loads((run / "outcome.json").read_text())
+        assert ended["outcome"] == "completed"
+        assert "loss.png" in (run / "logs" / "console.log").read_text()  # its own output file, not the terminal
+        first = (run / "logs" / "rank0.log").read_text().split(" rank0 ", 1)[0]
+        spans.append((datetime.strptime(first, "%Y-%m-%d %H:%M:%S,%f").timestamp(), ended["time"]))
         plan = json.loads((run / "plan.json").read_text())
         assert plan["recipe"]["optim"]["seed"] == trial["seed"] and plan["recipe"]["sweep"] is None
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         finals[trial["name"]] = [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+    (start_a, end_a), (start_b, end_b) = spans
+    assert start_a < end_b and start_b < end_a  # --parallel 2: the two trials ran at the same time
     assert finals["c0-s3"] != finals["c1-s3"]  # the learning rate mattered
     report = json.loads((sweep_dir / "report.json").read_text())
     for config, name in ((0, "c0-s3"), (1, "c1-s3")):
