@@ -41,13 +41,20 @@ def cmd_baseline(argv: Sequence[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     loaded = load_recipe(args.recipe, args.overrides)
     recipe = loaded.recipe
-    if args.out is None and recipe.sweep is not None:
-        raise UsageError("a sweep's runs live in its sweep directory: pass --out DIR for the baseline (every trial "
-                         "shares the recipe's data)")
     from launcher.train.baseline import run_baseline, write_baseline  # reads the data (no torch, but not light)
     from launcher.train.data import DataError
 
-    run_dir = (args.out or next_run_dir(Path(recipe.output.root).resolve(), recipe.output.name or recipe.name))
+    if args.out is not None:
+        run_dir = args.out
+    elif recipe.sweep is not None:
+        # Every trial shares the recipe's data: one baseline, in the sweep directory the next `launch SWEEP` continues
+        # (same fingerprint), where `launch report` draws it as the bar to clear.
+        from cluster.sweep import open_sweep_dir
+        from launcher.config.sweep import load_sweep
+
+        run_dir = open_sweep_dir(load_sweep(loaded.source, loaded.overrides))[0]
+    else:
+        run_dir = next_run_dir(Path(recipe.output.root).resolve(), recipe.output.name or recipe.name)
     try:
         report = run_baseline(recipe)
     except DataError as err:

@@ -96,7 +96,7 @@ def run_sweep(args: argparse.Namespace, loaded: LoadedRecipe) -> int:
         info("sweep", "every trial has completed: nothing to run")
     failed = {name: code for name, code in codes.items() if code != 0}
     _, results = write_report(sweep_dir)
-    _print_results(read_sweep(sweep_dir), results)
+    _print_results(read_sweep(sweep_dir), results, json.loads((sweep_dir / "report.json").read_text())["baseline"])
     info("report", f"{sweep_dir / REPORT_MD}, {sweep_dir / REPORT_PNG}")
     if failed:
         console.print(f"[red]trials that did not complete:[/] {escape(', '.join(sorted(failed)))} "
@@ -124,7 +124,7 @@ def _submit(sweep: Sweep, sweep_dir: Path, executor: Executor) -> int:
     return 0
 
 
-def _print_results(sweep: dict[str, Any], results: list[Any]) -> None:
+def _print_results(sweep: dict[str, Any], results: list[Any], baseline: dict[str, Any] | None = None) -> None:
     top = best(results, sweep["mode"])
     table = Table(title=f"{escape(sweep['metric'])} over seeds ({sweep['mode']} is best)")
     for column in ("config", "values", "mean", "std", "n"):
@@ -133,6 +133,8 @@ def _print_results(sweep: dict[str, Any], results: list[Any]) -> None:
         name = f"c{r.config}" + (" (best)" if top is not None and r.config == top.config else "")
         table.add_row(name, escape(_values(r.values)), "n/a" if r.mean is None else f"{r.mean:.4g}",
                       "n/a" if r.std is None else f"{r.std:.4g}", f"{r.n}/{len(r.trials)}")
+    if baseline is not None:
+        table.add_row(f"baseline: {escape(baseline['name'])}", "launch baseline", f"{baseline['value']:.4g}", "", "")
     wide_console().print(table)
 
 
@@ -146,7 +148,7 @@ def cmd_report(argv: Sequence[str]) -> int:
     if args.json:
         print((sweep_dir / "report.json").read_text())
     else:
-        _print_results(sweep, results)
+        _print_results(sweep, results, json.loads((sweep_dir / "report.json").read_text())["baseline"])
         info("written", f"{sweep_dir / REPORT_MD}, {sweep_dir / REPORT_PNG}")
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.common.jsonl import read_jsonl
-from launcher.common.rundir import write_json_atomic, write_text_atomic
+from launcher.common.rundir import BASELINE_FILE, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "sweep.png"
@@ -86,7 +86,7 @@ def _values_text(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in values.items()) or "(recipe)"
 
 
-def markdown(sweep: dict[str, Any], results: list[ConfigResult]) -> str:
+def markdown(sweep: dict[str, Any], results: list[ConfigResult], baseline: tuple[str, float] | None = None) -> str:
     top = best(results, sweep["mode"])
     lines = [f"# Sweep report: {sweep['metric']} ({sweep['mode']} is best)", "",
              f"Recipe: `{sweep['recipe']}`; {len(sweep['trials'])} trials, {len(results)} configurations.", "",
@@ -99,6 +99,8 @@ def markdown(sweep: dict[str, Any], results: list[ConfigResult]) -> str:
     if top is not None:
         lines += ["", f"Best: c{top.config} ({_values_text(top.values)}): {_fmt(top.mean)} ± {_fmt(top.std)} "
                       f"over {top.n} seed(s)."]
+    if baseline is not None:
+        lines += ["", f"Baseline to beat ({baseline[0]}, `launch baseline`): {_fmt(baseline[1])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -139,19 +141,24 @@ def write_report(sweep_dir: Path) -> tuple[dict[str, Any], list[ConfigResult]]:
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
     results = summarise(sweep, sweep_dir)
     top = best(results, sweep["mode"])
-    baseline = _baseline(sweep_dir, sweep["metric"])
-    write_json_atomic(sweep_dir / REPORT_JSON, {"metric": sweep["metric"], "mode": sweep["mode"],
-                                                "best_config": None if top is None else top.config,
-                                                "baseline": baseline, "configs": [asdict(r) for r in results]})
-    write_text_atomic(sweep_dir / REPORT_MD, markdown(sweep, results))
-    plot(sweep, results, sweep_dir / REPORT_PNG, baseline)
+    baseline = _baseline(sweep_dir, sweep["metric"], sweep["mode"])
+    write_json_atomic(sweep_dir / REPORT_JSON, {
+        "metric": sweep["metric"], "mode": sweep["mode"], "best_config": None if top is None else top.config,
+        "baseline": None if baseline is None else {"name": baseline[0], "value": baseline[1]},
+        "configs": [asdict(r) for r in results]})
+    write_text_atomic(sweep_dir / REPORT_MD, markdown(sweep, results, baseline))
+    plot(sweep, results, sweep_dir / REPORT_PNG, None if baseline is None else baseline[1])
     return sweep, results
 
 
-def _baseline(sweep_dir: Path, metric: str) -> float | None:
-    """A baseline's value of the metric when SWEEP_DIR/baseline.json holds one (written by a baseline run)."""
-    path = sweep_dir / "baseline.json"
+def _baseline(sweep_dir: Path, metric: str, mode: str) -> tuple[str, float] | None:
+    """The best baseline's value of the metric, when SWEEP_DIR/baseline.json (`launch baseline SWEEP`) has it: the bar
+    every configuration must clear."""
+    path = sweep_dir / BASELINE_FILE
     if not path.is_file():
         return None
-    value = json.loads(path.read_text()).get(metric)
-    return float(value) if isinstance(value, (int, float)) else None
+    scored = [(name, float(values[metric])) for name, values in json.loads(path.read_text()).get("baselines", {}).items()
+              if isinstance(values.get(metric), (int, float))]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda item: item[1])

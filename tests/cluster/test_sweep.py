@@ -138,6 +138,26 @@ def test_report_is_the_mean_and_sample_std_of_each_configuration(tmp_path: Path)
     assert "c1 **best**" in (tmp_path / "report.md").read_text() and "2/3" in (tmp_path / "report.md").read_text()
 
 
+def test_a_sweeps_baseline_goes_to_its_directory_and_into_the_report(tmp_path: Path, tiny_model_dir: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`launch baseline SWEEP` writes baseline.json into the sweep directory the sweep then continues; the report
+    names the best baseline on the sweep's metric (max mode: the highest) as the bar to clear."""
+    path = sweep_recipe(tmp_path, tiny_model_dir, {"seeds": 1, "grid": {"optim.lr": [1e-3, 1e-2]},
+                                                   "metric": "eval_rouge1", "mode": "max"})
+    assert main(["baseline", str(path)]) == 0
+    sweep_dir = tmp_path / "runs" / "sw"
+    baselines = json.loads((sweep_dir / "baseline.json").read_text())["baselines"]
+    want = max(((name, values["eval_rouge1"]) for name, values in baselines.items() if "eval_rouge1" in values),
+               key=lambda item: item[1])
+    capsys.readouterr()
+    assert main(["report", str(sweep_dir)]) == 0
+    assert want[0] in capsys.readouterr().out
+    report = json.loads((sweep_dir / "report.json").read_text())
+    assert report["baseline"] == {"name": want[0], "value": pytest.approx(want[1])}
+    assert f"Baseline to beat ({want[0]}" in (sweep_dir / "report.md").read_text()
+    assert not (tmp_path / "runs" / "sw-2").exists()  # the sweep's own directory, not a new one
+
+
 # ------------------------------------------------------------------------------------------------- a real one
 @pytest.mark.slow
 def test_a_local_sweep_runs_every_trial_once_and_reports(tmp_path: Path, tiny_model_dir: Path,
