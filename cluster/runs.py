@@ -65,6 +65,9 @@ class RunStatus:
     diverged, failed (bad input at start) or crashed."""
     exit_code: int | None = None
     reason: str | None = None
+    eval_step: int | None = None
+    eval: dict[str, float] = field(default_factory=dict)
+    """The last evaluation's metrics (eval_loss, eval_accuracy, ...), at `eval_step`."""
 
     @property
     def done(self) -> bool:
@@ -120,8 +123,12 @@ def _quiet(cmd: list[str]) -> str:
     return proc.stdout if proc.returncode == 0 else ""
 
 
-def _last_train_row(run_dir: Path) -> dict[str, Any] | None:
-    return next((row for row in reversed(read_jsonl(run_dir / METRICS_FILE)) if row.get("kind") == "train"), None)
+def _last_rows(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The last training and the last evaluation row of metrics.jsonl (one read)."""
+    rows = read_jsonl(run_dir / METRICS_FILE)
+    train = next((row for row in reversed(rows) if row.get("kind") == "train"), None)
+    evaluated = next((row for row in reversed(rows) if row.get("kind") == "eval"), None)
+    return train, evaluated
 
 
 def _local_state(run_dir: Path) -> tuple[str, str | None]:
@@ -153,11 +160,14 @@ def run_status(run_dir: Path) -> RunStatus:
     events = read_events(run_dir)
     ids = job_ids(run_dir)
     slurm = bool(ids) or (run_dir / CLUSTER_FILE).is_file()
-    row = _last_train_row(run_dir)
+    row, evaluated = _last_rows(run_dir)
     status = RunStatus(run=run_dir.name, run_dir=str(run_dir), kind="slurm" if slurm else "local", state="",
                        nodes=plan.get("nodes", 1), world_size=plan.get("world_size", 1), jobs=events,
                        step=row.get("step") if row else None, last_loss=row.get("loss") if row else None,
                        total_steps=(plan.get("recipe", {}).get("optim", {}) or {}).get("max_steps"))
+    if evaluated is not None:
+        status.eval_step = evaluated.get("step")
+        status.eval = {k: v for k, v in evaluated.items() if k.startswith("eval_") and isinstance(v, (int, float))}
     if slurm and ids:
         status.job_id = ids[-1]
         status.state, status.elapsed, status.node_list = slurm_state(ids[-1])
@@ -230,6 +240,9 @@ def status_table(status: RunStatus) -> Table:
         table.add_row("step", f"{status.step}" + (f" of {status.total_steps}" if status.total_steps else ""))
     if status.last_loss is not None:
         table.add_row("last loss", f"{status.last_loss:.4f}")
+    if status.eval:
+        shown = ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in status.eval.items())
+        table.add_row(f"last eval (step {status.eval_step})", shown)
     if status.elapsed:
         table.add_row("elapsed", status.elapsed)
     if status.outcome is not None and status.outcome != "running":
