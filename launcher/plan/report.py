@@ -49,8 +49,9 @@ def memory_table(plan: Plan) -> Table:
     """Per-GPU estimate per strategy (GiB), and whether it fits the GPU memory given."""
     memory = plan.memory or {}
     gpu_mem = memory.get("gpu_mem_bytes")
-    title = (f"memory per GPU (GiB): {memory['params_total'] / 1e9:.2f}B params"
-             f" ({memory['params_active'] / 1e9:.2f}B active), {memory['trainable'] / 1e6:.1f}M trainable"
+    per = "GPU" if plan.device == "cuda" else "rank (CPU memory)"
+    title = (f"memory per {per} (GiB): parameters {count(memory['params_total'])} total, "
+             f"{count(memory['params_active'])} active, {count(memory['trainable'])} trainable"
              + (f", GPU {gpu_mem / 2**30:.0f} GiB" if gpu_mem else ""))
     table = Table(title=title)
     table.add_column("strategy", no_wrap=True)
@@ -63,5 +64,17 @@ def memory_table(plan: Plan) -> Table:
         fits = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[row["fits"]]
         marker = " *" if row["name"] == memory.get("chosen") else ""
         table.add_row(row["name"] + marker, *gib, f"{row['host_per_node'] / 2**30:.0f}", fits)
-    table.caption = f"* chosen: {memory.get('reason')}" if memory.get("chosen") else memory.get("reason")
+    caption = f"* chosen: {memory.get('reason')}" if memory.get("chosen") else memory.get("reason") or ""
+    # What the short column names hold (launcher/plan/memory_model.py derives each).
+    table.caption = (caption + ("\n" if caption else "") + "weights, grads, optim(izer states), activ(ations), logits: "
+                     "per rank; frame: CUDA context, NCCL buffers and allocator slack; host/node: CPU memory per node "
+                     "(GiB); fits: total within the GPU memory given (--gpu-mem)")
     return table
+
+
+def count(n: float) -> str:
+    """One unit per figure, so that 8.03B and 8030.3M are never printed side by side for the same kind of number."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
