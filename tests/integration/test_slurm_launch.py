@@ -425,3 +425,12 @@ def test_a_sweep_is_one_job_array_and_a_preempted_trial_resumes_alone(env: dict[
     assert "every trial has completed" in " ".join(again.stderr.split()) and again.stdout.strip() == ""
     status = launch(env, "status", str(sweep_dir), "--json")
     assert {row["state"] for row in json.loads(status.stdout)} == {"completed"}
+    # The same sweep on this machine, two trials at a time: the same report (one rank per trial either way).
+    local_root = work / "local-sweep-runs"
+    launch(env, str(work / "sweep.yaml"), f"output.root={local_root}", "--parallel", "2", timeout=300)
+    local = json.loads((local_root / "sweep" / "report.json").read_text())
+    assert local["best_config"] == report["best_config"]
+    for mine, theirs in zip(local["configs"], report["configs"]):
+        assert mine["n"] == theirs["n"] == 2
+        assert mine["mean"] == pytest.approx(theirs["mean"], abs=LOSS_TOLERANCE)
+        assert mine["std"] == pytest.approx(theirs["std"], abs=LOSS_TOLERANCE)
