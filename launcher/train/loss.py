@@ -41,4 +41,7 @@ def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], lab
         out = model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False)
         return out.loss * n_items  # the patched loss is sum / n_items
     out = model(**inputs, use_cache=False)
-    return causal_lm_loss_sum(out.logits, batch["labels"], label_smoothing)
+    # Prompt tuning (PEFT) puts its virtual tokens before the input and returns their logits too: the last
+    # labels-many positions are the input's.
+    logits = out.logits[:, -batch["labels"].size(1):]
+    return causal_lm_loss_sum(logits, batch["labels"], label_smoothing)
