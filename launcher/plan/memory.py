@@ -105,7 +105,8 @@ def other_method_arguments(recipe: Recipe, dims: mem.ModelDims) -> dict[str, Any
         modules = method_params.ia3_modules(dims.model_type, method.target_modules, method.feedforward_modules)
         if modules is None:
             raise ValueError(f"method.target_modules: no (IA)^3 defaults for model type {dims.model_type!r}")
-        return {"trainable_params": method_params.ia3_params(dims, *modules),
+        return {"trainable_params": method_params.ia3_params(dims, *modules)
+                + method_params.modules_to_save_params(dims, method.modules_to_save),
                 "extra_activation_per_token": method_params.ia3_activation_bytes_per_token(dims, *modules)}
     if isinstance(method, AdapterMethod):
         bottleneck = method_params.adapter_bottleneck(dims.hidden_size, method.bottleneck, method.reduction_factor)

@@ -84,6 +84,13 @@ def ia3_params(dims: ModelDims, targets: Sequence[str], feedforward: Sequence[st
                for s in linear_shapes(dims) if s.name in wanted)
 
 
+def modules_to_save_params(dims: ModelDims, names: Sequence[str]) -> int:
+    """Parameters of the modules PEFT trains in full beside an adapter (`modules_to_save`): PEFT wraps each in a
+    trainable copy, so ``lm_head`` and ``embed_tokens`` add ``V * h`` each, tied or not. Other names (norms, a
+    classifier head) are not counted here."""
+    return sum(dims.vocab_size * dims.hidden_size for name in names if name in ("lm_head", "embed_tokens"))
+
+
 def adapter_bottleneck(hidden_size: int, bottleneck: int | None, reduction_factor: int) -> int:
     """The bottleneck width: as given, else ``hidden_size // reduction_factor`` (at least 1)."""
     return bottleneck if bottleneck is not None else max(1, hidden_size // reduction_factor)
