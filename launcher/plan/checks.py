@@ -124,8 +124,8 @@ def method_strategy_problems(recipe: Recipe, strategy: str) -> list[Problem]:
     if recipe.method.name not in OTHER_ADAPTER_METHODS or not strategy_spec(strategy).shards_parameters:
         return []
     return [Problem("strategy.name", f"method {recipe.method.name} is not verified under {strategy}, which shards "
-                    "parameters", hint="use strategy.name: ddp, zero1 or zero2 (these methods train few "
-                    "parameters: sharding them saves little)")]
+                    "parameters", hint="use strategy.name: ddp, zero1 or zero2 (every rank then holds the whole "
+                    "frozen base), or method lora, which fsdp and zero3 shard")]
 
 
 def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
