@@ -102,8 +102,9 @@ def method_problems(recipe: Recipe) -> list[Problem]:
                                 "the per-example attention of packed rows (PEFT drops or shifts their position ids)",
                                 hint="set data.packing: false"))
     if name == "prefix_tuning" and recipe.model.gradient_checkpointing:
-        # transformers' GradientCheckpointingLayer sets past_key_values=None in training: the prefix would be
-        # silently ignored.
+        # transformers' GradientCheckpointingLayer sets past_key_values=None in training, which would drop the
+        # prefix; PEFT (0.21) refuses the combination when it builds the model ("does not work with gradient
+        # checkpointing"), after the job has started. Refused here instead.
         problems.append(Problem("model.gradient_checkpointing", "prefix tuning passes its prefix as past key "
                                 "values, which transformers' checkpointed layers drop while training (the prefix "
                                 "would get no gradient)", hint="set model.gradient_checkpointing: false, or use "
