@@ -251,8 +251,138 @@ class QLoraMethod(LoraFields, QuantFields):
     format; `output.merge` folds it into the unquantized base checkpoint, streamed tensor by tensor."""
 
 
+class PromptTuningMethod(Section):
+    name: Literal["prompt_tuning"]
+    """Soft prompt tuning (Lester et al. 2021) through PEFT: `num_virtual_tokens` trainable embeddings are put
+    before every input; the model stays frozen. Cannot be merged into the model (`output.merge`)."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=1024)
+    """Virtual tokens prepended to every sequence (they lengthen it: a sequence costs max_length + this many
+    positions)."""
+
+    init: Literal["sample_vocab", "random", "text"] = "sample_vocab"
+    """How the virtual tokens start: `sample_vocab`, the embeddings of random vocabulary tokens (Lester et al.:
+    better than random vectors); `random`, PEFT's N(0, 1) vectors; `text`, the embeddings of `init_text`'s tokens,
+    repeated or cut to `num_virtual_tokens` (PEFT's PromptTuningInit.TEXT, tokenized with the model's tokenizer).
+    Setting `init_text` alone implies `text`."""
+
+    init_text: str | None = Field(default=None, min_length=1)
+    """Text whose tokens initialise the virtual tokens, e.g. a task instruction ("Classify the sentiment of the
+    review"); needs `init: text` (the default when this is set)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_implies_init(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("init_text") is not None and "init" not in data:
+            return {**data, "init": "text"}
+        return data
+
+    @model_validator(mode="after")
+    def _text_and_init_agree(self) -> "PromptTuningMethod":
+        if self.init == "text" and self.init_text is None:
+            raise ValueError("init: text needs init_text (the text whose tokens start the prompt)")
+        if self.init != "text" and self.init_text is not None:
+            raise ValueError(f"init_text is set but init is {self.init}; set init: text or remove init_text")
+        return self
+
+
+class PrefixTuningMethod(Section):
+    name: Literal["prefix_tuning"]
+    """Prefix tuning (Li & Liang 2021) through PEFT: trainable key/value vectors for `num_virtual_tokens` positions
+    in every attention layer (a prefilled KV cache); the model stays frozen. Cannot be merged into the model, and
+    does not combine with `model.gradient_checkpointing` or `data.packing` (refused at plan time)."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=1024)
+    """Prefix positions per layer."""
+
+    projection: bool = False
+    """Reparametrize the prefix through a two-layer MLP (embedding -> tanh -> layers x 2 x kv), as Li & Liang do to
+    stabilise training; only the projected prefix is saved in the adapter, so the MLP costs training memory only."""
+
+    encoder_hidden_size: int | None = Field(default=None, ge=1)
+    """Hidden width of that MLP (with `projection`); null: the model's key/value width (kv heads x head dim)."""
+
+    @model_validator(mode="after")
+    def _hidden_needs_projection(self) -> "PrefixTuningMethod":
+        if self.encoder_hidden_size is not None and not self.projection:
+            raise ValueError("encoder_hidden_size sizes the prefix projection: set projection: true or remove it")
+        return self
+
+
+class IA3Method(Section):
+    name: Literal["ia3"]
+    """(IA)^3 (Liu et al. 2022) through PEFT: learned vectors rescale the outputs of the attention `target_modules`
+    and the inputs of the `feedforward_modules`; the fewest trainable parameters of any method here. Can be merged
+    (`output.merge`)."""
+
+    target_modules: list[str] | None = Field(default=None, min_length=1)
+    """Linear modules to rescale (names like k_proj, v_proj, down_proj); null: per architecture (Llama, Mistral:
+    k_proj, v_proj, down_proj; Qwen2/3, Gemma: q_proj, v_proj, down_proj; Phi-3: qkv_proj, down_proj; GPT-NeoX:
+    query_key_value, dense_4h_to_h; Mixtral: k_proj, v_proj, its experts being no Linear modules), PEFT's
+    defaults where PEFT has them."""
+
+    feedforward_modules: list[str] | None = None
+    """Those of `target_modules` whose input is rescaled instead of their output (the MLP's down projection);
+    null: the architecture's default (down_proj, ...) among the targets."""
+
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full next to the vectors (e.g. `lm_head`)."""
+
+    @model_validator(mode="after")
+    def _feedforward_in_targets(self) -> "IA3Method":
+        if self.feedforward_modules and self.target_modules is None:
+            raise ValueError("feedforward_modules needs target_modules (the per-architecture default targets have "
+                             "their own feedforward modules)")
+        if self.feedforward_modules and self.target_modules is not None:
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"feedforward_modules {extra} are not in target_modules {self.target_modules}; "
+                                 "every feedforward module must be a target too")
+        return self
+
+
+AdapterPlacement = Literal["attention", "mlp"]
+
+
+class AdapterMethod(Section):
+    name: Literal["adapter"]
+    """Bottleneck adapter layers (Houlsby et al. 2019): x + up(act(down(x))) on the output of each decoder layer's
+    attention and/or MLP block, before the residual addition; the model stays frozen. The up-projection starts at
+    zero, so training starts from the base model exactly. Our own module (launcher/train/adapters.py: AdapterHub's
+    `adapters` pins transformers 4.x); saved as RUN_DIR/adapter/bottleneck_adapter_config.json +
+    bottleneck_adapter.safetensors and reloaded with `launcher.train.adapters.load_adapter`. Cannot be merged (the
+    nonlinearity does not fold into a weight)."""
+
+    placement: list[AdapterPlacement] = Field(default_factory=lambda: ["attention", "mlp"], min_length=1)
+    """Where adapters go in every decoder layer: after the attention block, after the MLP block, or both (Houlsby:
+    both; Pfeiffer et al. 2021: after the MLP only, about as good with half the adapters)."""
+
+    bottleneck: int | None = Field(default=None, ge=1)
+    """Width of the down-projection; null: hidden_size // reduction_factor."""
+
+    reduction_factor: int = Field(default=16, ge=1)
+    """hidden_size / bottleneck when `bottleneck` is not set (16: each placement adds about 0.8% of Llama-3.1-8B's
+    parameters, 2 x h x h/16 per layer)."""
+
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """Nonlinearity between the projections."""
+
+    @model_validator(mode="after")
+    def _distinct_placements(self) -> "AdapterMethod":
+        if len(set(self.placement)) != len(self.placement):
+            raise ValueError(f"placement lists a block twice: {self.placement}")
+        return self
+
+
+PEFT_PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
+"""Methods that add virtual tokens (they change sequence lengths and positions)."""
+
+OTHER_ADAPTER_METHODS = (*PEFT_PROMPT_METHODS, "ia3", "adapter")
+"""The frozen-base methods beside LoRA (launcher/train/peft_methods.py)."""
+
 MethodConfig = Annotated[
-    Union[FullMethod, FreezeMethod, LoraMethod, DoraMethod, QLoraMethod], Field(discriminator="name")
+    Union[FullMethod, FreezeMethod, LoraMethod, DoraMethod, QLoraMethod, PromptTuningMethod, PrefixTuningMethod,
+          IA3Method, AdapterMethod], Field(discriminator="name")
 ]
 
 
@@ -802,7 +932,8 @@ class Recipe(Section):
     """Training and evaluation data."""
 
     method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
-    """What gets trained: full, freeze, lora, dora, qlora (LoRA on a 4/8-bit quantized base)."""
+    """What gets trained: full, freeze, lora, dora, qlora (LoRA on a 4/8-bit quantized base), prompt_tuning,
+    prefix_tuning, ia3, adapter (bottleneck adapter layers)."""
 
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer, schedule and batch."""

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from launcher.config.recipe import Problem
-from launcher.config.schema import LoraFields, QLoraMethod, QuantFields, Recipe
+from launcher.config.schema import OTHER_ADAPTER_METHODS, PEFT_PROMPT_METHODS, LoraFields, QLoraMethod, QuantFields, Recipe
 from launcher.plan.resources import Resources
 from launcher.strategies import STRATEGIES
 from launcher.strategies import spec as strategy_spec
@@ -100,7 +100,46 @@ def recipe_problems(recipe: Recipe, resources: Resources) -> list[Problem]:
     if recipe.model.attn_implementation == "flash_attention_2" and resources.device == "cpu":
         problems.append(Problem("model.attn_implementation", "flash_attention_2 needs a GPU",
                                 hint="use sdpa on CPU"))
+    return problems + method_problems(recipe)
+
+
+def method_problems(recipe: Recipe) -> list[Problem]:
+    """What prompt tuning, prefix tuning and bottleneck adapters cannot be combined with, whatever the strategy."""
+    problems: list[Problem] = []
+    name = recipe.method.name
+    if name in PEFT_PROMPT_METHODS and recipe.data.packing:
+        # Packed rows carry position_ids instead of an attention mask; PEFT drops position ids for prompt tuning
+        # (examples of a pack would see each other) and shifts them for prefix tuning, whose cache the packed
+        # block mask does not cover.
+        problems.append(Problem("data.packing", f"{name} prepends virtual tokens to every sequence, which breaks "
+                                "the per-example attention of packed rows (PEFT drops or shifts their position ids)",
+                                hint="set data.packing: false"))
+    if name == "prefix_tuning" and recipe.model.gradient_checkpointing:
+        # transformers' GradientCheckpointingLayer sets past_key_values=None in training, which would drop the
+        # prefix; PEFT (0.21) refuses the combination when it builds the model ("does not work with gradient
+        # checkpointing"), after the job has started. Refused here instead.
+        problems.append(Problem("model.gradient_checkpointing", "prefix tuning passes its prefix as past key "
+                                "values, which transformers' checkpointed layers drop while training (the prefix "
+                                "would get no gradient)", hint="set model.gradient_checkpointing: false, or use "
+                                "prompt_tuning"))
+    if recipe.output.merge and (name in PEFT_PROMPT_METHODS or name == "adapter"):
+        why = "adds virtual tokens, not weight updates" if name != "adapter" else \
+            "adds nonlinear layers, which fold into no weight"
+        problems.append(Problem("output.merge", f"{name} cannot be merged into the model: it {why}",
+                                hint="set output.merge: false (the adapter is saved under RUN_DIR/adapter)"))
     return problems
+
+
+
+def method_strategy_problems(recipe: Recipe, strategy: str) -> list[Problem]:
+    """The methods beside LoRA under strategies that shard parameters (fsdp, zero3): not verified in this version
+    (PEFT's prompt encoders sit outside the decoder layers the strategies wrap, and generation under them is
+    untested), so refused rather than risked on a queued job."""
+    if recipe.method.name not in OTHER_ADAPTER_METHODS or not strategy_spec(strategy).shards_parameters:
+        return []
+    return [Problem("strategy.name", f"method {recipe.method.name} is not verified under {strategy}, which shards "
+                    "parameters", hint="use strategy.name: ddp, zero1 or zero2 (every rank then holds the whole "
+                    "frozen base), or method lora, which fsdp and zero3 shard")]
 
 
 def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
@@ -163,6 +202,7 @@ def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> li
         # Our FSDP wrap keeps lm_head in the root unit, whose parameters stay gathered for the whole forward, so a
         # fused CE reading lm_head.weight sees the full tensor. Tied embeddings are in the root unit too.
 
+    problems += method_strategy_problems(recipe, strategy)
     if isinstance(method, QuantFields):
         if method.bits == 8 and capabilities.dtensor_parameters:
             problems.append(Problem(

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from launcher.plan import memory_model as mem
+from launcher.plan import method_params
 from launcher.config.recipe import Problem
-from launcher.config.schema import FreezeMethod, LoraFields, QuantFields, Recipe
+from launcher.config.schema import (AdapterMethod, FreezeMethod, IA3Method, LoraFields, PrefixTuningMethod,
+                                    PromptTuningMethod, QuantFields, Recipe)
 from launcher.strategies import strategy_of_memory_row
 
 if TYPE_CHECKING:
@@ -83,7 +85,36 @@ def training_arguments(recipe: Recipe, counts: mem.ParamCounts) -> dict[str, Any
         args["lora_dropout"] = method.dropout
     if isinstance(method, FreezeMethod):
         args["trainable_params"] = mem.last_layers_params(counts, method.trainable_layers or 0)
+    args.update(other_method_arguments(recipe, counts.dims))
     return args
+
+
+def other_method_arguments(recipe: Recipe, dims: mem.ModelDims) -> dict[str, Any]:
+    """`estimate_memory` arguments of prompt_tuning, prefix_tuning, ia3 and adapter (launcher/plan/method_params.py):
+    the trainable count, what their modules save per token, and prompt tuning's longer sequences. Empty for the
+    other methods."""
+    method = recipe.method
+    if isinstance(method, PromptTuningMethod):
+        return {"trainable_params": method_params.prompt_tuning_params(dims, method.num_virtual_tokens),
+                "seq_len": recipe.data.max_length + method.num_virtual_tokens}
+    if isinstance(method, PrefixTuningMethod):
+        # The prefix adds n keys and values per layer to attention: O(n) per sequence, not per token; not counted.
+        return {"trainable_params": method_params.prefix_tuning_params(
+            dims, method.num_virtual_tokens, method.projection, method.encoder_hidden_size)}
+    if isinstance(method, IA3Method):
+        modules = method_params.ia3_modules(dims.model_type, method.target_modules, method.feedforward_modules)
+        if modules is None:
+            raise ValueError(f"method.target_modules: no (IA)^3 defaults for model type {dims.model_type!r}")
+        return {"trainable_params": method_params.ia3_params(dims, *modules)
+                + method_params.modules_to_save_params(dims, method.modules_to_save),
+                "extra_activation_per_token": method_params.ia3_activation_bytes_per_token(dims, *modules)}
+    if isinstance(method, AdapterMethod):
+        bottleneck = method_params.adapter_bottleneck(dims.hidden_size, method.bottleneck, method.reduction_factor)
+        places = len(method.placement)
+        return {"trainable_params": method_params.adapter_params(dims, bottleneck, places),
+                "extra_activation_per_token": method_params.adapter_activation_bytes_per_token(dims, bottleneck,
+                                                                                               places)}
+    return {}
 
 
 RulesOut = Callable[[Recipe, "Resources", list[str]], dict[str, str]]
@@ -167,6 +198,6 @@ def _trainable(recipe: Recipe, counts: mem.ParamCounts, args: dict[str, Any]) ->
     if isinstance(method, LoraFields):
         return mem.lora_trainable_params(counts, rank=method.r, targets=method.target_modules,
                                          dora=method.name == "dora")
-    if isinstance(method, FreezeMethod):
-        return int(args.get("trainable_params", 0))
+    if "trainable_params" in args:  # freeze and the other adapter methods
+        return int(args["trainable_params"])
     return counts.total

@@ -68,7 +68,7 @@ __all__ = [
 GiB = 1024**3
 MiB = 1024**2
 
-Method = Literal["full", "freeze", "lora", "dora", "qlora", "int8"]
+Method = Literal["full", "freeze", "lora", "dora", "qlora", "int8", "prompt_tuning", "prefix_tuning", "ia3", "adapter"]
 Strategy = Literal["ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp_hybrid"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"]
 ParamDtype = Literal["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
@@ -644,6 +644,9 @@ class MemoryEstimate:
 
 _DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
 _ADAPTER_METHODS = ("lora", "dora", "qlora", "int8")
+_OTHER_ADAPTER_METHODS = ("prompt_tuning", "prefix_tuning", "ia3", "adapter")
+"""Frozen-base methods whose trainable count and saved activations the caller passes (launcher/plan/method_params.py):
+``trainable_params`` and ``extra_activation_per_token``."""
 _DEEPSPEED = ("zero1", "zero2", "zero3")
 
 
@@ -798,6 +801,7 @@ def estimate_memory(
     ds_bucket_elements: int = DEEPSPEED_DEFAULT_BUCKET_ELEMENTS,
     gpus_per_node: int | None = None,
     master_weights: bool = True,
+    extra_activation_per_token: int = 0,
 ) -> MemoryEstimate:
     """Estimate peak memory per GPU for one training step.
 
@@ -807,7 +811,11 @@ def estimate_memory(
     ``trainable_params`` (default: all for ``full``; the LoRA count from ``lora_rank`` / ``lora_targets`` for
     adapter methods), CPU offload flags (ZeRO: optimizer states, fp32 master and fp32 gradient partition; with
     ``offload_params`` on ZeRO-3 also the parameter partition; FSDP: ``CPUOffloadPolicy`` moves sharded parameters,
-    gradients and optimizer states together, so either flag offloads all three).
+    gradients and optimizer states together, so either flag offloads all three). The other adapter methods
+    (``prompt_tuning``, ``prefix_tuning``, ``ia3``, ``adapter``: a frozen base and fp32 trainable modules, like LoRA)
+    need ``trainable_params`` and take what their modules save for backward, bytes per token over all layers, as
+    ``extra_activation_per_token`` (launcher/plan/method_params.py; prompt tuning's virtual tokens are in
+    ``seq_len``).
 
     Model states (weights/grads/optimizer), per trainable parameter, following the ZeRO paper (Rajbhandari et al.
     2020, §3.1 and §5): mixed-precision Adam holds 2 (fp16/bf16 weight) + 2 (gradient) + 12 (fp32 master 4, m 4,
@@ -848,7 +856,7 @@ def estimate_memory(
     """
     if world_size < 1 or micro_batch < 0 or seq_len < 1:
         raise ValueError("world_size >= 1, micro_batch >= 0 and seq_len >= 1 are required")
-    if method not in ("full", "freeze", *_ADAPTER_METHODS):
+    if method not in ("full", "freeze", *_ADAPTER_METHODS, *_OTHER_ADAPTER_METHODS):
         raise ValueError(f"unknown method {method!r}")
     if strategy not in ("ddp", "zero1", "zero2", "zero3", "fsdp", "fsdp_hybrid"):
         raise ValueError(f"unknown strategy {strategy!r}")
@@ -870,9 +878,9 @@ def estimate_memory(
     # --- who trains, and what the frozen base costs to store (whole model, before sharding)
     if method == "full":
         trainable = counts.total if trainable_params is None else trainable_params
-    elif method == "freeze":
+    elif method in ("freeze", *_OTHER_ADAPTER_METHODS):
         if trainable_params is None:
-            raise ValueError("method='freeze' needs trainable_params")
+            raise ValueError(f"method={method!r} needs trainable_params")
         trainable = trainable_params
     else:
         trainable = (
@@ -880,7 +888,7 @@ def estimate_memory(
             if trainable_params is None
             else trainable_params
         )
-    adapters = method in _ADAPTER_METHODS
+    adapters = method in _ADAPTER_METHODS or method in _OTHER_ADAPTER_METHODS
     frozen_params = counts.total if adapters else counts.total - trainable
     # peft's prepare_model_for_kbit_training upcasts what bitsandbytes left unquantized (embedding, LM head, norms)
     # to fp32, so the residual stream and the logits are fp32 too. The launcher runs it on unsharded quantized bases
@@ -980,8 +988,8 @@ def estimate_memory(
         )
         for i in range(d.num_layers)
     ]
-    lora_all_layers = 0
-    if adapters:
+    lora_all_layers = extra_activation_per_token  # the other adapter methods' modules, like LoRA's below
+    if method in _ADAPTER_METHODS:
         lora_all_layers = _lora_activation_bytes_per_token(
             d, lora_targets, lora_rank, e, dropout=lora_dropout > 0, dora=method == "dora",
             adapter_bytes=e if strategy in _DEEPSPEED else 4,

@@ -37,8 +37,15 @@ def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], lab
         from ftkernels.patch import set_loss_options
 
         set_loss_options(model, label_smoothing=label_smoothing)  # per call: training smooths, evaluation does not
-        n_items = torch.tensor(max(1, count_label_tokens(batch["labels"])), device=batch["labels"].device)
-        out = model(**inputs, labels=batch["labels"], num_items_in_batch=n_items, use_cache=False)
+        labels = batch["labels"]
+        n_items = torch.tensor(max(1, count_label_tokens(labels)), device=labels.device)
+        # A sequence's first label is never a target after the shift, and is not counted in n_items; but prompt
+        # tuning (PEFT) prepends virtual tokens, the last of which would predict it. Masked, it is a target nowhere.
+        labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, 1:]], dim=1)
+        out = model(**inputs, labels=labels, num_items_in_batch=n_items, use_cache=False)
         return out.loss * n_items  # the patched loss is sum / n_items
     out = model(**inputs, use_cache=False)
-    return causal_lm_loss_sum(out.logits, batch["labels"], label_smoothing)
+    # Prompt tuning (PEFT) puts its virtual tokens before the input and returns their logits too: the last
+    # labels-many positions are the input's.
+    logits = out.logits[:, -batch["labels"].size(1):]
+    return causal_lm_loss_sum(logits, batch["labels"], label_smoothing)

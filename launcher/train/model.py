@@ -1,5 +1,6 @@
 """Model and tokenizer: load (HF directory or GGUF), patch kernels, apply the method (full, freeze, LoRA, DoRA,
-QLoRA: LoRA on a bitsandbytes 4/8-bit base, quantized while loading).
+QLoRA: LoRA on a bitsandbytes 4/8-bit base, quantized while loading; prompt/prefix tuning, IA3 and bottleneck
+adapters: launcher/train/peft_methods.py).
 
 Order matters and is fixed here: load -> kernels (they patch the base modules, which PEFT then wraps) ->
 gradient checkpointing -> method.
@@ -15,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from launcher.config.schema import FreezeMethod, LoraFields, ModelConfig, QLoraMethod, Recipe
-from launcher.common.model_files import model_dir
+from launcher.common.model_files import model_dir, tokenizer_source
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,17 @@ def apply_method(model: PreTrainedModel, recipe: Recipe) -> torch.nn.Module:
     if isinstance(method, QLoraMethod):
         _prepare_quantized(model, recipe)
         return _lora(model, method, use_dora=False)
+    from launcher.train.peft_methods import OTHER_METHODS, apply_other_method
+
+    if isinstance(method, OTHER_METHODS):  # prompt_tuning, prefix_tuning, ia3, adapter
+        return apply_other_method(model, method, peft_task_type(recipe), tokenizer_source(recipe.model))
     raise ValueError(f"method {method.name!r} cannot be trained in this version")
+
+
+def peft_task_type(recipe: Recipe) -> str:
+    """PEFT's task type for the recipe's model class (it decides the PeftModel subclass: how prompt-learning
+    methods prepend their virtual tokens). Causal LM only in this module; tasks widen it."""
+    return "CAUSAL_LM"
 
 
 def _freeze(model: PreTrainedModel, method: FreezeMethod) -> None:
@@ -212,7 +223,7 @@ def build_model(recipe: Recipe, device: torch.device, meta: bool = False, dtype:
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        if recipe.method.name in ("lora", "dora", "qlora"):
+        if recipe.method.name not in ("full", "freeze"):
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad input
     return apply_method(model, recipe)
 

@@ -18,9 +18,16 @@ def save_outputs(model: torch.nn.Module, tokenizer: Any, run_dir: Path, merge: b
     """Write what a user loads with `from_pretrained`: RUN_DIR/adapter (PEFT) or RUN_DIR/model, and RUN_DIR/merged."""
     from peft import PeftModel
 
+    from launcher.train.adapters import adapter_spec, save_adapter
     from launcher.train.model import is_quantized
 
     written: list[Path] = []
+    if merge and (why := unmergeable(model)) is not None:
+        raise ValueError(f"cannot merge: {why}; write the adapter alone (no merge)")
+    if adapter_spec(model) is not None:  # bottleneck adapters: our own format (launcher/train/adapters.py)
+        save_adapter(model, run_dir / "adapter")
+        tokenizer.save_pretrained(run_dir / "adapter")
+        return [run_dir / "adapter"]
     if isinstance(model, PeftModel):
         model.save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "adapter")
@@ -40,6 +47,20 @@ def save_outputs(model: torch.nn.Module, tokenizer: Any, run_dir: Path, merge: b
         tokenizer.save_pretrained(run_dir / "model")
         written.append(run_dir / "model")
     return written
+
+
+def unmergeable(model: torch.nn.Module) -> str | None:
+    """Why the model's adapter cannot be folded into its weights, or None. Prompt and prefix tuning add virtual
+    tokens, not weight updates; a bottleneck adapter's nonlinearity folds into no weight. (Plan time refuses
+    `output.merge` with them; this catches `launch export --merge`.)"""
+    from launcher.train.adapters import adapter_spec
+
+    if adapter_spec(model) is not None:
+        return "bottleneck adapters are nonlinear layers of their own"
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        return f"{config.peft_type.value.lower()} adds virtual tokens, not weight updates"
+    return None
 
 
 def _merge_into_unquantized_base(model: torch.nn.Module, adapter_dir: Path, out: Path) -> None:
