@@ -182,15 +182,16 @@ def _prepare_data(recipe: "Recipe", strategy: "Strategy") -> "tuple[Any, DataBun
     """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. On Slurm a CPU job has
     usually filled it already (launcher/train/prepare.py)."""
     from launcher.train.data import cache_entry, is_cached, tokenize_into
+    from launcher.train.tasks import entry_writer, task_fingerprint
     from launcher.common.cache import tokenized_cache_dir
     from launcher.common.model_files import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     if not strategy.is_main:
         strategy.barrier()
-    entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir())
+    entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir(), task_fingerprint(recipe.task))
     cached = is_cached(entry)
-    data = tokenize_into(entry, recipe.data, tokenizer)
+    data = tokenize_into(entry, recipe.data, tokenizer, entry_writer(recipe.task))
     if strategy.is_main:
         log.info("data (%s %s): %s", "read from the tokenization cache" if cached else "tokenized into the cache",
                  entry.stem, "  ".join(f"{name}={value}" for name, value in data.stats.items()))
