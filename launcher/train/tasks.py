@@ -365,6 +365,14 @@ def write_labels(directory: Path, labels: list[str] | None) -> None:
     write_text_atomic(Path(directory) / LABELS_FILE, json.dumps(body, indent=1) + "\n")
 
 
+def head_labels(model: Any) -> list[str] | None:
+    """The label names in id order of a classification model (its config's id2label), else None."""
+    if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return None
+    id2label = model.config.id2label
+    return [str(id2label[i]) for i in range(len(id2label))]
+
+
 def read_labels(directory: Path) -> list[str] | None:
     """The label names in id order from `directory`'s labels.json, or None when there is none."""
     path = Path(directory) / LABELS_FILE
