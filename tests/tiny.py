@@ -168,8 +168,8 @@ COLOURS, ANIMALS, OTHERS = ["red", "blue", "green"], ["cat", "dog"], ["sun", "mo
 
 
 def task_rows(task: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` rows of a learnable toy task: sequence_classification (is there a colour, an animal, or neither: labels
-    colour/animal/none), token_classification (colours B-COL, animals B-ANI, a `big` before an animal B-ANI with the
+    """`n` rows of a learnable toy task: sequence_classification (does the text end with a colour, an animal, or
+    neither: labels colour/animal/none), token_classification (colours B-COL, animals B-ANI, a `big` before an animal B-ANI with the
     animal I-ANI, the rest O), seq2seq (the words in reverse order)."""
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
@@ -177,8 +177,8 @@ def task_rows(task: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
         words = [rng.choice(OTHERS) for _ in range(rng.randint(2, 5))]
         if task == "sequence_classification":
             label = rng.choice(["colour", "animal", "none"])
-            if label != "none":
-                words.insert(rng.randrange(len(words) + 1), rng.choice(COLOURS if label == "colour" else ANIMALS))
+            if label != "none":  # last, so that a 2-layer model (and a decoder's last-token head) learns it in steps
+                words.append(rng.choice(COLOURS if label == "colour" else ANIMALS))
             rows.append({"text": " ".join(words), "label": label})
         elif task == "token_classification":
             tokens, tags = [], []

@@ -84,6 +84,16 @@ def test_token_alignment_with_a_byte_level_bpe(tiny_tokenizer: Any, tmp_path: Pa
     assert sum(label != IGNORE_INDEX for label in labels) == len(words) < len(ids)
 
 
+def test_text_pairs_are_joined_as_the_tokenizer_joins_pairs(bert_dir: Path, tmp_path: Path) -> None:
+    tokenizer = _tokenizer(bert_dir)
+    task = TaskConfig(type="sequence_classification", text_pair_column="hypothesis")
+    row = {"text": "red cat", "hypothesis": "blue dog", "label": "no"}
+    encoder = TaskEncoder(_data(tmp_path, [row]), task, tokenizer, ["no", "yes"])
+    (pair,), _, _ = encoder.batch([("f.jsonl", 1, row)], evaluation=False)
+    assert pair == (tokenizer("red cat", "blue dog")["input_ids"], [0])
+    assert tokenizer.convert_ids_to_tokens(pair[0]).count("[SEP]") == 2
+
+
 # ------------------------------------------------------------------------------------------------- label maps
 def test_labels_are_sorted_integers_by_value_and_names_alphabetically() -> None:
     assert sort_labels({"10", "2", "0", "1"}) == ["0", "1", "2", "10"]
@@ -177,7 +187,7 @@ def test_sequence_classification_lora_on_llama_and_the_adapter_reloads(tmp_path:
     lora = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
     run_dir, train, evals = _train(_recipe(
         tmp_path, tiny_model_dir, "sequence_classification", task_rows("sequence_classification", 96, seed=1),
-        task_rows("sequence_classification", 24, seed=2), method=lora, optim={"lr": 1e-2}, output={"merge": True}))
+        task_rows("sequence_classification", 24, seed=2), method=lora, optim={"lr": 5e-3}, output={"merge": True}))
     _assert_learns(train, evals)
     end = evals[-1]
     assert {"eval_accuracy", "eval_f1_macro", "eval_f1_micro", "eval_precision_macro", "eval_recall_macro"} <= set(end)
@@ -216,16 +226,17 @@ def test_token_classification_full_on_llama(tmp_path: Path, tiny_model_dir: Path
 
 
 @pytest.mark.slow
-def test_sequence_classification_on_a_bert_encoder_with_freeze(tmp_path: Path, bert_dir: Path) -> None:
+def test_token_classification_on_a_bert_encoder_with_freeze(tmp_path: Path, bert_dir: Path) -> None:
     freeze = {"name": "freeze", "trainable_layers": 1}  # the new classifier head trains too
     run_dir, train, evals = _train(_recipe(
-        tmp_path, bert_dir, "sequence_classification", task_rows("sequence_classification", 96, seed=1),
-        task_rows("sequence_classification", 24, seed=2), method=freeze, optim={"lr": 1e-2}))
+        tmp_path, bert_dir, "token_classification", task_rows("token_classification", 96, seed=1),
+        task_rows("token_classification", 24, seed=2), method=freeze, optim={"lr": 1e-2}))
     _assert_learns(train, evals)
-    from transformers import AutoModelForSequenceClassification
+    assert evals[-1]["eval_entity_f1"] > evals[0]["eval_entity_f1"] + 0.2, evals
+    from transformers import AutoModelForTokenClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
-    assert model.config.id2label == {0: "animal", 1: "colour", 2: "none"}
+    model = AutoModelForTokenClassification.from_pretrained(run_dir / "model")
+    assert model.config.id2label == {0: "B-ANI", 1: "B-COL", 2: "I-ANI", 3: "O"}
 
 
 @pytest.mark.slow
