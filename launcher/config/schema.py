@@ -406,16 +406,17 @@ class EvalConfig(Section):
     """Cap on eval batches for loss/perplexity."""
 
     exact_match: bool = False
-    """Greedy-generate the answer of each eval example and compare it (stripped) with the reference."""
+    """Greedy-generate the answer of each eval example and compare it (stripped) with the reference; ROUGE-1/2/L
+    and BLEU of the answers are recorded too. seq2seq tasks always generate (classification tasks cannot)."""
 
     max_new_tokens: int = Field(default=32, ge=1)
-    """Generation budget for exact match."""
+    """Generation budget for exact match and the generation metrics (seq2seq: per target)."""
 
     generate_batch: int = Field(default=16, ge=1)
     """Prompts per generation batch."""
 
     max_examples: int | None = Field(default=None, ge=1)
-    """Cap on eval examples used for exact match."""
+    """Cap on eval examples whose answers are generated (exact match, ROUGE, BLEU)."""
 
 
 class EarlyStoppingConfig(Section):

@@ -1,8 +1,10 @@
-"""Evaluation: loss/perplexity over held-out examples, and exact match of greedy generations.
+"""Evaluation: loss/perplexity over held-out examples, and greedy generations (exact match; the task metrics of
+launcher/train/task_eval.py).
 
-Both split the eval set across ranks and sum counts with the strategy, so every rank gets the same figure. Under a
-sharded strategy (FSDP, ZeRO-3) every forward pass is collective, so every rank runs the same number of batches (a rank
-short of examples repeats one with weight 0) and generation keeps ranks in step with transformers' `synced_gpus`.
+Both split the eval set across ranks and sum counts with the strategy (generated texts are gathered), so every rank
+gets the same figure. Under a sharded strategy (FSDP, ZeRO-3) every forward pass is collective, so every rank runs the
+same number of batches (a rank short of examples repeats one with weight 0) and generation keeps ranks in step with
+transformers' `synced_gpus`.
 """
 
 from __future__ import annotations
@@ -51,31 +53,11 @@ def eval_loss(model: torch.nn.Module, examples: Sequence[Any], pad_id: int, stra
     return loss_sum / max(1.0, tokens)
 
 
-@torch.no_grad()
 def exact_match(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[tuple[list[int], str]], cfg: EvalConfig,
                 strategy: Strategy, device: torch.device) -> float:
     """Fraction of eval prompts whose greedy answer equals the reference (launcher.common.metrics.answers_match)."""
-    model.eval()
-    chosen = list(prompts)[: cfg.max_examples] if cfg.max_examples else list(prompts)
-    pad = tokenizer.pad_token_id
-    synced = strategy.world_size > 1 and strategy.spec.collective_forward  # every rank runs every generate step
-    correct = total = 0
-    for group, counts in rank_batches(chosen, strategy, cfg.generate_batch):
-        width = max(len(ids) for ids, _ in group)
-        # Left padding: generation continues every row from its last real token.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in group], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in group], device=device)
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=cfg.max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                             synced_gpus=synced)
-        if not counts:
-            continue
-        for row, (_, reference) in zip(out[:, width:], group):
-            answer = tokenizer.decode(row, skip_special_tokens=True)
-            correct += int(answers_match(answer, reference))
-            total += 1
-    totals = strategy.all_reduce_sum(torch.tensor([float(correct), float(total)], device=device))
-    return float(totals[0] / max(1.0, float(totals[1])))
+    pairs = generate_answers(model, tokenizer, prompts, cfg, strategy, device, encoder_decoder=False)
+    return sum(answers_match(answer, reference) for answer, reference in pairs) / max(1, len(pairs))
 
 
 @torch.no_grad()

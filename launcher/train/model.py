@@ -141,7 +141,8 @@ def _lora(model: PreTrainedModel, method: LoraFields, use_dora: bool, task_type:
         lora_dropout=method.dropout,
         target_modules=method.target_modules,
         # A classification head is trained whole (PEFT adds it to modules_to_save for SEQ_CLS / TOKEN_CLS), never
-        # given a LoRA of its own: `all-linear` leaves it out for SEQ_CLS only (peft 0.21), so it is excluded here.
+        # given a LoRA of its own: `all-linear` leaves it out for SEQ_CLS only; with TOKEN_CLS peft 0.21.2 wraps it
+        # in LoRA and then fails ("modules_to_save cannot be applied to modules of type lora.Linear").
         exclude_modules=heads if task_type in ("SEQ_CLS", "TOKEN_CLS") and heads else None,
         modules_to_save=list(method.modules_to_save) or None,
         use_dora=use_dora,

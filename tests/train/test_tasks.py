@@ -214,6 +214,15 @@ def test_sequence_classification_lora_on_llama_and_the_adapter_reloads(tmp_path:
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, logits, rtol=1e-4, atol=1e-4)
 
+    # `launch export` rebuilds the head from RUN_DIR/labels.json and writes the same adapter from the checkpoint.
+    from launcher.train.export import export_run
+
+    exported = export_run(run_dir, merge=False, out=tmp_path / "export") / "adapter"
+    again = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=3, pad_token_id=tokenizer.pad_token_id), exported).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, logits)
+
 
 @pytest.mark.slow
 def test_token_classification_full_on_llama(tmp_path: Path, tiny_model_dir: Path) -> None:
