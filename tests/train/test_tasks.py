@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tiny import build_tiny_bert_dir, build_tiny_t5_dir, task_rows, write_jsonl
+from tiny import build_tiny_bert_dir, build_tiny_t5_dir, build_tiny_wordpiece_tokenizer, task_rows, write_jsonl
 
 from launcher.config.schema import DataConfig, TaskConfig
 from launcher.train.data import IGNORE_INDEX, DataError
@@ -28,14 +28,14 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def wordpiece() -> Any:
+    """The tiny BERT's tokenizer alone (no model built), for the tests that only tokenize."""
+    return build_tiny_wordpiece_tokenizer()
+
+
+@pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_t5_dir(tmp_path_factory.mktemp("tiny-t5"))
-
-
-def _tokenizer(directory: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
 
 
 def _data(tmp_path: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]] | None = None,
@@ -47,8 +47,8 @@ def _data(tmp_path: Path, train: list[dict[str, Any]], evals: list[dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------- label alignment
-def test_token_labels_go_on_the_first_sub_token_of_each_word(bert_dir: Path) -> None:
-    tokenizer = _tokenizer(bert_dir)
+def test_token_labels_go_on_the_first_sub_token_of_each_word(wordpiece: Any, tmp_path: Path) -> None:
+    tokenizer = wordpiece
     words, tags = ["big", "riverstone", "cat"], ["B-ANI", "I-ANI", "O"]
     encoding = tokenizer([words], is_split_into_words=True)
     word_ids = encoding.word_ids(0)
@@ -61,7 +61,7 @@ def test_token_labels_go_on_the_first_sub_token_of_each_word(bert_dir: Path) -> 
     assert all(label == IGNORE_INDEX for i, label in enumerate(labels) if i not in firsts)
 
     # Through the encoder, with truncation cutting the second word in the middle: its first sub-token keeps the label.
-    data = _data(Path(tokenizer.name_or_path).parent, [{"tokens": words, "tags": tags}], max_length=8)
+    data = _data(tmp_path, [{"tokens": words, "tags": tags}], max_length=8)
     task = TaskConfig(type="token_classification")
     encoder = TaskEncoder(data, task, tokenizer, sort_labels(set(tags)))
     (pair,), _, counts = encoder.batch([("f.jsonl", 1, {"tokens": words, "tags": tags})], evaluation=False)
@@ -84,8 +84,8 @@ def test_token_alignment_with_a_byte_level_bpe(tiny_tokenizer: Any, tmp_path: Pa
     assert sum(label != IGNORE_INDEX for label in labels) == len(words) < len(ids)
 
 
-def test_text_pairs_are_joined_as_the_tokenizer_joins_pairs(bert_dir: Path, tmp_path: Path) -> None:
-    tokenizer = _tokenizer(bert_dir)
+def test_text_pairs_are_joined_as_the_tokenizer_joins_pairs(wordpiece: Any, tmp_path: Path) -> None:
+    tokenizer = wordpiece
     task = TaskConfig(type="sequence_classification", text_pair_column="hypothesis")
     row = {"text": "red cat", "hypothesis": "blue dog", "label": "no"}
     encoder = TaskEncoder(_data(tmp_path, [row]), task, tokenizer, ["no", "yes"])
@@ -258,3 +258,16 @@ def test_seq2seq_lora_on_t5_records_generation_metrics(tmp_path: Path, t5_dir: P
     for row in evals:
         assert {"eval_loss", "eval_perplexity", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_bleu",
                 "eval_exact_match"} <= set(row)
+
+
+@pytest.mark.slow
+def test_causal_lm_exact_match_also_records_rouge_and_bleu(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = [{"prompt": f"reverse {w} =", "completion": f" {w[::-1]}"} for w in ["red", "blue", "cat", "dog"] * 8]
+    recipe = _recipe(tmp_path, tiny_model_dir, "causal_lm", rows, rows[:4], data={"train": [{"path": str(
+        write_jsonl(tmp_path / "pc.jsonl", rows)), "format": "prompt_completion"}], "eval": [{"path": str(
+            write_jsonl(tmp_path / "pc-eval.jsonl", rows[:4])), "format": "prompt_completion"}]},
+        optim={"max_steps": 2}, eval={"exact_match": True, "max_new_tokens": 4})
+    _, _, evals = _train(recipe)
+    for row in evals:
+        assert {"eval_loss", "eval_perplexity", "eval_exact_match", "eval_rouge1", "eval_rougeL", "eval_bleu"} <= set(row)
+        assert 0 <= row["eval_exact_match"] <= 1 and 0 <= row["eval_bleu"] <= 100
