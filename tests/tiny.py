@@ -98,6 +98,109 @@ def build_tiny_model_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+# ------------------------------------------------------------------------------------- task models (issue 13)
+def build_tiny_wordpiece_tokenizer() -> Any:
+    """A BERT-style WordPiece tokenizer (lower-cased, `[CLS] a [SEP] b [SEP]`) with a small vocab (~150), so that
+    rarer words split into several `##` sub-tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=150, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(_corpus(), trainer=trainer)
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[SEP]", model_max_length=512)
+
+
+def build_tiny_bert_dir(out_dir: Path) -> Path:
+    """A tiny random BERT encoder (2 layers, hidden 32; seed 0, fp32) and the WordPiece tokenizer in `out_dir`."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tiny_wordpiece_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_t5_dir(out_dir: Path) -> Path:
+    """A tiny random T5 (2+2 layers, d_model 32; seed 0, fp32) with a byte-level BPE tokenizer that appends `</s>`
+    as T5's does, in `out_dir`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_corpus(), trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", backend.token_to_id("</s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", model_max_length=512)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(decoder_start_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+COLOURS, ANIMALS, OTHERS = ["red", "blue", "green"], ["cat", "dog"], ["sun", "moon", "tree", "river", "stone", "sky"]
+
+
+def task_rows(task: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` rows of a learnable toy task: sequence_classification (does the text end with a colour, an animal, or
+    neither: labels colour/animal/none), token_classification (colours B-COL, animals B-ANI, a `big` before an animal B-ANI with the
+    animal I-ANI, the rest O), seq2seq (the words in reverse order)."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for _ in range(n):
+        words = [rng.choice(OTHERS) for _ in range(rng.randint(2, 5))]
+        if task == "sequence_classification":
+            label = rng.choice(["colour", "animal", "none"])
+            if label != "none":  # last, so that a 2-layer model (and a decoder's last-token head) learns it in steps
+                words.append(rng.choice(COLOURS if label == "colour" else ANIMALS))
+            rows.append({"text": " ".join(words), "label": label})
+        elif task == "token_classification":
+            tokens, tags = [], []
+            for word in words:
+                kind = rng.random()
+                if kind < 0.25:
+                    tokens.append(rng.choice(COLOURS)), tags.append("B-COL")
+                elif kind < 0.45:
+                    if rng.random() < 0.5:
+                        tokens.append("big"), tags.append("B-ANI")
+                        tokens.append(rng.choice(ANIMALS)), tags.append("I-ANI")
+                    else:
+                        tokens.append(rng.choice(ANIMALS)), tags.append("B-ANI")
+                tokens.append(word), tags.append("O")
+            rows.append({"tokens": tokens, "tags": tags})
+        elif task == "seq2seq":
+            rows.append({"source": " ".join(words), "target": " ".join(reversed(words))})
+        else:
+            raise ValueError(f"unknown task {task!r}")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------- datasets
 def sample_rows(fmt: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """`n` rows of a toy task (reverse a word) in one format: alpaca, messages, sharegpt, prompt_completion, text."""

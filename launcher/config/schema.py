@@ -171,6 +171,82 @@ class DataConfig(Section):
     process may use. Any value gives the same cache, byte for byte."""
 
 
+# ---------------------------------------------------------------------------------------------------------- task
+TaskType = Literal["causal_lm", "sequence_classification", "token_classification", "seq2seq"]
+
+TASK_FIELDS: dict[str, tuple[str, ...]] = {
+    "causal_lm": (),
+    "sequence_classification": ("text_column", "text_pair_column", "label_column", "labels"),
+    "token_classification": ("tokens_column", "tags_column", "labels"),
+    "seq2seq": ("source_column", "target_column", "source_prefix"),
+}
+"""The TaskConfig fields each task type reads (a field set for another type is refused at plan time)."""
+
+
+class TaskConfig(Section):
+    """What the model learns from the rows. `causal_lm` reads the rows in `data.*.format` (chat, prompt/completion,
+    text); the other types read the columns named here and ignore `format`, `loss_on`, `chat_template` and
+    `system_prompt`. A bare string (`task: sequence_classification`) sets `type` alone."""
+
+    type: TaskType = "causal_lm"
+    """causal_lm: next-token prediction (the default). sequence_classification: one label per text (or text pair),
+    a classification head (AutoModelForSequenceClassification; decoder models read the last non-pad token).
+    token_classification: one BIO tag per word (AutoModelForTokenClassification; the tag goes on each word's first
+    sub-token). seq2seq: source text -> target text with an encoder-decoder (AutoModelForSeq2SeqLM, e.g. T5)."""
+
+    text_column: str = Field(default="text", min_length=1)
+    """sequence_classification: the column holding the input text."""
+
+    text_pair_column: str | None = Field(default=None, min_length=1)
+    """sequence_classification: an optional second text (pairs: NLI, paraphrase), encoded as the tokenizer joins
+    pairs (e.g. `[CLS] a [SEP] b [SEP]`)."""
+
+    label_column: str = Field(default="label", min_length=1)
+    """sequence_classification: the column holding the label (a string or an integer)."""
+
+    labels: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=2)
+    """Classification label names in id order (id2label), e.g. `[negative, neutral, positive]`; for
+    token_classification the tag names (`[O, B-PER, I-PER, ...]`). Null: the sorted distinct labels of the
+    training data (integers by value, `0..k-1` stay `0..k-1`). An eval label missing from it is an error."""
+
+    tokens_column: str = Field(default="tokens", min_length=1)
+    """token_classification: the column holding the list of words."""
+
+    tags_column: str = Field(default="tags", min_length=1)
+    """token_classification: the column holding one BIO tag (a string) per word."""
+
+    source_column: str = Field(default="source", min_length=1)
+    """seq2seq: the column holding the input text."""
+
+    target_column: str = Field(default="target", min_length=1)
+    """seq2seq: the column holding the output text."""
+
+    source_prefix: str = ""
+    """seq2seq: text put before every source (T5's task prefixes: `summarize: `, `translate English to German: `)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_type(cls, data: object) -> object:
+        if isinstance(data, str):
+            return {"type": data}
+        if isinstance(data, dict) and isinstance(data.get("labels"), list):
+            # Integer labels (`labels: [0, 1, 2]`) name the data's integer labels; YAML's booleans are a trap
+            # (`no` reads as false), so they are refused rather than turned into "False".
+            for value in data["labels"]:
+                if isinstance(value, bool):
+                    raise ValueError(f"labels: {str(value).lower()} is a YAML boolean; quote label names such as "
+                                     "'yes'/'no'/'on'/'off'")
+            data = {**data, "labels": [str(v) if isinstance(v, int) else v for v in data["labels"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> "TaskConfig":
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            repeated = sorted({label for label in self.labels if self.labels.count(label) > 1})
+            raise ValueError(f"labels: {repeated} appear more than once; list each label name once")
+        return self
+
+
 # -------------------------------------------------------------------------------------------------------- method
 LORA_TARGET_ALL = "all-linear"
 
@@ -460,16 +536,17 @@ class EvalConfig(Section):
     """Cap on eval batches for loss/perplexity."""
 
     exact_match: bool = False
-    """Greedy-generate the answer of each eval example and compare it (stripped) with the reference."""
+    """Greedy-generate the answer of each eval example and compare it (stripped) with the reference; ROUGE-1/2/L
+    and BLEU of the answers are recorded too. seq2seq tasks always generate (classification tasks cannot)."""
 
     max_new_tokens: int = Field(default=32, ge=1)
-    """Generation budget for exact match."""
+    """Generation budget for exact match and the generation metrics (seq2seq: per target)."""
 
     generate_batch: int = Field(default=16, ge=1)
     """Prompts per generation batch."""
 
     max_examples: int | None = Field(default=None, ge=1)
-    """Cap on eval examples used for exact match."""
+    """Cap on eval examples whose answers are generated (exact match, ROUGE, BLEU)."""
 
 
 class EarlyStoppingConfig(Section):
@@ -930,6 +1007,10 @@ class Recipe(Section):
 
     data: DataConfig
     """Training and evaluation data."""
+
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    """What is learnt: causal_lm (the default), sequence_classification, token_classification or seq2seq, and the
+    data columns each reads; a bare string sets the type alone."""
 
     method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
     """What gets trained: full, freeze, lora, dora, qlora (LoRA on a 4/8-bit quantized base), prompt_tuning,

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 from launcher.config.recipe import Problem
-from launcher.config.schema import OTHER_ADAPTER_METHODS, PEFT_PROMPT_METHODS, LoraFields, QLoraMethod, QuantFields, Recipe
+from launcher.config.schema import (OTHER_ADAPTER_METHODS, PEFT_PROMPT_METHODS, TASK_FIELDS, FreezeMethod, LoraFields,
+                                    QLoraMethod, QuantFields, Recipe)
 from launcher.plan.resources import Resources
 from launcher.strategies import STRATEGIES
 from launcher.strategies import spec as strategy_spec
@@ -56,8 +57,8 @@ def data_problems(recipe: Recipe) -> list[Problem]:
 
 def problems(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
     """All of them, in the order a reader meets the keys: recipe-wide, then strategy, then quantization."""
-    return recipe_problems(recipe, resources) + strategy_problems(recipe, resources, strategy) + \
-        quant_problems(recipe, strategy)
+    return recipe_problems(recipe, resources) + task_problems(recipe) + strategy_problems(recipe, resources, strategy) \
+        + quant_problems(recipe, strategy)
 
 
 def uses_fused_ce(recipe: Recipe) -> bool:
@@ -141,6 +142,71 @@ def method_strategy_problems(recipe: Recipe, strategy: str) -> list[Problem]:
                     "parameters", hint="use strategy.name: ddp, zero1 or zero2 (every rank then holds the whole "
                     "frozen base), or method lora, which fsdp and zero3 shard")]
 
+CLASSIFICATION_TASKS = ("sequence_classification", "token_classification")
+
+
+def model_is_encoder_decoder(recipe: Recipe) -> bool | None:
+    """Whether the model's config.json says it is an encoder-decoder (T5, BART, ...); None when it cannot be read
+    here (a GGUF not converted yet, a directory without config.json): the run's loading then says what is wrong."""
+    import json
+
+    from launcher.plan.memory import model_config_dir
+
+    directory = model_config_dir(recipe)
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8")) if directory else None
+    except (OSError, ValueError):
+        return None
+    return bool(config.get("is_encoder_decoder", False)) if isinstance(config, dict) else None
+
+
+def task_problems(recipe: Recipe) -> list[Problem]:
+    """`task:` combinations that cannot work, whatever the strategy (issue 13). Each names the key and the fix."""
+    task = recipe.task
+    problems: list[Problem] = []
+    # Values, not `model_fields_set`: a recipe read back from plan.json has every field set.
+    changed = {name for name, field in type(task).model_fields.items() if getattr(task, name) != field.default}
+    for name in sorted(changed - {"type"} - set(TASK_FIELDS[task.type])):
+        problems.append(Problem(f"task.{name}", f"task.{task.type} does not read {name}",
+                                hint=f"remove task.{name}, or set task.type to the task that reads it"))
+    if task.type == "causal_lm":
+        return problems
+    if recipe.data.packing:
+        problems.append(Problem("data.packing", f"packing concatenates causal-LM examples; {task.type} examples each "
+                                "carry their own label(s) and cannot share a row", hint="set data.packing: false"))
+    if recipe.eval.exact_match and task.type in CLASSIFICATION_TASKS:
+        problems.append(Problem("eval.exact_match", f"{task.type} predicts labels, it generates no text to match "
+                                "(its accuracy / F1 are computed at every evaluation)",
+                                hint="set eval.exact_match: false"))
+    if recipe.method.name in OTHER_ADAPTER_METHODS:
+        problems.append(Problem("method.name", f"method {recipe.method.name} is verified with causal_lm only; with "
+                                f"{task.type} it is not (prompt tuning's virtual tokens would shift token labels, "
+                                "the bottleneck adapters and IA3 defaults are placed for decoder LMs)",
+                                hint="use method lora, dora, qlora, freeze or full for this task"))
+    if recipe.kernels:
+        problems.append(Problem("kernels", f"the fused kernels patch decoder language models (fused_ce replaces the "
+                                f"LM loss) and are not verified with {task.type} models", hint="set kernels: []"))
+    encoder_decoder = model_is_encoder_decoder(recipe)
+    if task.type == "seq2seq" and encoder_decoder is False:
+        problems.append(Problem("task.type", "seq2seq trains an encoder-decoder model (AutoModelForSeq2SeqLM), but "
+                                "the model's config.json has no is_encoder_decoder: true",
+                                hint="use an encoder-decoder model (T5, BART), or task.type: causal_lm with "
+                                     "prompt_completion data for a decoder-only model"))
+    if task.type in CLASSIFICATION_TASKS and encoder_decoder:
+        problems.append(Problem("task.type", f"{task.type} heads are built on encoder or decoder models here; an "
+                                "encoder-decoder model's classification head is not supported",
+                                hint="use an encoder (BERT-like) or a decoder model, or task.type: seq2seq with "
+                                     "the label as target text"))
+    if task.type == "seq2seq" and isinstance(recipe.method, FreezeMethod) and recipe.method.trainable_layers:
+        problems.append(Problem("method.trainable_layers", "an encoder-decoder model has two stacks of layers, so "
+                                "'the top N layers' is ambiguous", hint="name them with method.trainable_patterns "
+                                "(e.g. 'decoder\\.block\\.[5-7]\\.')"))
+    if isinstance(recipe.method, QLoraMethod) and recipe.output.merge:
+        problems.append(Problem("output.merge", f"merging a QLoRA adapter reloads the base as a causal LM; it is not "
+                                f"implemented for {task.type}", hint="set output.merge: false (the adapter loads with "
+                                "PeftModel.from_pretrained onto the base)"))
+    return problems
+
 
 def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
     """Combinations of strategy, options, method and kernels that cannot work. Each says what to change."""
@@ -149,6 +215,13 @@ def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> li
     capabilities = strategy_spec(strategy)
     stage = capabilities.zero_stage
     explicit = recipe.strategy.name != "auto"
+
+    if recipe.task.type != "causal_lm" and (capabilities.shards_parameters or capabilities.exports_from_checkpoint):
+        # Not known to fail, but not run: heads under sharding (FSDP units, ZeRO partitions), their export from the
+        # checkpoint, and collective generation of seq2seq models were not tested. Refused rather than risked.
+        problems.append(Problem("strategy.name", f"{recipe.task.type} is verified with ddp only; {strategy} "
+                                "(sharded or engine-owned weights) has not been tested with task heads or "
+                                "encoder-decoder models", hint="use strategy.name: ddp"))
 
     # Options for a strategy that is not the one running are silently ignored otherwise.
     if explicit and capabilities.options != "deepspeed" and ds.model_fields_set:

@@ -137,6 +137,10 @@ def plan_memory(recipe: Recipe, resources: "Resources",
         return _plan_rows(recipe, resources, mem.count_parameters(mem.read_model_config(config_dir)), problems,
                           rules_out)
     except UNREADABLE_CONFIG as err:  # a broken (or hostile) config.json is a problem to report, not a traceback
+        if recipe.task.type != "causal_lm" and not auto_batch:
+            # Task models (BERT-like encoders, T5) are outside the planner's decoder families: the plan goes on
+            # without a memory estimate (a warning says so) instead of refusing a model the run can train.
+            return None, []
         return None, [Problem("model.path", f"cannot size the model from {config_dir / 'config.json'}: "
                               f"{type(err).__name__}: {err}",
                               hint="sizing supports Llama, Mistral, Qwen2/3, Gemma, Phi-3, GPT-NeoX, Mixtral, Qwen-MoE")]

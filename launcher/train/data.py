@@ -49,7 +49,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from launcher.config.schema import DataConfig, DataSource
 
@@ -110,6 +110,8 @@ class DataBundle:
     stats: dict[str, int] = field(default_factory=dict)
     """Counts for the log: rows, kept, truncated, dropped, empty, tokens, label_tokens (eval_* likewise)."""
     packed: bool = False
+    labels: list[str] | None = None
+    """Classification tasks: the label names in id order (launcher/train/tasks.py); None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -846,12 +848,15 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, "torch.Tensor"]:
     import torch
 
     width = max(len(e) for e in batch)
+    # Labels have their own width where a task's labels are not aligned with the input (a class id; a seq2seq
+    # target: launcher/train/tasks.py); for causal LM and token classification it is the input's width.
+    label_width = max(len(e.labels) for e in batch)
     packed = any(e.position_ids is not None for e in batch)
     ids, labels, extra = [], [], []
     for e in batch:
         pad = width - len(e)
         ids.append(e.input_ids + [pad_id] * pad)
-        labels.append(e.labels + [IGNORE_INDEX] * pad)
+        labels.append(e.labels + [IGNORE_INDEX] * (label_width - len(e.labels)))
         if packed:
             positions = e.position_ids if e.position_ids is not None else list(range(len(e)))
             extra.append(positions + list(range(pad)))
@@ -918,24 +923,32 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return _sha([type(tokenizer).__name__, body, json.dumps(template, sort_keys=True), specials])
 
 
-def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
-    """Key of the tokenization cache: data_fingerprint(cfg) combined with tokenizer_fingerprint(tokenizer)."""
-    return _sha([data_fingerprint(cfg), tokenizer_fingerprint(tokenizer)])[:32]
+EntryWriter = Callable[[DataConfig, Any, Path], dict[str, Any]]
+"""Writes a cache entry's shards into a directory and returns its meta.json content (:func:`write_entry`, or a
+task's writer: launcher/train/tasks.py `entry_writer`)."""
 
 
-def cache_key_from_files(cfg: DataConfig, tokenizer_dir: Path) -> str | None:
+def cache_key(cfg: DataConfig, tokenizer: Any, extra: str = "") -> str:
+    """Key of the tokenization cache: data_fingerprint(cfg) combined with tokenizer_fingerprint(tokenizer), and
+    `extra` when given (a task's fingerprint: launcher/train/tasks.py; empty for causal_lm, whose keys it leaves as
+    they were)."""
+    return _sha([data_fingerprint(cfg), tokenizer_fingerprint(tokenizer), *([extra] if extra else [])])[:32]
+
+
+def cache_key_from_files(cfg: DataConfig, tokenizer_dir: Path, extra: str = "") -> str | None:
     """`cache_key` without loading the tokenizer: equal to it for a tokenizer loaded from `tokenizer_dir` whenever
     `tokenizer_files_fingerprint` decides; None otherwise (load it then)."""
     from launcher.common.model_files import tokenizer_files_fingerprint
 
     files = tokenizer_files_fingerprint(tokenizer_dir)
-    return None if files is None else _sha([data_fingerprint(cfg), "files:" + files])[:32]
+    return None if files is None else _sha([data_fingerprint(cfg), "files:" + files,
+                                            *([extra] if extra else [])])[:32]
 
 
-def cache_entry(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> Path:
+def cache_entry(cfg: DataConfig, tokenizer: Any, cache_dir: Path, extra: str = "") -> Path:
     """Where the tokenized data of these settings and this tokenizer is cached: the directory `cache_dir/<key>`
     (launcher/train/arrow_cache.py)."""
-    return Path(cache_dir) / cache_key(cfg, tokenizer)
+    return Path(cache_dir) / cache_key(cfg, tokenizer, extra)
 
 
 def is_cached(entry: Path) -> bool:
@@ -944,12 +957,13 @@ def is_cached(entry: Path) -> bool:
     return is_complete(entry)
 
 
-def tokenize_cached(cfg: DataConfig, tokenizer: Any, cache_dir: Path) -> DataBundle:
+def tokenize_cached(cfg: DataConfig, tokenizer: Any, cache_dir: Path, extra: str = "",
+                    write: EntryWriter | None = None) -> DataBundle:
     """The tokenized data, built into the cache first when missing (see :func:`tokenize_into`)."""
-    return tokenize_into(cache_entry(cfg, tokenizer, cache_dir), cfg, tokenizer)
+    return tokenize_into(cache_entry(cfg, tokenizer, cache_dir, extra), cfg, tokenizer, write)
 
 
-def tokenize_into(entry: Path, cfg: DataConfig, tokenizer: Any) -> DataBundle:
+def tokenize_into(entry: Path, cfg: DataConfig, tokenizer: Any, write: EntryWriter | None = None) -> DataBundle:
     """The bundle cached at `entry` (a :func:`cache_entry`), memory-mapped; written there first when missing, by
     `data.num_proc` processes. A damaged entry is moved aside and rebuilt."""
     from launcher.train import arrow_cache
@@ -962,7 +976,7 @@ def tokenize_into(entry: Path, cfg: DataConfig, tokenizer: Any) -> DataBundle:
             arrow_cache.discard(entry)
     tmp = arrow_cache.new_entry_dir(entry.parent, entry.name)
     try:
-        meta = write_entry(cfg, tokenizer, tmp)
+        meta = (write or write_entry)(cfg, tokenizer, tmp)
         arrow_cache.publish(tmp, entry, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -988,7 +1002,7 @@ def open_entry(entry: Path) -> DataBundle:
     return DataBundle(train=arrow_cache.Rows(arrow_cache.open_table(entry, "train", shards), example),  # type: ignore[arg-type]
                       eval=arrow_cache.Rows(arrow_cache.open_table(entry, "eval", shards), example),  # type: ignore[arg-type]
                       eval_generation=arrow_cache.Rows(arrow_cache.open_table(entry, "generation", shards), prompt),  # type: ignore[arg-type]
-                      stats=dict(meta["stats"]), packed=bool(meta["packed"]))
+                      stats=dict(meta["stats"]), packed=bool(meta["packed"]), labels=meta.get("labels"))
 
 
 SHARD_ROWS = 4096

@@ -39,6 +39,7 @@ def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path) -> list
     from launcher.train.model import build_model
     from launcher.common.model_files import load_tokenizer
     from launcher.train.outputs import save_outputs
+    from launcher.train.tasks import head_config, read_labels
     from launcher.strategies import checkpoint_tensors
 
     plan = load_plan(run_dir)
@@ -50,7 +51,9 @@ def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path) -> list
     written_by = json.loads((checkpoint / COMPLETE).read_text() or "{}").get("strategy", plan.strategy)
     _plain_loading()
     torch.manual_seed(recipe.optim.seed)
-    model = build_model(recipe, torch.device("cpu"))
+    tokenizer = load_tokenizer(recipe.model)
+    head = head_config(recipe.task, read_labels(run_dir) or recipe.task.labels, tokenizer.pad_token_id)  # see job.py
+    model = build_model(recipe, torch.device("cpu"), head=head)
     # Tied weights (lm_head = embed_tokens) are one parameter under two names; checkpoints may hold either or both.
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = {name for name, _ in model.named_buffers()}
@@ -70,7 +73,7 @@ def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path) -> list
     if missing > 0:
         raise ValueError(f"{checkpoint.name} lacks {missing} trainable tensors of the model")
     out.mkdir(parents=True, exist_ok=True)
-    written = save_outputs(model, load_tokenizer(recipe.model), out, merge)
+    written = save_outputs(model, tokenizer, out, merge)
     log.info("exported %s from %s (%s checkpoint)", ", ".join(map(str, written)), checkpoint.name, written_by)
     return written
 

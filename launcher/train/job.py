@@ -132,12 +132,16 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv", tracker: "Trackers") -> 
             log.error("%s", err)
             return EXIT_BAD_INPUT
         from launcher.train.model import build_model
+        from launcher.train.tasks import head_config, write_labels
 
+        if strategy.is_main:
+            write_labels(run_dir, data.labels)  # `launch export` rebuilds the same classification head from it
         torch.manual_seed(recipe.optim.seed)  # adapter init is identical on every rank and every run
         with strategy.model_init():  # ZeRO-3 partitions while loading; FSDP ranks > 0 build on meta
             model = build_model(recipe, strategy.load_device(), meta=strategy.meta_init,
                                 dtype=strategy.weights_dtype(recipe.model.dtype),
-                                share_quantized=strategy.share_quantized_layout)
+                                share_quantized=strategy.share_quantized_layout,
+                                head=head_config(recipe.task, data.labels, tokenizer.pad_token_id))
         try:  # every rank reaches this with the same data: a refusal here leaves no rank waiting in a barrier
             trainer = Trainer(run_dir, recipe, strategy, model, tokenizer, data, device, tracker=tracker)
         except DataError as err:
@@ -182,15 +186,16 @@ def _prepare_data(recipe: "Recipe", strategy: "Strategy") -> "tuple[Any, DataBun
     """Rank 0 tokenizes (and fills the cache) first; the other ranks then read the cache. On Slurm a CPU job has
     usually filled it already (launcher/train/prepare.py)."""
     from launcher.train.data import cache_entry, is_cached, tokenize_into
+    from launcher.train.tasks import entry_writer, task_fingerprint
     from launcher.common.cache import tokenized_cache_dir
     from launcher.common.model_files import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model)
     if not strategy.is_main:
         strategy.barrier()
-    entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir())
+    entry = cache_entry(recipe.data, tokenizer, tokenized_cache_dir(), task_fingerprint(recipe.task))
     cached = is_cached(entry)
-    data = tokenize_into(entry, recipe.data, tokenizer)
+    data = tokenize_into(entry, recipe.data, tokenizer, entry_writer(recipe.task))
     if strategy.is_main:
         log.info("data (%s %s): %s", "read from the tokenization cache" if cached else "tokenized into the cache",
                  entry.stem, "  ".join(f"{name}={value}" for name, value in data.stats.items()))

@@ -1,5 +1,16 @@
 """The loss of a micro batch and the token counts it is normalised by (see launcher/train/trainer.py's docstring for how
-a step's loss is normalised), shared by training and evaluation."""
+a step's loss is normalised), shared by training and evaluation.
+
+Tasks (`task.type`). Every task's loss is a sum of cross-entropies over labelled items divided by the step's count of
+them, so accumulation and world size change nothing for any of them:
+  - causal_lm: next-token CE, labels shifted by one (a sequence's first token is never predicted);
+  - token_classification: CE of each labelled sub-token's tag (no shift: a token's logits are its own tag's);
+  - seq2seq: CE of each target token (the model shifts the labels right into its decoder inputs, so logits and labels
+    are aligned);
+  - sequence_classification: CE of each example's class; each example counts 1.
+The classification and seq2seq models compute the same cross-entropy themselves when given labels, but as a mean
+(and without label smoothing for some): the sum is computed here from their logits instead.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +21,12 @@ IGNORE_INDEX = -100
 """Label of a position that carries no loss."""
 
 
-def count_label_tokens(labels: torch.Tensor) -> int:
-    """Tokens that carry a label after the causal shift."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+def count_label_tokens(labels: torch.Tensor, task: str = "causal_lm") -> int:
+    """Items that carry a label: tokens after the causal shift (causal_lm), labelled tokens (token classification,
+    seq2seq), examples (sequence classification: labels is [batch, 1])."""
+    if task == "causal_lm":
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int((labels != IGNORE_INDEX).sum())
 
 
 def input_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -30,8 +44,10 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothi
 
 
 def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float,
-                     fused_ce: bool) -> torch.Tensor:
+                     fused_ce: bool, task: str = "causal_lm") -> torch.Tensor:
     """Summed loss of a micro batch. With the fused CE kernel the model computes it without materialising logits."""
+    if task != "causal_lm":
+        return task_loss_sum(task_forward(model, batch, task), batch["labels"], label_smoothing)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if fused_ce:
         from ftkernels.patch import set_loss_options
@@ -49,3 +65,18 @@ def forward_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], lab
     # labels-many positions are the input's.
     logits = out.logits[:, -batch["labels"].size(1):]
     return causal_lm_loss_sum(logits, batch["labels"], label_smoothing)
+
+
+def task_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """The logits of a non-causal task's micro batch: [batch, classes] (sequence classification), [batch, tokens,
+    classes] (token classification) or [batch, target tokens, vocab] (seq2seq, decoder inputs from the labels)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if task == "seq2seq":
+        return model(**inputs, labels=batch["labels"], use_cache=False).logits
+    return model(**inputs).logits
+
+
+def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Sum of cross-entropy over the labelled items (fp32), logits aligned with labels (no shift)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum", label_smoothing=label_smoothing)

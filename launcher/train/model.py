@@ -2,6 +2,11 @@
 QLoRA: LoRA on a bitsandbytes 4/8-bit base, quantized while loading; prompt/prefix tuning, IA3 and bottleneck
 adapters: launcher/train/peft_methods.py).
 
+The model class follows `task.type` (TASK_MODEL_CLASSES); a classification task's head (`score` on decoder models,
+`classifier` on encoders) is new, built with the run's labels (`head_config`, launcher/train/tasks.py), and trained
+in full by every method: PEFT's SEQ_CLS / TOKEN_CLS task types put it in `modules_to_save`, freeze leaves it
+trainable.
+
 Order matters and is fixed here: load -> kernels (they patch the base modules, which PEFT then wraps) ->
 gradient checkpointing -> method.
 """
@@ -13,7 +18,8 @@ import re
 from typing import Any, Callable
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+import transformers
+from transformers import PreTrainedModel
 
 from launcher.config.schema import FreezeMethod, LoraFields, ModelConfig, QLoraMethod, Recipe
 from launcher.common.model_files import model_dir, tokenizer_source
@@ -22,26 +28,55 @@ log = logging.getLogger(__name__)
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+TASK_MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM",
+                      "sequence_classification": "AutoModelForSequenceClassification",
+                      "token_classification": "AutoModelForTokenClassification",
+                      "seq2seq": "AutoModelForSeq2SeqLM"}
+"""The transformers auto class of each `task.type`."""
+
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS",
+                   "token_classification": "TOKEN_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+"""PEFT's task type of each `task.type`: it picks the PeftModel subclass (forward arguments, generation) and, for
+SEQ_CLS / TOKEN_CLS, adds the classification head to modules_to_save."""
+
+HEAD_NAMES = ("score", "classifier")
+"""Attribute names of the classification head in transformers' models (PEFT's SEQ_CLS_HEAD_NAMES)."""
+
+
+def peft_task_type(recipe: Recipe) -> str:
+    """The PEFT task type of a recipe: the one place PEFT configs (LoRA here, the other adapter methods) take it."""
+    return PEFT_TASK_TYPES[recipe.task.type]
+
+
+def model_class(task_type: str) -> Any:
+    """The transformers auto class that builds a model for `task_type`."""
+    return getattr(transformers, TASK_MODEL_CLASSES[task_type])
+
 
 def load_base_model(cfg: ModelConfig, device: torch.device, quantization: Any = None,
-                    meta: bool = False, dtype: str | None = None) -> PreTrainedModel:
-    """The pretrained model on `device`, in `dtype` (default cfg.dtype). With `meta`, its architecture only (no
-    weights read or allocated): a sharded strategy fills it from rank 0, so N ranks do not need N copies of the
+                    meta: bool = False, dtype: str | None = None, task_type: str = "causal_lm",
+                    head: dict[str, Any] | None = None) -> PreTrainedModel:
+    """The pretrained model on `device`, in `dtype` (default cfg.dtype), of `task_type`'s class with the config
+    overrides `head` (num_labels, id2label, ...: launcher/train/tasks.head_config). With `meta`, its architecture only
+    (no weights read or allocated): a sharded strategy fills it from rank 0, so N ranks do not need N copies of the
     weights in CPU memory."""
     dtype = dtype or cfg.dtype
+    auto_class = model_class(task_type)
+    head = head or {}
     if meta:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(model_dir(cfg), trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_dir(cfg), trust_remote_code=cfg.trust_remote_code, **head)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=TORCH_DTYPES[dtype],
-                                                    attn_implementation=cfg.attn_implementation,
-                                                    trust_remote_code=cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
+            return auto_class.from_config(config, dtype=TORCH_DTYPES[dtype],
+                                          attn_implementation=cfg.attn_implementation,
+                                          trust_remote_code=cfg.trust_remote_code)
+    model = auto_class.from_pretrained(
         model_dir(cfg),
         dtype=TORCH_DTYPES[dtype],
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
+        **head,
         **_quantized_load_kwargs(quantization, device),
     )
     return model.to(device)
@@ -55,24 +90,19 @@ def apply_method(model: PreTrainedModel, recipe: Recipe) -> torch.nn.Module:
         return model
     if isinstance(method, FreezeMethod):
         _freeze(model, method)
+        _train_new_head(model)
         return model
     if method.name in ("lora", "dora"):
         assert isinstance(method, LoraFields)
-        return _lora(model, method, use_dora=method.name == "dora")
+        return _lora(model, method, use_dora=method.name == "dora", task_type=peft_task_type(recipe))
     if isinstance(method, QLoraMethod):
         _prepare_quantized(model, recipe)
-        return _lora(model, method, use_dora=False)
+        return _lora(model, method, use_dora=False, task_type=peft_task_type(recipe))
     from launcher.train.peft_methods import OTHER_METHODS, apply_other_method
 
     if isinstance(method, OTHER_METHODS):  # prompt_tuning, prefix_tuning, ia3, adapter
         return apply_other_method(model, method, peft_task_type(recipe), tokenizer_source(recipe.model))
     raise ValueError(f"method {method.name!r} cannot be trained in this version")
-
-
-def peft_task_type(recipe: Recipe) -> str:
-    """PEFT's task type for the recipe's model class (it decides the PeftModel subclass: how prompt-learning
-    methods prepend their virtual tokens). Causal LM only in this module; tasks widen it."""
-    return "CAUSAL_LM"
 
 
 def _freeze(model: PreTrainedModel, method: FreezeMethod) -> None:
@@ -91,6 +121,14 @@ def _freeze(model: PreTrainedModel, method: FreezeMethod) -> None:
         raise ValueError(f"method.trainable_patterns {method.trainable_patterns} match no parameter")
 
 
+def _train_new_head(model: PreTrainedModel) -> None:
+    """A classification head starts random: a method that freezes the base still trains it."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            head.requires_grad_(True)
+
+
 def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == getattr(model.config, "num_hidden_layers", -1):
@@ -98,17 +136,22 @@ def _decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to freeze")
 
 
-def _lora(model: PreTrainedModel, method: LoraFields, use_dora: bool) -> torch.nn.Module:
+def _lora(model: PreTrainedModel, method: LoraFields, use_dora: bool, task_type: str) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    heads = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
     config = LoraConfig(
         r=method.r,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
         target_modules=method.target_modules,
+        # A classification head is trained whole (PEFT adds it to modules_to_save for SEQ_CLS / TOKEN_CLS), never
+        # given a LoRA of its own: `all-linear` leaves it out for SEQ_CLS only; with TOKEN_CLS peft 0.21.2 wraps it
+        # in LoRA and then fails ("modules_to_save cannot be applied to modules of type lora.Linear").
+        exclude_modules=heads if task_type in ("SEQ_CLS", "TOKEN_CLS") and heads else None,
         modules_to_save=list(method.modules_to_save) or None,
         use_dora=use_dora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 
@@ -207,12 +250,19 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
 
 def build_model(recipe: Recipe, device: torch.device, meta: bool = False, dtype: str | None = None,
-                share_quantized: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+                share_quantized: Callable[[torch.nn.Module], None] | None = None,
+                head: dict[str, Any] | None = None) -> torch.nn.Module:
     """Base model + kernels + checkpointing + method, on `device`, in `dtype` (default the recipe's; a strategy's
     `weights_dtype` under mixed precision), `meta`: no weights. `share_quantized` (a strategy's
-    `share_quantized_layout`, collective) runs on a quantized base before anything else touches it."""
+    `share_quantized_layout`, collective) runs on a quantized base before anything else touches it. `head`: the
+    config overrides of a classification task (launcher/train/tasks.head_config: labels, pad token), required then."""
     quantization = quantization_config(recipe)
-    model = load_base_model(recipe.model, device, quantization, meta=meta, dtype=dtype)
+    if recipe.task.type in ("sequence_classification", "token_classification") and not head:
+        raise ValueError(f"task {recipe.task.type}: the model needs its labels (launcher/train/tasks.head_config)")
+    model = load_base_model(recipe.model, device, quantization, meta=meta, dtype=dtype, task_type=recipe.task.type,
+                            head=head)
+    if head:
+        model.config.use_cache = False  # a classifier never generates: no KV cache built in its forward passes
     if quantization is not None and share_quantized is not None:
         share_quantized(model)
     if recipe.kernels:

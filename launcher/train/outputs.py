@@ -20,6 +20,7 @@ def save_outputs(model: torch.nn.Module, tokenizer: Any, run_dir: Path, merge: b
 
     from launcher.train.adapters import adapter_spec, save_adapter
     from launcher.train.model import is_quantized
+    from launcher.train.tasks import head_labels, write_labels
 
     written: list[Path] = []
     if merge and (why := unmergeable(model)) is not None:
@@ -31,6 +32,8 @@ def save_outputs(model: torch.nn.Module, tokenizer: Any, run_dir: Path, merge: b
     if isinstance(model, PeftModel):
         model.save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "adapter")
+        # A classification adapter loads onto a base built with the same head: its labels go beside it.
+        write_labels(run_dir / "adapter", head_labels(model.get_base_model()))
         written.append(run_dir / "adapter")
         if merge:
             if is_quantized(model):

@@ -38,15 +38,17 @@ def missing_preparation(recipe: Any) -> str | None:
     torch), else from the loaded tokenizer (transformers, in the submitting process, never in `launch plan`). A key
     from file names alone could call stale data ready."""
     from launcher.train.data import cache_entry, cache_key_from_files, is_cached
+    from launcher.train.tasks import task_fingerprint
     from launcher.common.gguf import is_complete
     from launcher.common.model_files import gguf_converted, load_tokenizer, tokenizer_source
 
     converted = gguf_converted(recipe.model)
     if converted is not None and not is_complete(converted):
         return f"the GGUF model is not converted yet ({converted})"
-    key = cache_key_from_files(recipe.data, tokenizer_source(recipe.model))
+    task = task_fingerprint(recipe.task)
+    key = cache_key_from_files(recipe.data, tokenizer_source(recipe.model), task)
     cache = tokenized_cache_dir()
-    path = cache / key if key is not None else cache_entry(recipe.data, load_tokenizer(recipe.model), cache)
+    path = cache / key if key is not None else cache_entry(recipe.data, load_tokenizer(recipe.model), cache, task)
     return None if is_cached(path) else f"the data is not tokenized yet ({path})"
 
 
@@ -56,6 +58,7 @@ def prepare(run_dir: Path, part: tuple[int, int] = (0, 1), attempt: str = "") ->
     `part` = (task, tasks) in a multi-task job (`cluster.prepare_tasks`): each task writes its shards, the first
     publishes the entry (see :func:`_prepare_part`); `attempt` names the job attempt the tasks share."""
     from launcher.train.data import DataError, tokenize_cached
+    from launcher.train.tasks import entry_writer, is_causal, task_fingerprint
     from launcher.plan.files import load_plan
     from launcher.common.model_files import load_tokenizer
 
@@ -66,8 +69,13 @@ def prepare(run_dir: Path, part: tuple[int, int] = (0, 1), attempt: str = "") ->
     started = time.perf_counter()
     try:
         tokenizer = load_tokenizer(recipe.model)  # converts a GGUF model once (cached) on the way
-        if tasks == 1:
-            stats: dict[str, Any] | None = tokenize_cached(recipe.data, tokenizer, tokenized_cache_dir()).stats
+        if tasks == 1 or not is_causal(recipe.task):
+            # A task other than causal_lm is tokenized by one process (launcher/train/tasks.py): the first task of
+            # a multi-task job does it whole, the others have nothing to do.
+            stats: dict[str, Any] | None = None
+            if task == 0:
+                stats = tokenize_cached(recipe.data, tokenizer, tokenized_cache_dir(), task_fingerprint(recipe.task),
+                                        entry_writer(recipe.task)).stats
         else:
             stats = _prepare_part(recipe.data, tokenizer, tokenized_cache_dir(), part, attempt)
     except (DataError, FileNotFoundError) as err:

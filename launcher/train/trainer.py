@@ -7,7 +7,8 @@ across all its micro batches and all ranks:
     loss_step = sum_{ranks, micro batches} sum_tokens CE  /  N_step,   N_step = label tokens of the whole step
 
 Each micro batch contributes `sum CE / N_step`, so accumulation and world size change nothing: 2 ranks x micro batch 2
-equals 1 rank x micro batch 4 (up to float summation order). DDP averages gradients over ranks, so each rank scales
+equals 1 rank x micro batch 4 (up to float summation order). Other tasks (`task.type`) count their own labelled items
+(tagged words, target tokens, or examples for sequence classification: launcher/train/loss.py) the same way. DDP averages gradients over ranks, so each rank scales
 its contribution by world_size to turn that average back into the sum. (HF Trainer's `num_items_in_batch` does the
 same; per-micro-batch means, the older default, weight short examples more than long ones.)
 """
@@ -209,14 +210,15 @@ class Trainer:
         optim = self.recipe.optim
         self.model.train()
         batches = [next(stream) for _ in range(optim.grad_accum)]
-        local_tokens = torch.tensor([sum(count_label_tokens(b["labels"]) for b in batches),
+        task = self.recipe.task.type
+        local_tokens = torch.tensor([sum(count_label_tokens(b["labels"], task) for b in batches),
                                      sum(input_tokens(b) for b in batches)], dtype=torch.float64)
         n_label, n_input = self.strategy.all_reduce_sum(local_tokens.to(self.device)).tolist()
         scale = self.strategy.world_size / max(1.0, n_label)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
             with self.strategy.no_sync(self.model, last_micro_batch=i == len(batches) - 1):
-                loss = forward_loss_sum(self.model, batch, optim.label_smoothing, self.fused_ce)
+                loss = forward_loss_sum(self.model, batch, optim.label_smoothing, self.fused_ce, task)
                 self.strategy.backward(self.model, loss * scale)
             loss_sum += loss.detach().double()
         lr = self.scheduler.get_last_lr()[0]
@@ -265,9 +267,14 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------- eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Eval loss and perplexity over the eval set; exact match of greedy generations when asked."""
-        from launcher.train.evaluate import exact_match, eval_loss
+        """Eval loss and perplexity over the eval set; exact match (and ROUGE/BLEU) of greedy generations when asked.
+        Tasks other than causal_lm: launcher/train/task_eval.py."""
+        from launcher.train.evaluate import eval_loss
+        from launcher.train.task_eval import evaluate_task, generation_results
 
+        if self.recipe.task.type != "causal_lm":
+            return evaluate_task(unwrap(self.model), self.tokenizer, self.data, self.recipe, self.strategy,
+                                 self.device)
         results: dict[str, float] = {}
         if self.data.eval:
             loss = eval_loss(unwrap(self.model), self.data.eval, self.tokenizer.pad_token_id, self.strategy,
@@ -275,8 +282,8 @@ class Trainer:
             results["eval_loss"] = loss
             results["eval_perplexity"] = math.exp(min(loss, 50.0))
         if self.recipe.eval.exact_match and self.data.eval_generation:
-            results["eval_exact_match"] = exact_match(unwrap(self.model), self.tokenizer, self.data.eval_generation,
-                                                      self.recipe.eval, self.strategy, self.device)
+            results.update(generation_results(unwrap(self.model), self.tokenizer, self.data.eval_generation,
+                                              self.recipe.eval, self.strategy, self.device, encoder_decoder=False))
         return results
 
     def _early_stop(self, results: dict[str, float]) -> bool:
