@@ -67,9 +67,7 @@ def recipe_problems(recipe: Recipe, resources: Resources) -> list[Problem]:
     if recipe.early_stopping is not None and recipe.eval.every_steps is None:
         problems.append(Problem("early_stopping", "early stopping needs periodic evaluation",
                                 hint="set eval.every_steps"))
-    if recipe.early_stopping is not None and recipe.early_stopping.metric == "eval_exact_match" and not recipe.eval.exact_match:
-        problems.append(Problem("early_stopping.metric", "eval_exact_match is watched but eval.exact_match is off",
-                                hint="set eval.exact_match: true"))
+    problems += schedule_problems(recipe)
     if recipe.eval.exact_match and not recipe.data.eval and recipe.data.eval_fraction == 0:
         problems.append(Problem("eval.exact_match", "exact match needs held-out data",
                                 hint="add data.eval sources or set data.eval_fraction"))
@@ -87,6 +85,40 @@ def recipe_problems(recipe: Recipe, resources: Resources) -> list[Problem]:
     if recipe.model.attn_implementation == "flash_attention_2" and resources.device == "cpu":
         problems.append(Problem("model.attn_implementation", "flash_attention_2 needs a GPU",
                                 hint="use sdpa on CPU"))
+    return problems
+
+
+def task_type(recipe: Recipe) -> str:
+    """The recipe's task (`task.type`, or a bare `task:` string); causal_lm for recipes without one."""
+    task = getattr(recipe, "task", None)
+    return str(getattr(task, "type", task) or "causal_lm")
+
+
+def schedule_problems(recipe: Recipe) -> list[Problem]:
+    """Watched metrics (early stopping, keep_best) that no evaluation writes, and per-layer schedules that cannot
+    apply."""
+    from launcher.plan.eval_metrics import metric_problems
+
+    problems: list[Problem] = []
+    if recipe.early_stopping is not None:
+        problems += metric_problems(recipe, "early_stopping.metric", recipe.early_stopping.metric)
+    ckpt = recipe.checkpoint
+    if ckpt.keep_best is not None:
+        problems += metric_problems(recipe, "checkpoint.keep_best", ckpt.keep_best)
+        if recipe.eval.every_steps is None:
+            problems.append(Problem("checkpoint.keep_best", "keeping the best checkpoint needs periodic evaluation "
+                                    "(without it the only evaluation is the last step's)",
+                                    hint="set eval.every_steps"))
+    if ckpt.final_from_best and ckpt.keep_best is None:
+        problems.append(Problem("checkpoint.final_from_best", "final outputs from the best checkpoint need a best "
+                                "checkpoint", hint="set checkpoint.keep_best: METRIC (e.g. eval_loss)"))
+    unfreeze = getattr(recipe.method, "unfreeze", None)
+    layered = [key for key, on in (("optim.layer_lr_decay", recipe.optim.layer_lr_decay is not None),
+                                   ("method.unfreeze", unfreeze is not None)) if on]
+    if layered and task_type(recipe) == "seq2seq":
+        # An encoder-decoder has two stacks of layers: "depth below the top" has no single meaning there.
+        problems += [Problem(key, "per-layer schedules need one stack of layers; a seq2seq model has an encoder and "
+                             "a decoder stack", hint=f"remove {key}") for key in layered]
     return problems
 
 
@@ -149,6 +181,13 @@ def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> li
                                     "scaler, which this trainer does not have", hint="use bfloat16"))
         # Our FSDP wrap keeps lm_head in the root unit, whose parameters stay gathered for the whole forward, so a
         # fused CE reading lm_head.weight sees the full tensor. Tied embeddings are in the root unit too.
+
+    if getattr(method, "unfreeze", None) is not None and not capabilities.trainable_set_may_change:
+        problems.append(Problem(
+            "method.unfreeze", f"gradual unfreezing changes which parameters train between steps; {strategy} fixes "
+            "that set when it wraps the model (ZeRO flattens and partitions only the trainable parameters; FSDP's "
+            "gradient reduction is not verified with parameters frozen and unfrozen between steps)",
+            hint="use strategy.name: ddp, or remove method.unfreeze"))
 
     if isinstance(method, QuantFields):
         if method.bits == 8 and capabilities.dtensor_parameters:
