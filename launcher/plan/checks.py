@@ -183,11 +183,12 @@ def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> li
         # fused CE reading lm_head.weight sees the full tensor. Tied embeddings are in the root unit too.
 
     if getattr(method, "unfreeze", None) is not None and not capabilities.trainable_set_may_change:
+        why = ("its engine flattens and partitions the parameters that are trainable when it starts"
+               if capabilities.zero_stage is not None else
+               "its sharded gradient reduction is not verified with parameters frozen and unfrozen between steps")
         problems.append(Problem(
-            "method.unfreeze", f"gradual unfreezing changes which parameters train between steps; {strategy} fixes "
-            "that set when it wraps the model (ZeRO flattens and partitions only the trainable parameters; FSDP's "
-            "gradient reduction is not verified with parameters frozen and unfrozen between steps)",
-            hint="use strategy.name: ddp, or remove method.unfreeze"))
+            "method.unfreeze", f"gradual unfreezing changes which parameters train between steps; {strategy} "
+            f"cannot follow: {why}", hint="use strategy.name: ddp, or remove method.unfreeze"))
 
     if isinstance(method, QuantFields):
         if method.bits == 8 and capabilities.dtensor_parameters:

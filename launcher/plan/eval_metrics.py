@@ -58,7 +58,7 @@ def metric_problems(recipe: Recipe, path: str, metric: str) -> list[Problem]:
     if metric in produced_metrics(recipe):
         return []
     ways = [p.setting for p in PRODUCERS if metric in p.metrics]
-    hint = "; or ".join(ways) if ways else "no evaluation of this version writes it"
     produced = ", ".join(sorted(produced_metrics(recipe))) or "none"
+    hint = "; or ".join(ways) if ways else f"watch one of {produced}" if produced != "none" else "add eval data"
     return [Problem(path, f"{metric} is watched but no evaluation of this recipe writes it (it writes: {produced})",
                     hint=hint)]
