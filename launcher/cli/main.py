@@ -4,6 +4,7 @@
     launch --resume RUN_DIR [--procs N | --nodes N ...]   continue a run, on the same or other resources
     launch plan RECIPE [key.path=value ...] [--nodes N] [--gpus-per-node G] [--procs N] [--json]
     launch export RUN_DIR [--merge] [--out DIR]
+    launch baseline RECIPE [key.path=value ...] [--out RUN_DIR] [--json]   baselines to beat: baseline.json
     launch import AXOLOTL.yaml [--out RECIPE.yaml] [--force]      an axolotl config as a recipe, with what did not map
     launch RECIPE --nodes N | --cluster NAME [--partition P] [--time T] [--gpus-per-node G]   submit to Slurm
     launch runs [--root DIR] | status RUN | logs RUN [--rank R] [--follow] | cancel RUN        run management
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 from cluster.errors import SubmitError
 from launcher.cli.args import UsageError
 from launcher.cli.console import console, error
+from launcher.cli.baseline import cmd_baseline
 from launcher.cli.export import cmd_export
 from launcher.cli.import_ import cmd_import
 from launcher.cli.plan import cmd_plan
@@ -34,7 +36,7 @@ from launcher.config.recipe import RecipeError
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "plan": cmd_plan, "export": cmd_export, "import": cmd_import, "runs": cmd_runs, "status": cmd_status,
-    "logs": cmd_logs, "cancel": cmd_cancel, "report": cmd_report,
+    "logs": cmd_logs, "cancel": cmd_cancel, "report": cmd_report, "baseline": cmd_baseline,
 }
 """Subcommands; anything else is `launch RECIPE ...` (cmd_run)."""
 

@@ -2,6 +2,7 @@
 
     RUN_DIR/.claimed          created (O_EXCL) by the launch that owns the directory
     RUN_DIR/plan.json         resolved recipe + plan (written by `launch`, and by `launch plan --out RUN_DIR`)
+    RUN_DIR/baseline.json     the baselines a run must beat (`launch baseline`, launcher/train/baseline.py)
     RUN_DIR/ds_config.json    DeepSpeed config, where DeepSpeed is used
     RUN_DIR/plan-history/     earlier plan.json files, kept when a resume re-planned the run (another world size)
     RUN_DIR/job.sbatch        the Slurm job, where submitted to Slurm (plain `sbatch` runs it too)
@@ -16,8 +17,8 @@
     RUN_DIR/adapter|model|merged/   final outputs
 
 A run directory is never overwritten nor shared: a new run of the same recipe gets a suffix (`demo-2`), also when two
-start at once. A directory holding only a `plan.json` (`launch plan --out runs/demo`) is a planned, not-yet-started
-run, and the next `launch` of that run name takes it over.
+start at once. A directory holding only a `plan.json` and/or a `baseline.json` (`launch plan --out runs/demo`,
+`launch baseline`) is a planned, not-yet-started run, and the next `launch` of that run name takes it over.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from typing import Any
 PLAN_FILE = "plan.json"
 PLAN_HISTORY_DIR = "plan-history"
 METRICS_FILE = "metrics.jsonl"
+BASELINE_FILE = "baseline.json"
+PLANNING_FILES = (PLAN_FILE, BASELINE_FILE)
+"""What the planning side may write into a run directory before a launch takes it (it stays fresh)."""
 CLAIM_FILE = ".claimed"
 """Created (O_EXCL) by the launch that owns a run directory: of two launches racing for one name, one gets it."""
 
@@ -68,8 +72,10 @@ def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def is_fresh(run_dir: Path) -> bool:
-    """True for a directory holding nothing but a plan (planned, never started)."""
-    return run_dir.is_dir() and all(p.name == PLAN_FILE or p.name.startswith(f".{PLAN_FILE}.") for p in run_dir.iterdir())
+    """True for a directory holding nothing but a plan and/or a baseline (planned, never started); a leftover
+    temporary file of their atomic writes counts as theirs."""
+    temporary = tuple(f".{name}." for name in PLANNING_FILES)
+    return run_dir.is_dir() and all(p.name in PLANNING_FILES or p.name.startswith(temporary) for p in run_dir.iterdir())
 
 
 def next_run_dir(root: Path, name: str) -> Path:
@@ -133,6 +139,12 @@ def is_suffixed(candidate: str, name: str) -> bool:
     """`name-N` (N digits): another run of `name`, as next_run_dir numbers them."""
     head, sep, tail = candidate.rpartition("-")
     return bool(sep) and head == name and tail.isdigit()
+
+
+def read_baseline(run_dir: Path) -> dict[str, Any] | None:
+    """The baseline.json of a run directory (`launch baseline`), or None when it has none."""
+    path = run_dir / BASELINE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_plan(run_dir: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
+from launcher.common.metrics import answers_match
 from launcher.train.data import collate
 from launcher.config.schema import EvalConfig
 from launcher.strategies.base import Strategy
@@ -53,7 +54,7 @@ def eval_loss(model: torch.nn.Module, examples: Sequence[Any], pad_id: int, stra
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[tuple[list[int], str]], cfg: EvalConfig,
                 strategy: Strategy, device: torch.device) -> float:
-    """Fraction of eval prompts whose greedy answer, stripped, equals the reference answer, stripped."""
+    """Fraction of eval prompts whose greedy answer equals the reference (launcher.common.metrics.answers_match)."""
     model.eval()
     chosen = list(prompts)[: cfg.max_examples] if cfg.max_examples else list(prompts)
     pad = tokenizer.pad_token_id
@@ -71,7 +72,7 @@ def exact_match(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[tuple[
             continue
         for row, (_, reference) in zip(out[:, width:], group):
             answer = tokenizer.decode(row, skip_special_tokens=True)
-            correct += int(answer.strip() == reference.strip())
+            correct += int(answers_match(answer, reference))
             total += 1
     totals = strategy.all_reduce_sum(torch.tensor([float(correct), float(total)], device=device))
     return float(totals[0] / max(1.0, float(totals[1])))
