@@ -14,6 +14,7 @@ from pathlib import Path
 
 from launcher.config.recipe import Problem
 from launcher.config.schema import LoraFields, QLoraMethod, QuantFields, Recipe
+from launcher.plan.eval_metrics import metric_problems, task_type
 from launcher.plan.resources import Resources
 from launcher.strategies import STRATEGIES
 from launcher.strategies import spec as strategy_spec
@@ -88,17 +89,9 @@ def recipe_problems(recipe: Recipe, resources: Resources) -> list[Problem]:
     return problems
 
 
-def task_type(recipe: Recipe) -> str:
-    """The recipe's task (`task.type`, or a bare `task:` string); causal_lm for recipes without one."""
-    task = getattr(recipe, "task", None)
-    return str(getattr(task, "type", task) or "causal_lm")
-
-
 def schedule_problems(recipe: Recipe) -> list[Problem]:
     """Watched metrics (early stopping, keep_best) that no evaluation writes, and per-layer schedules that cannot
     apply."""
-    from launcher.plan.eval_metrics import metric_problems
-
     problems: list[Problem] = []
     if recipe.early_stopping is not None:
         problems += metric_problems(recipe, "early_stopping.metric", recipe.early_stopping.metric)

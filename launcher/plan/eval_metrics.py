@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
-from launcher.common.metrics import METRIC_MODES
+from launcher.common.metrics import CLASSIFICATION_KEYS, ENTITY_KEYS, GENERATION_KEYS, METRIC_MODES
 from launcher.config.recipe import Problem
 from launcher.config.schema import Recipe
 
@@ -20,6 +20,18 @@ from launcher.config.schema import Recipe
 def has_eval_data(recipe: Recipe) -> bool:
     """The recipe evaluates on held-out rows: data.eval sources, or a fraction of the training rows."""
     return bool(recipe.data.eval) or recipe.data.eval_fraction > 0
+
+
+def task_type(recipe: Recipe) -> str:
+    """The recipe's task (`task.type`, or a bare `task:` string); causal_lm for recipes without one."""
+    task = getattr(recipe, "task", None)
+    return str(getattr(task, "type", task) or "causal_lm")
+
+
+def generates(recipe: Recipe) -> bool:
+    """Evaluation generates answers: seq2seq always, causal_lm with eval.exact_match."""
+    task = task_type(recipe)
+    return has_eval_data(recipe) and (task == "seq2seq" or (task == "causal_lm" and recipe.eval.exact_match))
 
 
 @dataclass(frozen=True)
@@ -36,12 +48,24 @@ class Producer:
     """What turns it on, as a hint to the user (`set eval.exact_match: true`)."""
 
 
+def _eval(keys: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"eval_{key}" for key in keys)
+
+
 PRODUCERS: list[Producer] = [
-    Producer(("eval_loss", "eval_perplexity"), has_eval_data, "add data.eval sources or set data.eval_fraction"),
-    Producer(("eval_exact_match",), lambda r: r.eval.exact_match and has_eval_data(r), "set eval.exact_match: true "
-             "(with held-out data: data.eval or data.eval_fraction)"),
+    Producer(("eval_loss",), has_eval_data, "add data.eval sources or set data.eval_fraction"),
+    Producer(("eval_perplexity",), lambda r: has_eval_data(r) and task_type(r) in ("causal_lm", "seq2seq"),
+             "perplexity is a language model's: task.type causal_lm or seq2seq, with held-out data"),
+    # The generation metrics of greedy answers (launcher/train/task_eval.py with the task types; before them, a
+    # causal LM's eval.exact_match writes eval_exact_match alone).
+    Producer(_eval(GENERATION_KEYS), generates, "set eval.exact_match: true (causal_lm; seq2seq always generates), "
+             "with held-out data: data.eval or data.eval_fraction"),
+    Producer(_eval(CLASSIFICATION_KEYS), lambda r: has_eval_data(r) and task_type(r) == "sequence_classification",
+             "task.type: sequence_classification, with held-out data"),
+    Producer(_eval(ENTITY_KEYS), lambda r: has_eval_data(r) and task_type(r) == "token_classification",
+             "task.type: token_classification, with held-out data"),
 ]
-"""Every source of eval metrics, by recipe setting. Task metrics are added by the task's module."""
+"""Every source of eval metrics, by recipe setting: extend it where an evaluation starts writing new keys."""
 
 
 def produced_metrics(recipe: Recipe) -> set[str]:

@@ -101,3 +101,29 @@ def test_exact_match_once_turned_on_can_be_watched(tmp_path: Path) -> None:
     plan = plan_of(recipe(tmp_path, eval={"every_steps": 5, "exact_match": True},
                           early_stopping={"metric": "eval_exact_match"}, checkpoint={"keep_best": "eval_exact_match"}))
     assert plan.recipe["early_stopping"]["mode"] == "max"  # from METRIC_MODES, written into plan.json
+
+
+@pytest.mark.parametrize("task, exact_match, expected", [
+    ("causal_lm", False, {"eval_loss", "eval_perplexity"}),
+    ("causal_lm", True, {"eval_loss", "eval_perplexity", "eval_exact_match", "eval_rouge1", "eval_rouge2",
+                         "eval_rougeL", "eval_bleu"}),
+    ("seq2seq", False, {"eval_loss", "eval_perplexity", "eval_exact_match", "eval_rouge1", "eval_rouge2",
+                        "eval_rougeL", "eval_bleu"}),
+    ("sequence_classification", False, {"eval_loss", "eval_accuracy", "eval_f1_macro", "eval_f1_micro",
+                                        "eval_precision_macro", "eval_recall_macro", "eval_precision_micro",
+                                        "eval_recall_micro"}),
+    ("token_classification", False, {"eval_loss", "eval_entity_f1", "eval_entity_precision", "eval_entity_recall",
+                                     "eval_token_accuracy"}),
+])
+def test_the_metrics_each_task_writes(task: str, exact_match: bool, expected: set[str]) -> None:
+    """The table behind the watched-metric check, per task type (recipe.task as the task helper defines it)."""
+    from types import SimpleNamespace
+
+    from launcher.common.metrics import METRIC_MODES
+    from launcher.plan.eval_metrics import produced_metrics
+
+    recipe: Any = SimpleNamespace(task=SimpleNamespace(type=task), eval=SimpleNamespace(exact_match=exact_match),
+                                  data=SimpleNamespace(eval=[], eval_fraction=0.1))
+    assert produced_metrics(recipe) == expected and expected <= set(METRIC_MODES)
+    recipe.data.eval_fraction = 0.0  # nothing held out: no evaluation writes anything
+    assert produced_metrics(recipe) == set()
