@@ -164,6 +164,34 @@ def test_gradual_unfreezing_schedule_and_exact_resume_in_its_middle(tmp_path: Pa
     assert [r["loss"] for r in resumed] == pytest.approx(full, rel=0, abs=1e-6)
 
 
+@pytest.mark.parametrize("method, unfreeze, groups", [
+    # Every 2 epochs of 3 steps; max_layers 1: the head and layer 1 only, layer 0 and the embeddings stay frozen.
+    ({"name": "full"}, {"every_epochs": 2, "max_layers": 1}, [{0}, {0, 1}]),
+    # freeze trains layer 1 and the head: those are the groups, whatever else the model has.
+    ({"name": "freeze", "trainable_layers": 1, "trainable_patterns": ["lm_head"]}, {"every_epochs": 2}, [{0}, {0, 1}]),
+    # LoRA without a trained head: its top group is the top layer's adapters.
+    ({"name": "lora"}, {"every_epochs": 2}, [{1}, {1, 2}]),
+])
+def test_unfreezing_groups_by_method(tmp_path: Path, tiny_model_dir: Path, method: dict, unfreeze: dict,
+                                     groups: list[set[int]]) -> None:
+    import torch
+
+    from launcher.config.schema import Recipe
+    from launcher.train.layers import Unfreezing
+    from launcher.train.model import build_model
+
+    recipe = Recipe.model_validate(recipe_data(tmp_path, tiny_model_dir, method={**method, "unfreeze": unfreeze}))
+    model = build_model(recipe, torch.device("cpu"))
+    trained_by_method = {n for n, p in model.named_parameters() if p.requires_grad}
+    unfreezing = Unfreezing(model, recipe.method.unfreeze, steps_per_epoch=3)
+    assert [unfreezing.groups_at(step) for step in range(0, 14, 1)] == [1] * 6 + [2] * 8  # capped at 2 groups
+    for count, depths in enumerate(groups, start=1):
+        unfreezing.apply(count)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert {expected_depth(n) for n in trainable} == depths
+        assert trainable == {n for n in trained_by_method if expected_depth(n) in depths}
+
+
 # ---------------------------------------------------------------------------------------------- best checkpoints
 def scripted_evaluations(monkeypatch: pytest.MonkeyPatch, values: dict[int, dict[str, float]]) -> None:
     """Trainer.evaluate returns `values[step]`: what the loop does with results is under test, not the results."""
@@ -193,6 +221,17 @@ def test_keep_best_survives_pruning_and_the_final_outputs_are_its_weights(
     assert not all((outputs[n] == at5[n]).all() for n in at5)  # ... and not the last step's
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "best eval_loss 0.5 at step 2 (checkpoints/step-00000002; the final outputs are its weights)" in log
+
+    # Resume from the best step itself: the checkpoint's record carries on; later evaluations do not beat it.
+    shutil.rmtree(ckpts / "step-00000005")
+    shutil.rmtree(run_dir / "model")
+    (ckpts / "latest").write_text("step-00000002\n")
+    (ckpts / "best.json").unlink()  # as if the run died between `latest` and best.json: the resume rewrites it
+    (run_dir / "outcome.json").unlink()
+    assert run(run_dir) == 0
+    assert json.loads((ckpts / "best.json").read_text()) == best
+    outputs = tensors(run_dir / "model" / "model.safetensors")
+    assert all((outputs[n] == at2[n]).all() for n in at2)
 
 
 def test_early_stopping_on_a_metric_where_higher_is_better(tmp_path: Path, tiny_model_dir: Path,
