@@ -46,9 +46,13 @@ def outcome_of_exit(code: int) -> Outcome:
     return _BY_EXIT.get(code, Outcome.CRASHED)
 
 
-def record(run_dir: Path, outcome: Outcome, exit_code: int | None = None, reason: str | None = None) -> None:
+def record(run_dir: Path, outcome: Outcome, exit_code: int | None = None, reason: str | None = None,
+           best: dict[str, Any] | None = None) -> None:
+    """`best`: the best checkpoint's record (checkpoint.keep_best: metric, value, step, checkpoint), kept as `best`."""
     data: dict[str, Any] = {"outcome": outcome.value, "exit_code": exit_code, "reason": reason,
                             "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    if best is not None:
+        data["best"] = best
     try:
         write_json_atomic(run_dir / OUTCOME_FILE, data)
     except OSError as err:  # a full disk must not turn a clean exit into a traceback; the log still says why

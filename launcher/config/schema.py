@@ -4,7 +4,8 @@ Every model forbids unknown keys, so a typo fails with its key path instead of b
 way a fine-tuning job wastes a day). Field docstrings double as the reference documentation
 (`use_attribute_docstrings`), torchtitan style.
 
-This module imports pydantic only: it is on the planning side and must load without torch.
+This module imports pydantic (and, inside validators, the torch-free launcher.common.metrics) only: it is on the planning
+side and must load without torch.
 """
 
 from __future__ import annotations
@@ -251,12 +252,44 @@ class TaskConfig(Section):
 LORA_TARGET_ALL = "all-linear"
 
 
-class FullMethod(Section):
+class UnfreezeConfig(Section):
+    """Gradual unfreezing (ULMFiT, Howard & Ruder 2018): training starts with only the top group of the method's
+    trainable parameters and unfreezes the next group down at a fixed interval. Groups are depths, as in
+    `optim.layer_lr_decay`: the head and final norm (depth 0), decoder/encoder layer i of L (depth L - i), the
+    embeddings (depth L + 1); only depths holding parameters the method trains count (LoRA: the adapters of each
+    layer, and a `modules_to_save` head at depth 0). Every group is in the optimizer from the start; a frozen one
+    gets no gradient, which AdamW skips entirely (no moment update, no weight decay), so it starts fresh when
+    unfrozen. Runs with ddp (which then looks for unused parameters each step); fsdp and zero are refused."""
+
+    every_steps: int | None = Field(default=None, ge=1)
+    """Unfreeze one more group every N optimizer steps (after step N, 2N, ...)."""
+
+    every_epochs: int | None = Field(default=None, ge=1)
+    """Unfreeze one more group every N epochs (N x the optimizer steps of an epoch)."""
+
+    max_layers: int | None = Field(default=None, ge=0)
+    """Stop once this many decoder/encoder layers are unfrozen (depths up to max_layers: the embeddings stay frozen
+    unless null); null: unfreeze everything the method trains, the embeddings last."""
+
+    @model_validator(mode="after")
+    def _one_interval(self) -> "UnfreezeConfig":
+        if (self.every_steps is None) == (self.every_epochs is None):
+            raise ValueError("set exactly one of every_steps or every_epochs")
+        return self
+
+
+class UnfreezeField(Section):
+    unfreeze: UnfreezeConfig | None = None
+    """Gradual unfreezing: start with the top group (the head) trainable and add one group down at each interval;
+    null: everything the method trains is trainable from the first step."""
+
+
+class FullMethod(UnfreezeField):
     name: Literal["full"]
     """Train every parameter."""
 
 
-class FreezeMethod(Section):
+class FreezeMethod(UnfreezeField):
     name: Literal["freeze"]
     """Train only some parameters: the top `trainable_layers` decoder layers, and/or names matching patterns."""
 
@@ -273,7 +306,7 @@ class FreezeMethod(Section):
         return self
 
 
-class LoraFields(Section):
+class LoraFields(UnfreezeField):
     r: int = Field(default=16, ge=1)
     """LoRA rank."""
 
@@ -475,6 +508,13 @@ class OptimConfig(Section):
     weight_decay: float = Field(default=0.0, ge=0)
     """Decoupled weight decay (not applied to biases and norms)."""
 
+    layer_lr_decay: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Discriminative learning rates (ULMFiT; ELECTRA's layer-wise decay): each parameter's lr is
+    lr x layer_lr_decay^depth, depth counted down from the top: the head (lm_head / score / classifier) and the final
+    norm have depth 0 (full lr); decoder/encoder layer i of L has depth L - i (the top layer L - 1: lr x decay); the
+    embeddings (and whatever else comes before the first layer) depth L + 1. Tied output embeddings share the input
+    embedding's parameter and so its lr. The schedule scales every group's own lr. Null: one lr for all."""
+
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     """Adam betas."""
 
@@ -549,18 +589,45 @@ class EvalConfig(Section):
     """Cap on eval examples whose answers are generated (exact match, ROUGE, BLEU)."""
 
 
-class EarlyStoppingConfig(Section):
-    metric: Literal["eval_loss", "eval_perplexity", "eval_exact_match"] = "eval_loss"
-    """Metric watched after each evaluation."""
+def _known_metric(name: str) -> str:
+    """An eval metric name that metrics.jsonl can hold (launcher.common.metrics.METRIC_MODES)."""
+    from launcher.common.metrics import metric_mode
 
-    mode: Literal["min", "max"] = "min"
-    """Whether lower or higher is better."""
+    metric_mode(name)  # raises ValueError naming the known metrics
+    return name
+
+
+EvalMetric = Annotated[str, AfterValidator(_known_metric)]
+"""The name of an eval metric (`eval_loss`, `eval_accuracy`, ...: the keys of launcher.common.metrics.METRIC_MODES)."""
+
+
+class EarlyStoppingConfig(Section):
+    metric: EvalMetric = "eval_loss"
+    """Eval metric watched after each evaluation: eval_loss, eval_perplexity, eval_exact_match, and the task
+    metrics (eval_accuracy, eval_f1_macro, eval_entity_f1, eval_rougeL, eval_bleu, ...). `launch plan` checks that
+    the recipe's task and eval settings produce it."""
+
+    mode: Literal["min", "max"] | None = None
+    """Whether lower or higher is better; null: the metric's own direction (min for loss and perplexity, max for
+    the rest). A mode against the metric's direction is refused."""
 
     patience: int = Field(default=3, ge=1)
     """Evaluations without improvement before training stops."""
 
     min_delta: float = Field(default=0.0, ge=0.0)
     """Smallest change that counts as an improvement."""
+
+    @model_validator(mode="after")
+    def _mode_of_metric(self) -> "EarlyStoppingConfig":
+        from launcher.common.metrics import metric_mode
+
+        own = metric_mode(self.metric)
+        if self.mode is None:
+            object.__setattr__(self, "mode", own)  # frozen model: filled once, here (plan.json holds the result)
+        elif self.mode != own:
+            raise ValueError(f"mode {self.mode!r}: {self.metric} is better when {'lower' if own == 'min' else 'higher'}"
+                             f" (mode {own}); leave mode out")
+        return self
 
 
 class CheckpointConfig(Section):
@@ -572,6 +639,16 @@ class CheckpointConfig(Section):
 
     on_interrupt: bool = True
     """Write a checkpoint when interrupted (Ctrl-C, SIGTERM, SIGUSR1 before a Slurm time limit)."""
+
+    keep_best: EvalMetric | None = None
+    """Keep the checkpoint of the best evaluation by this eval metric (e.g. eval_accuracy; its direction from the
+    metric: lower loss, higher everything else) beside the last `keep_last`: an evaluation that improves on every
+    earlier one (the one before training excepted) saves a checkpoint at its step if none was due, and
+    checkpoints/best.json names it; pruning never removes it. Needs eval.every_steps. Null: off."""
+
+    final_from_best: bool = False
+    """Write the final outputs (adapter/model, merged) from the best checkpoint's weights instead of the last step's.
+    Needs keep_best."""
 
 
 TRACKER_NAME_PATTERN = r"^[^/\\#?%:\x00-\x1f]+$"

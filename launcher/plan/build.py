@@ -78,6 +78,10 @@ class Plan:
     """The equivalent Slurm batch script (also RUN_DIR/job.sbatch) when the plan targets Slurm (`--nodes N > 1` or
     `--cluster NAME`); rendered by cluster/slurm.py from the cluster profile + the recipe's `cluster:` section."""
 
+    schedules: dict[str, Any] | None = None
+    """Per-layer schedules when the recipe asks for them (launcher/plan/schedules.py): the lr of each depth
+    (`optim.layer_lr_decay`) and the order of gradual unfreezing (`method.unfreeze`); None otherwise."""
+
     @property
     def runnable(self) -> bool:
         return not self.unsupported
@@ -157,6 +161,7 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
     from launcher.plan import checks
     from launcher.plan.quant import quant_warnings, resolve_quant_storage
     from launcher.plan.strategy_config import strategy_config
+    from launcher.plan.schedules import plan_schedules
 
     recipe = resolve_quant_storage(recipe, strategy)  # plan.json holds the concrete packed-weight dtype
     problems = memory_problems + checks.problems(recipe, resources, strategy)
@@ -187,6 +192,7 @@ def make_plan(loaded: LoadedRecipe, resources: Resources, run_dir: Path) -> Plan
         unsupported=checks.unsupported(recipe, strategy, resources.world_size),
         memory=memory.to_json() if memory is not None else None,
         strategy_config=strategy_config(recipe, resources, strategy, memory.chosen if memory is not None else None),
+        schedules=plan_schedules(recipe),
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from launcher.config.recipe import Problem
 from launcher.config.schema import (OTHER_ADAPTER_METHODS, PEFT_PROMPT_METHODS, TASK_FIELDS, FreezeMethod, LoraFields,
                                     QLoraMethod, QuantFields, Recipe)
+from launcher.plan.eval_metrics import metric_problems, task_type
 from launcher.plan.resources import Resources
 from launcher.strategies import STRATEGIES
 from launcher.strategies import spec as strategy_spec
@@ -81,9 +82,7 @@ def recipe_problems(recipe: Recipe, resources: Resources) -> list[Problem]:
     if recipe.early_stopping is not None and recipe.eval.every_steps is None:
         problems.append(Problem("early_stopping", "early stopping needs periodic evaluation",
                                 hint="set eval.every_steps"))
-    if recipe.early_stopping is not None and recipe.early_stopping.metric == "eval_exact_match" and not recipe.eval.exact_match:
-        problems.append(Problem("early_stopping.metric", "eval_exact_match is watched but eval.exact_match is off",
-                                hint="set eval.exact_match: true"))
+    problems += schedule_problems(recipe)
     if recipe.eval.exact_match and not recipe.data.eval and recipe.data.eval_fraction == 0:
         problems.append(Problem("eval.exact_match", "exact match needs held-out data",
                                 hint="add data.eval sources or set data.eval_fraction"))
@@ -208,6 +207,32 @@ def task_problems(recipe: Recipe) -> list[Problem]:
     return problems
 
 
+def schedule_problems(recipe: Recipe) -> list[Problem]:
+    """Watched metrics (early stopping, keep_best) that no evaluation writes, and per-layer schedules that cannot
+    apply."""
+    problems: list[Problem] = []
+    if recipe.early_stopping is not None:
+        problems += metric_problems(recipe, "early_stopping.metric", recipe.early_stopping.metric)
+    ckpt = recipe.checkpoint
+    if ckpt.keep_best is not None:
+        problems += metric_problems(recipe, "checkpoint.keep_best", ckpt.keep_best)
+        if recipe.eval.every_steps is None:
+            problems.append(Problem("checkpoint.keep_best", "keeping the best checkpoint needs periodic evaluation "
+                                    "(without it the only evaluation is the last step's)",
+                                    hint="set eval.every_steps"))
+    if ckpt.final_from_best and ckpt.keep_best is None:
+        problems.append(Problem("checkpoint.final_from_best", "final outputs from the best checkpoint need a best "
+                                "checkpoint", hint="set checkpoint.keep_best: METRIC (e.g. eval_loss)"))
+    unfreeze = getattr(recipe.method, "unfreeze", None)
+    layered = [key for key, on in (("optim.layer_lr_decay", recipe.optim.layer_lr_decay is not None),
+                                   ("method.unfreeze", unfreeze is not None)) if on]
+    if layered and task_type(recipe) == "seq2seq":
+        # An encoder-decoder has two stacks of layers: "depth below the top" has no single meaning there.
+        problems += [Problem(key, "per-layer schedules need one stack of layers; a seq2seq model has an encoder and "
+                             "a decoder stack", hint=f"remove {key}") for key in layered]
+    return problems
+
+
 def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
     """Combinations of strategy, options, method and kernels that cannot work. Each says what to change."""
     problems: list[Problem] = []
@@ -274,6 +299,14 @@ def strategy_problems(recipe: Recipe, resources: Resources, strategy: str) -> li
                                     "scaler, which this trainer does not have", hint="use bfloat16"))
         # Our FSDP wrap keeps lm_head in the root unit, whose parameters stay gathered for the whole forward, so a
         # fused CE reading lm_head.weight sees the full tensor. Tied embeddings are in the root unit too.
+
+    if getattr(method, "unfreeze", None) is not None and not capabilities.trainable_set_may_change:
+        why = ("its engine flattens and partitions the parameters that are trainable when it starts"
+               if capabilities.zero_stage is not None else
+               "its sharded gradient reduction is not verified with parameters frozen and unfrozen between steps")
+        problems.append(Problem(
+            "method.unfreeze", f"gradual unfreezing changes which parameters train between steps; {strategy} "
+            f"cannot follow: {why}", hint="use strategy.name: ddp, or remove method.unfreeze"))
 
     problems += method_strategy_problems(recipe, strategy)
     if isinstance(method, QuantFields):

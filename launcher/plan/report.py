@@ -11,6 +11,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from launcher.plan.build import Plan
+from launcher.plan.schedules import schedule_rows
 from launcher.config.recipe import LoadedRecipe
 from launcher.strategies import STRATEGIES
 
@@ -27,6 +28,8 @@ def print_plan(plan: Plan, loaded: LoadedRecipe, console: Console) -> None:
     layout.add_row("strategy", f"{plan.strategy} — {plan.strategy_reason}")
     layout.add_row("launch command", shlex.join(plan.command))
     layout.add_row("per-rank command", shlex.join(plan.rank_command))
+    for label, text in schedule_rows(plan.schedules):
+        layout.add_row(label, text)
     console.print(layout)
     if plan.strategy_config is not None:
         import json

@@ -136,8 +136,13 @@ def needs_master_weights(recipe: Recipe) -> bool:
 
 
 def ddp_config(recipe: Recipe) -> dict[str, Any]:
-    """DDP: whether the optimizer steps float32 master copies of the 16-bit trainable weights."""
-    return {"master_weights": needs_master_weights(recipe)}
+    """DDP: whether the optimizer steps float32 master copies of the 16-bit trainable weights; under gradual
+    unfreezing, `find_unused_parameters`."""
+    config: dict[str, Any] = {"master_weights": needs_master_weights(recipe)}
+    if getattr(recipe.method, "unfreeze", None) is not None:
+        # Frozen groups get no gradient: DDP must look for them each step instead of waiting for their buckets.
+        config["find_unused_parameters"] = True
+    return config
 
 
 def strategy_config(recipe: Recipe, resources: "Resources", strategy: str,

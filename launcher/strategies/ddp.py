@@ -45,7 +45,10 @@ class DDPStrategy(Strategy):
              make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids)
+            # find_unused_parameters (gradual unfreezing): parameters frozen after wrapping get no gradient; DDP
+            # marks them ready instead of waiting, and leaves the grad of a parameter unused on every rank None.
+            model = DistributedDataParallel(model, device_ids=device_ids,
+                                            find_unused_parameters=bool(self.config.get("find_unused_parameters")))
         optimizer = make_optimizer(_inner(model))
         if self.config.get("master_weights"):
             self._use_masters(_inner(model), optimizer)

@@ -52,12 +52,17 @@ class StrategySpec:
     """A forward pass communicates (parameters gathered on the fly), so every rank must run the same number of
     forwards in evaluation and generation."""
 
+    trainable_set_may_change: bool = False
+    """Parameters may be frozen and unfrozen between steps (gradual unfreezing, `method.unfreeze`): DDP, which then
+    finds the parameters that got no gradient each step (`find_unused_parameters`)."""
+
     memory_rows: tuple[str, ...] = ()
     """The memory planner's rows (launcher/plan/memory_model.py) that run as this strategy."""
 
 
 STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
-    StrategySpec("ddp", "launcher.strategies.ddp", "DDPStrategy", options=None, memory_rows=("ddp",)),
+    StrategySpec("ddp", "launcher.strategies.ddp", "DDPStrategy", options=None, trainable_set_may_change=True,
+                 memory_rows=("ddp",)),
     StrategySpec("fsdp", "launcher.strategies.fsdp", "FSDPStrategy", options="fsdp", shards_parameters=True,
                  dtensor_parameters=True, broadcasts_from_rank0=True, exports_from_checkpoint=True,
                  collective_forward=True, memory_rows=("fsdp", "fsdp_hybrid")),

@@ -9,11 +9,17 @@ Layout under RUN_DIR/checkpoints/:
         rng-rank{R}.pt          each rank's RNG states (python, numpy, torch, cuda)
         ...                     the strategy's files (weights/adapter and optimizer, maybe sharded)
     latest                      text: the name of the newest complete checkpoint (replaced atomically)
+    best.json                   with checkpoint.keep_best: the best evaluation's checkpoint, metric, value and step
+                                (replaced atomically after `latest`; that checkpoint is never pruned)
     .step-00000060.tmp/         a checkpoint being written; never read
 
 Why: a rank killed while writing leaves only a `.tmp` directory, which is ignored and cleaned by the next save; the
 previous checkpoint and `latest` are untouched. A checkpoint whose files are damaged is skipped with a warning and the
 previous one is used.
+
+The best checkpoint: `best.json` is written after the checkpoint it names is complete and `latest` points at the new
+one, and pruning (which comes last) spares what it names, so a crash at any point leaves it naming a complete
+checkpoint. The best record is also in trainer_state.json (`best`), so a resume continues with it.
 """
 
 from __future__ import annotations
@@ -25,12 +31,12 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from launcher.common.rundir import write_text_atomic
+from launcher.common.rundir import write_json_atomic, write_text_atomic
 from launcher.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+BEST_FILE = "best.json"
 SCHEDULER_FILE = "scheduler.pt"
 
 
@@ -71,6 +78,12 @@ class TrainerState:
     world_size: int = 1
     """World size that wrote the checkpoint."""
 
+    best: dict[str, Any] | None = None
+    """Best evaluation by `checkpoint.keep_best` so far: {metric, mode, value, step, checkpoint}."""
+
+    unfrozen_groups: int = 0
+    """Gradual unfreezing: groups trainable now (0: not recorded; the schedule's position follows from `step`)."""
+
     history: list[dict[str, Any]] = field(default_factory=list)
     """Evaluation results so far."""
 
@@ -99,8 +112,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, keep_last: int) -> Path:
-    """Write a checkpoint of every rank's state; publish it only when all ranks are done. Collective call.
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, state: TrainerState, keep_last: int,
+                    best: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint of every rank's state; publish it only when all ranks are done. Collective call. `best`:
+    the keep_best record (its `checkpoint` this one or an older complete one) for best.json, spared by pruning.
 
     A rank that cannot write (disk full, quota, a read-only or vanished file system) does not leave the others
     waiting: every rank learns of the failure and raises WriteError together; the partial directory is removed (its
@@ -135,7 +150,9 @@ def save_checkpoint(run_dir: Path, strategy: Strategy, model: torch.nn.Module, o
                 shutil.rmtree(final)
             os.replace(tmp, final)
             write_text_atomic(root / LATEST, final.name + "\n")  # moves last
-            _prune(root, keep_last)
+            if best is not None:
+                write_json_atomic(root / BEST_FILE, best)
+            _prune(root, keep_last, best)
         except Exception as err:  # noqa: BLE001
             failure = _write_failure(err)
     _raise_if_any_failed(strategy, failure, tmp, root)
@@ -174,12 +191,44 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, best: dict[str, Any] | None = None) -> None:
+    """Remove complete checkpoints older than the last `keep_last`, except the best one, and stale partial ones."""
     complete = complete_checkpoints(root)
+    spared = best["checkpoint"] if best is not None else None
     for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != spared:
+            shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def mark_best(run_dir: Path, best: dict[str, Any], keep_last: int) -> None:
+    """Point best.json at an existing complete checkpoint (an evaluation after that step's checkpoint was written
+    improved on the best), then prune what it no longer spares. Rank 0 only."""
+    root = checkpoints_dir(run_dir)
+    if not (root / best["checkpoint"] / COMPLETE).is_file():
+        raise FileNotFoundError(f"{root / best['checkpoint']} is not a complete checkpoint; best.json not moved")
+    write_json_atomic(root / BEST_FILE, best)
+    _prune(root, keep_last, best)
+
+
+def write_best(run_dir: Path, best: dict[str, Any]) -> None:
+    """Point best.json at the checkpoint a resumed state names as best, when it is complete (rank 0; no pruning:
+    the checkpoints newer than the one resumed from are still on disk)."""
+    root = checkpoints_dir(run_dir)
+    if (root / best["checkpoint"] / COMPLETE).is_file():
+        write_json_atomic(root / BEST_FILE, best)
+
+
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    """The best checkpoint's record (best.json) when it names a complete checkpoint; None otherwise."""
+    path = checkpoints_dir(run_dir) / BEST_FILE
+    try:
+        best = json.loads(path.read_text())
+        complete = (checkpoints_dir(run_dir) / best["checkpoint"] / COMPLETE).is_file()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return best if complete else None
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -206,11 +255,16 @@ def resumable_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(run_dir: Path, strategy: Strategy, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> TrainerState | None:
-    """Restore the newest usable checkpoint; a damaged one is skipped with a warning. None when there is none."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    prepare: Callable[[TrainerState], None] | None = None) -> TrainerState | None:
+    """Restore the newest usable checkpoint; a damaged one is skipped with a warning. None when there is none.
+    `prepare(state)` runs before the weights load: the trainable set must be the one the checkpoint was saved with
+    (gradual unfreezing), since strategies save and load the parameters that require grad."""
     for candidate in resumable_checkpoints(run_dir):
         try:
             state = TrainerState(**json.loads((candidate / STATE_FILE).read_text()))
+            if prepare is not None:
+                prepare(state)
             strategy.load(model, optimizer, candidate)
             scheduler.load_state_dict(torch.load(candidate / SCHEDULER_FILE, weights_only=False))
             rng_file = candidate / f"rng-rank{strategy.rank}.pt"

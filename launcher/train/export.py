@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from launcher.train.checkpoint import COMPLETE, resumable_checkpoints
+from launcher.train.checkpoint import COMPLETE, STATE_FILE, resumable_checkpoints
+from launcher.config.schema import Recipe
 from launcher.plan.files import load_plan
 
 log = logging.getLogger("ftlaunch")
@@ -34,8 +35,9 @@ def export_checkpoint(run_dir: Path, merge: bool, out: Path) -> Path:
     return out
 
 
-def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path) -> list[Path]:
-    """Rebuild the trained model from the newest complete checkpoint and write its outputs under `out`."""
+def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path, checkpoint: Path | None = None) -> list[Path]:
+    """Rebuild the trained model from a complete checkpoint (default: the newest) and write its outputs under
+    `out`."""
     from launcher.train.model import build_model
     from launcher.common.model_files import load_tokenizer
     from launcher.train.outputs import save_outputs
@@ -44,16 +46,18 @@ def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path) -> list
 
     plan = load_plan(run_dir)
     recipe = plan.typed_recipe()
-    candidates = resumable_checkpoints(run_dir)
-    if not candidates:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export")
-    checkpoint = candidates[0]
+    if checkpoint is None:
+        candidates = resumable_checkpoints(run_dir)
+        if not candidates:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint to export")
+        checkpoint = candidates[0]
     written_by = json.loads((checkpoint / COMPLETE).read_text() or "{}").get("strategy", plan.strategy)
     _plain_loading()
     torch.manual_seed(recipe.optim.seed)
     tokenizer = load_tokenizer(recipe.model)
     head = head_config(recipe.task, read_labels(run_dir) or recipe.task.labels, tokenizer.pad_token_id)  # see job.py
     model = build_model(recipe, torch.device("cpu"), head=head)
+    _trainable_as_saved(model, recipe, checkpoint)
     # Tied weights (lm_head = embed_tokens) are one parameter under two names; checkpoints may hold either or both.
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = {name for name, _ in model.named_buffers()}
@@ -76,6 +80,19 @@ def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path) -> list
     written = save_outputs(model, tokenizer, out, merge)
     log.info("exported %s from %s (%s checkpoint)", ", ".join(map(str, written)), checkpoint.name, written_by)
     return written
+
+
+def _trainable_as_saved(model: torch.nn.Module, recipe: Recipe, checkpoint: Path) -> None:
+    """Gradual unfreezing: the checkpoint holds the groups trainable at its step; the frozen ones are still the
+    pretrained weights the model was just built with, so only the saved groups are expected (and read)."""
+    unfreeze = getattr(recipe.method, "unfreeze", None)
+    if unfreeze is None:
+        return
+    from launcher.train.layers import Unfreezing
+
+    count = json.loads((checkpoint / STATE_FILE).read_text()).get("unfrozen_groups", 0)
+    unfreezing = Unfreezing(model, unfreeze, steps_per_epoch=1)
+    unfreezing.apply(count or len(unfreezing.groups))
 
 
 def _load_into(param: torch.nn.Parameter, tensor: torch.Tensor) -> None:

@@ -75,10 +75,19 @@ def run_job(run_dir: Path) -> int:
         reason = {EXIT_BAD_INPUT: f"bad input: see {run_dir / 'logs'}",
                   EXIT_WRITE_FAILED: f"the run directory could not be written (disk full?): see {run_dir / 'logs'}"
                   }.get(code)
-        outcome.record(run_dir, ended, exit_code=code, reason=reason)
+        outcome.record(run_dir, ended, exit_code=code, reason=reason, best=_best_record(run_dir, plan))
         if ended == outcome.Outcome.COMPLETED:
             _report_sweep_if_last(run_dir)
     return code
+
+
+def _best_record(run_dir: Path, plan: "Plan") -> dict[str, Any] | None:
+    """best.json's record when the recipe keeps the best checkpoint (checkpoint.keep_best) and there is one."""
+    if plan.recipe.get("checkpoint", {}).get("keep_best") is None:
+        return None
+    from launcher.train.checkpoint import read_best
+
+    return read_best(run_dir)
 
 
 def _report_sweep_if_last(run_dir: Path) -> None:
@@ -164,8 +173,7 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv", tracker: "Trackers") -> 
                             result.signal, result.state.step, plan.recipe_file, run_dir)
             return EXIT_INTERRUPTED
         if strategy.is_main:
-            _finish(trainer, run_dir, recipe.output.merge, from_checkpoint=strategy.spec.exports_from_checkpoint,
-                    tracker=tracker)
+            _finish(trainer, run_dir, recipe, from_checkpoint=strategy.spec.exports_from_checkpoint, tracker=tracker)
         return EXIT_OK
     except BaseException:
         failed = True
@@ -203,13 +211,19 @@ def _prepare_data(recipe: "Recipe", strategy: "Strategy") -> "tuple[Any, DataBun
     return tokenizer, data
 
 
-def _finish(trainer: "Trainer", run_dir: Path, merge: bool, from_checkpoint: bool, tracker: "Trackers") -> None:
+def _finish(trainer: "Trainer", run_dir: Path, recipe: "Recipe", from_checkpoint: bool, tracker: "Trackers") -> None:
+    from launcher.train.checkpoint import checkpoints_dir, read_best
+    from launcher.train.export import write_outputs_from_checkpoint
     from launcher.train.model import unwrap
     from launcher.train.outputs import plot_losses, save_outputs
 
-    if from_checkpoint:  # sharded weights: consolidate the final checkpoint on this process, tensor by tensor
-        from launcher.train.export import write_outputs_from_checkpoint
-
+    merge = recipe.output.merge
+    best = read_best(run_dir) if recipe.checkpoint.keep_best is not None else None
+    if best is not None and recipe.checkpoint.final_from_best and best["step"] != trainer.state.step:
+        # The best step's weights, rebuilt from its checkpoint like `launch export` does (any strategy).
+        written = write_outputs_from_checkpoint(run_dir, merge, run_dir, checkpoint=checkpoints_dir(run_dir) /
+                                                best["checkpoint"])
+    elif from_checkpoint:  # sharded weights: consolidate the final checkpoint on this process, tensor by tensor
         written = write_outputs_from_checkpoint(run_dir, merge, run_dir)
     else:
         written = save_outputs(unwrap(trainer.model), trainer.tokenizer, run_dir, merge)
@@ -223,6 +237,11 @@ def _finish(trainer: "Trainer", run_dir: Path, merge: bool, from_checkpoint: boo
             if key in first:
                 log.info("%s: %.4f -> %.4f (step %d -> %d)", key, first[key], last[key], first["step"], last["step"])
     log.info("outputs: %s%s", ", ".join(str(p) for p in written), f", {plot}" if plot else "")
+    if best is not None:
+        source = "the final outputs are its weights" if recipe.checkpoint.final_from_best else \
+            "the final outputs are the last step's (checkpoint.final_from_best: true writes them from it)"
+        log.info("best %s %.4g at step %d (checkpoints/%s; %s)", best["metric"], best["value"], best["step"],
+                 best["checkpoint"], source)
 
 
 def main(argv: list[str] | None = None) -> int:

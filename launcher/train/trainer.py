@@ -30,8 +30,10 @@ import torch
 
 from launcher.common.jsonl import read_jsonl
 from launcher.common.rundir import METRICS_FILE, write_text_atomic
-from launcher.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from launcher.train.checkpoint import (TrainerState, load_checkpoint, mark_best, save_checkpoint, step_name,
+                                       write_best)
 from launcher.train.data import DataBundle, DataError, collate
+from launcher.train.layers import Unfreezing, param_groups
 from launcher.train.loss import count_label_tokens, forward_loss_sum, input_tokens
 from launcher.train.model import count_parameters, unwrap, weight_bytes
 from launcher.train.tracking import Trackers, scalars
@@ -78,16 +80,18 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW (`optim.name` picks the implementation); no weight decay on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW (`optim.name` picks the implementation) over the trainable parameters; no weight decay on biases and
+    norm weights (1-D tensors); with `optim.layer_lr_decay`, one lr per depth (launcher/train/layers.py)."""
     # Every class takes the same AdamW arguments; the groups' weight_decay overrides each class's own default
     # (bitsandbytes' is 1e-2, torch's 1e-2 too), so the recipe's value is the only one that applies.
-    return optimizer_class(optim.name)([g for g in groups if g["params"]], lr=optim.lr, betas=optim.betas,
-                                       eps=optim.eps)
+    return optimizer_class(optim.name)(param_groups(model, optim), lr=optim.lr, betas=optim.betas, eps=optim.eps)
+
+
+def improves(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """Whether `value` beats `best` by more than `min_delta` in the metric's direction (anything beats no best)."""
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -185,8 +189,16 @@ class Trainer:
                             f"grad_accum({optim.grad_accum}) * world_size({strategy.world_size}) = {per_step}; add "
                             "data or lower micro_batch / grad_accum")
         self.total_steps = optim.max_steps or math.ceil(optim.epochs * self.steps_per_epoch)
+        # One factor for every group: LambdaLR scales each group's own initial lr (layer_lr_decay's per-depth lrs).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(optim, self.total_steps))
         self.state = TrainerState(world_size=strategy.world_size)
+        unfreeze = getattr(recipe.method, "unfreeze", None)
+        # Built after `wrap`: DDP and the optimizer took every parameter the method trains; only now are the lower
+        # groups frozen (a parameter frozen before DDP wraps it would never be reduced once unfrozen).
+        self.unfreezing = Unfreezing(unwrap(self.model), unfreeze, self.steps_per_epoch) if unfreeze else None
+        if self.unfreezing is not None:
+            self.state.unfrozen_groups = 1
+            self.unfreezing.apply(1)
         self.nonfinite_in_row = 0
         """Steps not applied (non-finite loss or gradient norm) since the last applied one."""
         self.metrics = MetricsLog(self.run_dir, enabled=strategy.is_main, tensorboard=recipe.logging.tensorboard,
@@ -291,40 +303,88 @@ class Trainer:
         if cfg is None or cfg.metric not in results:
             return False
         value = results[cfg.metric]
-        best = self.state.best_metric
-        improved = best is None or (value < best - cfg.min_delta if cfg.mode == "min" else value > best + cfg.min_delta)
-        if improved:
+        if improves(value, self.state.best_metric, cfg.mode or "min", cfg.min_delta):
             self.state.best_metric, self.state.evals_without_improvement = value, 0
             return False
         self.state.evals_without_improvement += 1
         return self.state.evals_without_improvement >= cfg.patience
 
-    def _eval_and_record(self, label: str) -> bool:
+    def _keep_best(self, results: dict[str, float]) -> bool:
+        """Record a new best evaluation by `checkpoint.keep_best`; True when this step's checkpoint becomes the best.
+        The evaluation before training does not count: there is no checkpoint of step 0 to keep."""
+        metric = self.recipe.checkpoint.keep_best
+        if metric is None or metric not in results or self.state.step == 0:
+            return False
+        from launcher.common.metrics import metric_mode
+
+        mode = metric_mode(metric)
+        best = self.state.best
+        if not improves(results[metric], best["value"] if best else None, mode, 0.0):
+            return False
+        self.state.best = {"metric": metric, "mode": mode, "value": results[metric], "step": self.state.step,
+                           "checkpoint": step_name(self.state.step)}
+        return True
+
+    def _eval_and_record(self, label: str) -> tuple[bool, bool]:
+        """Evaluate and log; (early stopping says stop, a new best checkpoint is due at this step)."""
         results = self.evaluate()
         if not results:
-            return False
+            return False, False
         results_row = {"step": self.state.step, "when": label, **results}
         self.state.history.append(results_row)
         self.metrics.write({"kind": "eval", **results_row})
         if self.strategy.is_main:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in results.items())
             log.info("eval (%s, step %d): %s", label, self.state.step, shown)
-        return self._early_stop(results)
+        return self._early_stop(results), self._keep_best(results)
 
     def _checkpoint(self) -> None:
         if not self.strategy.weights_finite(self.model):
             raise NonFiniteError(f"step {self.state.step}: the weights hold NaN/inf values; they were not "
                                  "checkpointed (the previous checkpoint is intact). Lower optim.lr or check the data")
         save_checkpoint(self.run_dir, self.strategy, self.model, self.optimizer, self.scheduler, self.state,
-                        self.recipe.checkpoint.keep_last)
+                        self.recipe.checkpoint.keep_last, best=self.state.best)
+
+    # ------------------------------------------------------------------------------------------------- unfreezing
+    def _unfreeze_to(self, count: int) -> None:
+        """Make `count` groups trainable (a resume restores the checkpoint's; 0 means not recorded: from the step)."""
+        assert self.unfreezing is not None
+        count = count or self.unfreezing.groups_at(self.state.step)
+        self.unfreezing.apply(count)
+        self.state.unfrozen_groups = count
+
+    def _restore_unfreezing(self, saved: TrainerState) -> None:
+        """Before a checkpoint's weights load: the trainable set it was saved with (it holds those parameters)."""
+        self.state.step = saved.step
+        self._unfreeze_to(saved.unfrozen_groups)
+
+    def _unfreeze_if_due(self) -> None:
+        """After step s: one more group when the schedule says so, logged ("step 40: unfrozen layer 27 (2 of 30
+        groups trainable)")."""
+        if self.unfreezing is None:
+            return
+        due = self.unfreezing.groups_at(self.state.step)
+        if due <= self.state.unfrozen_groups:
+            return
+        opened = ", ".join(self.unfreezing.label(i) for i in range(self.state.unfrozen_groups, due))
+        self._unfreeze_to(due)
+        if self.strategy.is_main:
+            trainable, _ = count_parameters(unwrap(self.model))
+            log.info("step %d: unfrozen %s (%d of %d groups trainable, %s parameters)", self.state.step, opened,
+                     due, len(self.unfreezing.groups), f"{trainable:,}")
 
     # ---------------------------------------------------------------------------------------------------- run
     def run(self) -> RunResult:
         recipe = self.recipe
-        resumed = load_checkpoint(self.run_dir, self.strategy, self.model, self.optimizer, self.scheduler)
+        resumed = load_checkpoint(self.run_dir, self.strategy, self.model, self.optimizer, self.scheduler,
+                                  self._restore_unfreezing if self.unfreezing is not None else None)
         if resumed is not None:
+            if self.unfreezing is not None:
+                resumed.unfrozen_groups = self.state.unfrozen_groups
             self.state = resumed
             self.metrics.truncate_after(resumed.step)  # steps after the checkpoint are about to be redone
+            if resumed.best is not None and self.strategy.is_main:
+                write_best(self.run_dir, resumed.best)  # a crash may have come between `latest` and best.json
         trainable, total = count_parameters(unwrap(self.model))
         if self.strategy.is_main:
             log.info("params: %s trainable of %s (%.2f%%); %d train / %d eval examples; %d steps (%d per epoch)",
@@ -347,24 +407,36 @@ class Trainer:
                 row = self.train_step(stream)
                 row["tokens_per_s"] = row["tokens"] / max(1e-9, time.perf_counter() - started)
                 progress.update(self.state.step, row)
+                if self.unfreezing is not None:
+                    row["trainable_groups"] = self.state.unfrozen_groups  # the groups this step trained
                 if self.state.step % recipe.logging.every_steps == 0:
                     self.metrics.write({"kind": "train", "step": self.state.step, "epoch": self.state.epoch, **row})
                 self._check_divergence()
-                if every_ckpt and self.state.step % every_ckpt == 0:
-                    self._checkpoint()
+                self._unfreeze_if_due()  # before the checkpoint: it holds the schedule's position after this step
+                early_stop = new_best = False
+                last_step = self.state.step >= self.total_steps  # the end's evaluation and checkpoint follow
+                # Evaluate before checkpointing, so that the checkpoint holds this evaluation's early-stopping and
+                # best records and a resume from it continues them exactly.
+                if every_eval and self.state.step % every_eval == 0 and not last_step:
+                    early_stop, new_best = self._eval_and_record("periodic")
+                if (every_ckpt and self.state.step % every_ckpt == 0 and not last_step) or new_best:
+                    self._checkpoint()  # a new best is saved at once, whatever every_steps says
                     last_saved = self.state.step
-                if every_eval and self.state.step % every_eval == 0 and self.state.step < self.total_steps:
-                    if self._eval_and_record("periodic"):
-                        stopped_by = StopReason.EARLY_STOPPING
-                        break
+                if early_stop:
+                    stopped_by = StopReason.EARLY_STOPPING
+                    break
                 if self._stop_requested(stop):
                     stopped_by = StopReason.SIGNAL
                     break
         interrupted = not stopped_by.finished
-        if self.state.step != last_saved and (not interrupted or recipe.checkpoint.on_interrupt):
-            self._checkpoint()
+        end_best = False
         if not interrupted:
-            self._eval_and_record("end")
+            end_best = self._eval_and_record("end")[1]
+        due = bool(every_ckpt) and self.state.step % every_ckpt == 0  # the last step's periodic save came here
+        if self.state.step != last_saved and (not interrupted or recipe.checkpoint.on_interrupt or due):
+            self._checkpoint()
+        elif end_best and self.strategy.is_main:  # this step's checkpoint exists: best.json points at it now
+            mark_best(self.run_dir, self.state.best, recipe.checkpoint.keep_last)
         self.metrics.close()
         return RunResult(self.state, stopped_by, stop.reason if interrupted else None)
 
