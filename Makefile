@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # subprocess start-up, Slurm scheduling and rank rendezvous. tests/conftest.py keeps each module in one worker.
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup demo test slurm-up slurm-down clean
+.PHONY: setup demo demo-classify test slurm-up slurm-down clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/launch recipes/demo.yaml
+
+# The second demo: a classification head against its TF-IDF / majority baselines (README, "A second demo").
+demo-classify: setup
+	$(VENV)/bin/launch baseline recipes/demo-classify.yaml
+	$(VENV)/bin/launch recipes/demo-classify.yaml
 
 test: setup
 	@if [ "$$(id -u)" = 0 ] && [ -x slurm/local-cluster.sh ]; then slurm/local-cluster.sh install; fi

@@ -237,11 +237,29 @@ def _finish(trainer: "Trainer", run_dir: Path, recipe: "Recipe", from_checkpoint
             if key in first:
                 log.info("%s: %.4f -> %.4f (step %d -> %d)", key, first[key], last[key], first["step"], last["step"])
     log.info("outputs: %s%s", ", ".join(str(p) for p in written), f", {plot}" if plot else "")
+    if history:
+        _beside_baseline(run_dir, history[-1])
     if best is not None:
         source = "the final outputs are its weights" if recipe.checkpoint.final_from_best else \
             "the final outputs are the last step's (checkpoint.final_from_best: true writes them from it)"
         log.info("best %s %.4g at step %d (checkpoints/%s; %s)", best["metric"], best["value"], best["step"],
                  best["checkpoint"], source)
+
+
+def _beside_baseline(run_dir: Path, final: dict[str, Any]) -> None:
+    """The final eval metrics next to the baselines' (RUN_DIR/baseline.json, from `launch baseline`), or how to get
+    them: a fine-tuned model is worth its cost only where it beats them."""
+    from launcher.common.rundir import read_baseline
+    from launcher.train.baseline import beside_baseline
+
+    baseline = read_baseline(run_dir)
+    if baseline is None:
+        log.info("no baseline to compare with: `launch baseline RECIPE --out %s` scores TF-IDF / majority / copy "
+                 "baselines on the same eval split", run_dir)
+        return
+    values = {k: v for k, v in final.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+    for line in beside_baseline(baseline, values):
+        log.info("vs baseline: %s", line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,13 +155,16 @@ def _recipe(tmp_path: Path, model_dir: Path, task: dict[str, Any] | str, train: 
     return path
 
 
-def _train(recipe: Path) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+def _train(recipe: Path, baseline: bool = False) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
     from cluster.local import LocalExecutor
+    from launcher.cli.main import main
     from launcher.config.recipe import load_recipe
     from launcher.plan.resources import Resources
     from launcher.train.job import run_job
 
     run_dir = LocalExecutor(Resources()).prepare(load_recipe(recipe, [])).run_dir
+    if baseline:  # `launch baseline` into the run directory: the run's end compares itself with it
+        assert main(["baseline", str(recipe), "--out", str(run_dir)]) == 0
     assert run_job(run_dir) == 0, (run_dir / "logs").glob("*")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return run_dir, [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "eval"]
@@ -187,9 +190,14 @@ def test_sequence_classification_lora_on_llama_and_the_adapter_reloads(tmp_path:
     lora = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
     run_dir, train, evals = _train(_recipe(
         tmp_path, tiny_model_dir, "sequence_classification", task_rows("sequence_classification", 96, seed=1),
-        task_rows("sequence_classification", 24, seed=2), method=lora, optim={"lr": 5e-3}, output={"merge": True}))
+        task_rows("sequence_classification", 24, seed=2), method=lora, optim={"lr": 5e-3}, output={"merge": True}),
+        baseline=True)
     _assert_learns(train, evals)
     end = evals[-1]
+    baselines = json.loads((run_dir / "baseline.json").read_text())["baselines"]
+    line = (f"vs baseline: eval_accuracy: {end['eval_accuracy']:.4f} (" +
+            ", ".join(f"{name} {values['eval_accuracy']:.4f}" for name, values in baselines.items()) + ")")
+    assert line in (run_dir / "logs" / "rank0.log").read_text()
     assert {"eval_accuracy", "eval_f1_macro", "eval_f1_micro", "eval_precision_macro", "eval_recall_macro"} <= set(end)
     assert "eval_perplexity" not in end and end["eval_accuracy"] > evals[0]["eval_accuracy"], evals
 
