@@ -27,6 +27,7 @@ H100 = parse_size("80GiB")
 CASES: dict[str, tuple[str, list[str], Resources]] = {
     "demo": ("recipes/demo.yaml", [], Resources()),
     "demo-2ranks-fsdp": ("recipes/demo.yaml", ["strategy.name=fsdp"], Resources(procs_per_node=2)),
+    "demo-classify": ("recipes/demo-classify.yaml", [], Resources()),
     "llama3-70b-qlora": ("recipes/llama3-70b-qlora.yaml", [],
                          Resources(nodes=1, gpus_per_node=8, procs_per_node=8, gpu_mem_bytes=H100)),
     # The case: on 2 x 48 GiB only sharded strategies fit, and fsdp cannot step paged_adamw_8bit: zero3.
