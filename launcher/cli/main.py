@@ -32,6 +32,7 @@ from launcher.cli.run import cmd_run
 from launcher.cli.runs import cmd_cancel, cmd_logs, cmd_runs, cmd_status
 from launcher.cli.sweep import cmd_report
 from launcher.common.exits import EXIT_BAD_INPUT, EXIT_CTRL_C
+from launcher.common.version import version
 from launcher.config.recipe import RecipeError
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
@@ -61,15 +62,6 @@ commands (one example each; `launch COMMAND --help` for its flags):
 
 training flags (launch RECIPE ...):
 """
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as package_version
-
-    try:
-        return package_version("ftlaunch")
-    except PackageNotFoundError:  # a checkout on PYTHONPATH without `pip install -e .`
-        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,20 @@ from pathlib import Path
 
 _installed: list[logging.Handler] = []
 
+STEP_LOGGER = "ftlaunch.steps"
+"""The trainer's per-step lines: always in the rank's log file; on the console only while no live progress bar shows
+the same figures (steps_on_console)."""
+_console_steps = [True]
+
+
+def steps_on_console(shown: bool) -> None:
+    """Whether the console handler prints STEP_LOGGER's lines (the trainer turns them off under its live bar)."""
+    _console_steps[0] = shown
+
+
+def _console_filter(record: logging.LogRecord) -> bool:
+    return _console_steps[0] or record.name != STEP_LOGGER
+
 
 def setup_logging(run_dir: Path, rank: int, name: str | None = None) -> None:
     """Every rank logs to RUN_DIR/logs/rank{R}.log (or logs/NAME.log); rank 0 also to the console."""
@@ -19,7 +33,9 @@ def setup_logging(run_dir: Path, rank: int, name: str | None = None) -> None:
     if rank == 0:
         from rich.logging import RichHandler
 
-        handlers.append(RichHandler(show_path=False, markup=False, rich_tracebacks=False))
+        console = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
+        console.addFilter(_console_filter)
+        handlers.append(console)
     root = logging.getLogger()
     for old in _installed:  # a second run in the same process (tests) replaces only our own handlers
         root.removeHandler(old)

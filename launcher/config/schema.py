@@ -86,6 +86,11 @@ class ModelConfig(Section):
     tokenizer: PathText | None = None
     """Tokenizer directory when it differs from the model's."""
 
+    name: str | None = Field(default=None, max_length=96, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?$")
+    """The base model's name on the Hugging Face Hub (`HuggingFaceTB/SmolLM2-135M-Instruct`). The weights still come
+    from `path` / `gguf`; the name goes into the saved adapter's `base_model_name_or_path` and its model card, so the
+    outputs load on another machine (`AutoPeftModel...from_pretrained(ADAPTER)`). Null: the local source is named."""
+
     dtype: DType = "bfloat16"
     """Dtype of the weights while training (float32 on CPU for exact resumes; bfloat16 on GPUs)."""
 

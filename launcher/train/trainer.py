@@ -29,18 +29,23 @@ from typing import Any, Iterator
 import torch
 
 from launcher.common.jsonl import read_jsonl
+from launcher.common.logs import STEP_LOGGER, steps_on_console
 from launcher.common.rundir import METRICS_FILE, write_text_atomic
-from launcher.train.checkpoint import (TrainerState, load_checkpoint, mark_best, save_checkpoint, step_name,
-                                       write_best)
+from launcher.train.checkpoint import (TrainerState, checkpoints_dir, load_checkpoint, mark_best, save_checkpoint,
+                                       step_name, write_best)
 from launcher.train.data import DataBundle, DataError, collate
 from launcher.train.layers import Unfreezing, param_groups
 from launcher.train.loss import count_label_tokens, forward_loss_sum, input_tokens
 from launcher.train.model import count_parameters, unwrap, weight_bytes
+from launcher.train.throughput import Throughput
 from launcher.train.tracking import Trackers, scalars
 from launcher.config.schema import OptimConfig, Recipe
 from launcher.strategies.base import Strategy
 
 log = logging.getLogger("ftlaunch")
+step_log = logging.getLogger(STEP_LOGGER)
+"""One line per `logging.every_steps` (step, loss, lr, grad norm, tokens/s, ETA): in every rank0.log and on a console
+without the live bar (launcher/common/logs.py)."""
 
 
 # ------------------------------------------------------------------------------------------------- schedule/optim
@@ -327,7 +332,14 @@ class Trainer:
 
     def _eval_and_record(self, label: str) -> tuple[bool, bool]:
         """Evaluate and log; (early stopping says stop, a new best checkpoint is due at this step)."""
+        if self.strategy.is_main and (self.data.eval or self.data.eval_generation):
+            # An evaluation with generation can take minutes: say it started, and on what.
+            generating = len(self.data.eval_generation) if self.recipe.eval.exact_match else 0
+            log.info("evaluating (%s, step %d): %d examples%s ...", label, self.state.step, len(self.data.eval),
+                     f", generating {generating} answers" if generating else "")
+        started = time.perf_counter()
         results = self.evaluate()
+        seconds = time.perf_counter() - started
         if not results:
             return False, False
         results_row = {"step": self.state.step, "when": label, **results}
@@ -335,15 +347,19 @@ class Trainer:
         self.metrics.write({"kind": "eval", **results_row})
         if self.strategy.is_main:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in results.items())
-            log.info("eval (%s, step %d): %s", label, self.state.step, shown)
+            log.info("eval (%s, step %d, %.1f s): %s", label, self.state.step, seconds, shown)
         return self._early_stop(results), self._keep_best(results)
 
     def _checkpoint(self) -> None:
         if not self.strategy.weights_finite(self.model):
             raise NonFiniteError(f"step {self.state.step}: the weights hold NaN/inf values; they were not "
                                  "checkpointed (the previous checkpoint is intact). Lower optim.lr or check the data")
+        started = time.perf_counter()
         save_checkpoint(self.run_dir, self.strategy, self.model, self.optimizer, self.scheduler, self.state,
                         self.recipe.checkpoint.keep_last, best=self.state.best)
+        if self.strategy.is_main:
+            log.info("checkpoint step %d saved (%.1f s): %s", self.state.step, time.perf_counter() - started,
+                     checkpoints_dir(self.run_dir) / step_name(self.state.step))
 
     # ------------------------------------------------------------------------------------------------- unfreezing
     def _unfreeze_to(self, count: int) -> None:
@@ -400,17 +416,24 @@ class Trainer:
         stopped_by = StopReason.MAX_STEPS if recipe.optim.max_steps else StopReason.EPOCHS
         every_ckpt, every_eval = recipe.checkpoint.every_steps, recipe.eval.every_steps
         last_saved = self.state.step
+        speed = Throughput(self.total_steps)
         with StopFlag() as stop, Progress(self.strategy.is_main and recipe.logging.progress, self.total_steps,
                                           self.state.step) as progress:
             while self.state.step < self.total_steps:
                 started = time.perf_counter()
                 row = self.train_step(stream)
-                row["tokens_per_s"] = row["tokens"] / max(1e-9, time.perf_counter() - started)
-                progress.update(self.state.step, row)
+                seconds = time.perf_counter() - started
+                row["tokens_per_s"] = row["tokens"] / max(1e-9, seconds)  # this step's, in metrics.jsonl
+                speed.record(row["tokens"], seconds)
+                progress.update(self.state.step, row, speed)
                 if self.unfreezing is not None:
                     row["trainable_groups"] = self.state.unfrozen_groups  # the groups this step trained
                 if self.state.step % recipe.logging.every_steps == 0:
                     self.metrics.write({"kind": "train", "step": self.state.step, "epoch": self.state.epoch, **row})
+                    if self.strategy.is_main:
+                        step_log.info("step %d/%d  loss %.4f  lr %.3g  grad_norm %.3g  %s", self.state.step,
+                                      self.total_steps, row["loss"], row["lr"], row["grad_norm"],
+                                      speed.summary(self.state.step))
                 self._check_divergence()
                 self._unfreeze_if_due()  # before the checkpoint: it holds the schedule's position after this step
                 early_stop = new_best = False
@@ -501,22 +524,23 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 
+            # No TimeRemainingColumn: the ETA is in the stats (launcher/train/throughput.py says why).
             self._progress = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                          TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                                          TimeRemainingColumn(), transient=False)
+                                          TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), transient=False)
             self._progress.start()
+            if self._progress.console.is_terminal:
+                steps_on_console(False)  # the live bar says it; rank0.log keeps every step line
             self._task = self._progress.add_task("train", total=self.total, completed=self.done, stats="")
         return self
 
-    def update(self, step: int, row: dict[str, float]) -> None:
-        stats = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['tokens_per_s']:.0f} tok/s"
+    def update(self, step: int, row: dict[str, float], speed: Throughput) -> None:
         if self._progress is not None:
+            stats = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {speed.summary(step)}"
             self._progress.update(self._task, completed=step, stats=stats)
-        else:
-            log.debug("step %d: %s", step, stats)
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+            steps_on_console(True)

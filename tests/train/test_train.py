@@ -8,6 +8,7 @@ through the real `launch` command in a child process to check signals.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -131,6 +132,15 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path, tiny_model_dir: 
     full = [r["loss"] for r in metrics(run_dir, "train")]
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000005", "step-00000010"]
+    # What `launch logs` shows: a line per step with its figures, each save and the evaluation, as they happen.
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    for step, loss in enumerate(full, start=1):
+        assert re.search(rf"step {step}/10  loss {loss:.4f}  lr \S+  grad_norm \S+  [\d,]+ tok/s \(run [\d,]+\)  "
+                         rf"eta (-|\d+:\d\d)", log), step
+    assert "step 10/10" in log and "eta 0:00" in log
+    for step in (5, 10):
+        assert re.search(rf"checkpoint step {step} saved \(\d+\.\d s\): \S+step-0000000?{step}", log), step
+    assert re.search(r"evaluating \(end, step 10\): \d+ examples", log)
     # Cut the run back to its state after step 5, then resume it.
     shutil.rmtree(ckpts / "step-00000010")
     (ckpts / "latest").write_text("step-00000005\n")
@@ -174,13 +184,24 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path: Path, tiny_m
 
 def test_outputs_load_with_from_pretrained_and_merge_matches(tmp_path: Path, tiny_model_dir: Path) -> None:
     import torch
-    from peft import AutoPeftModelForCausalLM
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, output={"merge": True}, optim={"max_steps": 4},
-                                    eval={"at_start": False}))
+                                    eval={"at_start": False},
+                                    model={"path": str(tiny_model_dir), "dtype": "float32",
+                                           "attn_implementation": "eager", "name": "example-org/tiny-llama"}))
     assert run(run_dir) == 0
-    adapter = AutoPeftModelForCausalLM.from_pretrained(run_dir / "adapter").eval()
+    # Portable: the adapter names the base by its Hub name, not this machine's directory, and carries a model card.
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "example-org/tiny-llama"
+    card = (run_dir / "adapter" / "README.md").read_text()
+    final = metrics(run_dir, "eval")[-1]
+    assert "base_model: example-org/tiny-llama" in card and "AutoPeftModelForCausalLM" in card
+    assert f"| eval_loss | {final['eval_loss']:.4f} |" in card and "| steps | 4 |" in card
+    assert "| eval_loss |" in (run_dir / "merged" / "README.md").read_text()
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                        run_dir / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
     ids = torch.tensor([[1, 5, 9, 20, 33]])
     with torch.no_grad():
