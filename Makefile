@@ -6,7 +6,8 @@ STAMP := $(VENV)/.ftlaunch-installed
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k recipe"`.
 PYTEST_ARGS ?=
 # pytest-xdist workers (0: one process). Two cores: the suite's CPU time was ~1 core on average, the rest waiting on
-# subprocess start-up, Slurm scheduling and rank rendezvous. tests/conftest.py keeps each module in one worker.
+# subprocess start-up, Slurm scheduling and rank rendezvous. A module is one unit of work (its module fixtures run
+# once); tests/conftest.py orders the modules longest first.
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup demo demo-classify test slurm-up slurm-down clean
@@ -32,7 +33,7 @@ demo-classify: setup
 
 test: setup
 	@if [ "$$(id -u)" = 0 ] && [ -x slurm/local-cluster.sh ]; then slurm/local-cluster.sh install; fi
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 slurm-up: setup
 	slurm/local-cluster.sh install && slurm/local-cluster.sh start

@@ -20,20 +20,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # torch is imported; an explicit value from the caller wins.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SHARED_SLURM_GROUP = "slurm"
-"""The modules that submit to the one local Slurm cluster run in one xdist worker, one after another: two workers'
-jobs would queue behind each other's on its two nodes and run into their timeouts."""
+LONGEST_FIRST = {
+    "tests/integration/test_slurm_launch.py": 420, "tests/integration/test_strategies.py": 400,
+    "tests/test_gpu_dry_run.py": 200, "tests/train/test_train.py": 190, "tests/integration/test_qlora_sharded.py": 150,
+    "tests/cluster/test_sweep.py": 120, "tests/train/test_methods.py": 90, "tests/train/test_data.py": 80,
+    "tests/kernels/test_aot_compile.py": 40, "tests/train/test_tasks.py": 40,
+    "tests/integration/test_local_slurm.py": -1,
+}
+"""Seconds a module took in CI (--durations, summed), for `make test`'s two xdist workers (`--dist loadscope
+--no-loadscope-reorder`: a module is one unit, its module-scoped fixtures run once, and units go out in collection
+order to whichever worker is nearly idle). Longest first, so no long module starts last and leaves one worker alone
+at the end. The Slurm modules run at opposite ends, so they do not overlap on the one local cluster (the
+`_one_slurm_module_at_a_time` lock in tests/integration/conftest.py covers the case where they would)."""
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With `pytest -n N --dist loadgroup` (make test): a module's tests stay in one worker, so module-scoped
-    fixtures (a set of multi-rank runs, a dry run of the GPU check) run once, not once per worker; the Slurm modules
-    share one group. Runs before xdist's own hook, which turns these marks into the groups it schedules."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = SHARED_SLURM_GROUP if item.get_closest_marker("slurm") else item.nodeid.split("::", 1)[0]
-            item.add_marker(pytest.mark.xdist_group(group))
+    def weight(item: pytest.Item) -> float:
+        return -LONGEST_FIRST.get(item.nodeid.split("::", 1)[0], 0)
+
+    items.sort(key=weight)  # stable: every other module keeps its collection order
 
 
 @pytest.fixture(scope="session")

@@ -112,6 +112,19 @@ def _job_env(state_dir: Path) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_slurm_module_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Two xdist workers may reach two Slurm modules at once; their jobs would queue behind each other's on the
+    cluster's two nodes and run into their timeouts. The second waits for the first here (an flock, released when
+    the module ends)."""
+    if request.node.get_closest_marker("slurm") is None:
+        yield
+        return
+    with open(Path(os.environ.get("TMPDIR", "/tmp")) / "ftlaunch-slurm-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def integration_timings() -> dict[str, str]:
     """Where tests put timings to print in the terminal summary."""
