@@ -248,6 +248,15 @@ def _sbatch_option_pair(option: str) -> tuple[str, str | bool]:
 
 
 # ----------------------------------------------------------------------------------------------------- sbatch
+INHERITED_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                       "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                       "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
+"""torch.distributed launch variables a submitting shell may hold (a notebook under torchrun, an earlier in-process
+run). sbatch exports the submitting environment, and a rank that finds RANK and WORLD_SIZE takes them over Slurm's
+(cluster/env.py: torchrun is checked first): every task would be "rank 0 of 1". Removed before submitting, and
+unset in job.sbatch."""
+
+
 def srun_command(settings: SlurmSettings, run_dir: str, python: str = sys.executable) -> list[str]:
     """The job step that starts every rank (one task per rank; job.sbatch runs it, and `launch plan` shows it as the
     launch command of a Slurm plan)."""
@@ -299,7 +308,8 @@ def render_sbatch(settings: SlurmSettings, run_dir: str, job_name: str, python: 
     lines += ["", "set -euo pipefail"]
     if settings.setup:
         lines += ["", "# setup (verbatim from the profile / recipe)", *settings.setup]
-    lines += ["", "# environment of the ranks"]
+    lines += ["", "# environment of the ranks (torch.distributed variables exported from the submitting shell would",
+              "# override Slurm's: every task would be rank 0 of 1)", f"unset {' '.join(INHERITED_DIST_VARS)}"]
     lines += [f"export {k}={q(v)}" for k, v in sorted(settings.env.items())]
     for name in settings.secret_env:  # names match [A-Za-z_][A-Za-z0-9_]* (schema), safe unquoted
         lines.append(f': "${{{name}:?export {name} in the shell that runs sbatch (never written to files)}}"')
@@ -484,6 +494,8 @@ def _executor(run_dir: Path, settings: SlurmSettings, secrets: dict[str, str], j
     # exported environment (sbatch --export=ALL is the default) and from the setup line below.
     os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL
     os.environ.update(secrets)  # reaches the job through sbatch's exported environment, never a file
+    for name in INHERITED_DIST_VARS:  # this process only submits; its ranks get theirs from Slurm
+        os.environ.pop(name, None)
     import submitit
 
     folder = run_dir / "submitit" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"

@@ -275,3 +275,21 @@ def test_the_default_local_profile_on_a_gpu_plan_is_said(tmp_path: Path, monkeyp
     assert local_profile_warning("local", 8) is None  # named on purpose
     monkeypatch.setenv("FTLAUNCH_CLUSTER", "h100-ib")
     assert local_profile_warning(None, 8) is None
+
+
+def test_inherited_torch_distributed_variables_never_reach_the_ranks(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submitting shell with RANK/WORLD_SIZE (a notebook under torchrun, an in-process run) would make every Slurm
+    task "rank 0 of 1" (cluster/env.py checks torchrun's variables first): submission removes them from the
+    environment sbatch exports, and job.sbatch unsets them before the exports of the recipe."""
+    from cluster import slurm
+
+    for name in slurm.INHERITED_DIST_VARS:
+        monkeypatch.setenv(name, "0")
+    settings = resolve_settings("local", ClusterConfig(env={"MASTER_PORT": "29999"}), nodes=2)
+    slurm._executor(tmp_path, settings, {}, "job", nodes=2, tasks_per_node=1, gpus_per_node=0, partition="debug",
+                    dependency=None, max_requeues=0, exclusive=False)
+    assert not set(slurm.INHERITED_DIST_VARS) & set(os.environ)
+    text = render_sbatch(settings, str(tmp_path), "job")
+    unset = text.index("unset RANK WORLD_SIZE")
+    assert unset < text.index("export MASTER_PORT=29999") < text.index("srun ")  # the recipe's own value still wins

@@ -101,7 +101,11 @@ class SlurmCluster:
 
 
 def _job_env(state_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    # A clean shell's: an in-process run earlier in this worker set RANK, WORLD_SIZE, MASTER_* (launcher.train.job),
+    # which sbatch would export to every task (the product removes them before it submits: cluster/slurm.py).
+    from cluster.slurm import INHERITED_DIST_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED_DIST_VARS}
     env.update(
         SLURM_CONF=str(state_dir / "etc" / "slurm.conf"),  # even if /etc/slurm holds another config
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(REPO / "kernels"), env.get("PYTHONPATH")])),
