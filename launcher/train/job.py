@@ -10,13 +10,14 @@ RUN_DIR/outcome.json.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import sys
 from pathlib import Path
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from launcher.common.exits import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK,  # noqa: F401
                                    EXIT_WRITE_FAILED)
@@ -111,8 +112,30 @@ def _train(run_dir: Path, plan: "Plan", env: "DistEnv", tracker: "Trackers") -> 
     if env.world_size != plan.world_size:
         log.warning("plan.json says world size %d, this job has %d ranks: continuing with %d (the global batch changes)",
                     plan.world_size, env.world_size, env.world_size)
-    os.environ.update({"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
-                       "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank)})
+    with _dist_environment(env):  # torch.distributed's env:// and DeepSpeed read these
+        return _train_in(run_dir, plan, env, tracker)
+
+
+@contextlib.contextmanager
+def _dist_environment(env: "DistEnv") -> Iterator[None]:
+    """RANK, WORLD_SIZE, MASTER_* for this job, and the environment as it was afterwards: a job run in-process (the
+    tests, a notebook) must not leave them behind, or a Slurm job submitted later from that process exports them and
+    every task takes itself for rank 0 of 1 (cluster/slurm.py INHERITED_DIST_VARS)."""
+    values = {"MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port), "RANK": str(env.rank),
+              "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank)}
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _train_in(run_dir: Path, plan: "Plan", env: "DistEnv", tracker: "Trackers") -> int:
 
     import torch
     import torch.distributed as dist

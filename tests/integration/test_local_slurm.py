@@ -74,8 +74,12 @@ def test_sbatch_gloo_all_reduce_across_nodes(slurm_cluster: SlurmCluster, tmp_pa
 def test_submitit_job_completes_and_sacct_sees_it(slurm_cluster: SlurmCluster, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     submitit = pytest.importorskip("submitit")
+    from cluster.slurm import INHERITED_DIST_VARS
+
     for key, value in slurm_cluster.env.items():
         monkeypatch.setenv(key, value)  # submitit's sbatch exports this process's environment
+    for key in INHERITED_DIST_VARS:  # as a clean shell's (what `launch` does before it submits: cluster/slurm.py)
+        monkeypatch.delenv(key, raising=False)
     # A fresh folder per job: job ids restart at 1 when the cluster's state is wiped, and submitit
     # would return an old result file with the same id.
     executor = submitit.AutoExecutor(folder=tmp_path / f"submitit-{uuid.uuid4().hex[:8]}", cluster="slurm")

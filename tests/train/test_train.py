@@ -128,7 +128,10 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path, tiny_model_dir: 
                          optim={"max_steps": 10, "grad_accum": 2, "micro_batch": 2},
                          checkpoint={"every_steps": 5, "keep_last": 5}, eval={"at_start": False})
     run_dir = start_run(recipe)
+    dist_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    before = {name: os.environ.get(name) for name in dist_vars}
     assert run(run_dir) == 0
+    assert {name: os.environ.get(name) for name in dist_vars} == before  # an in-process run leaves none behind
     full = [r["loss"] for r in metrics(run_dir, "train")]
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000005", "step-00000010"]
