@@ -95,8 +95,7 @@ def run_sweep(args: argparse.Namespace, loaded: LoadedRecipe) -> int:
     if not codes:
         info("sweep", "every trial has completed: nothing to run")
     failed = {name: code for name, code in codes.items() if code != 0}
-    _, results = write_report(sweep_dir)
-    _print_results(read_sweep(sweep_dir), results, json.loads((sweep_dir / "report.json").read_text())["baseline"])
+    _print_results(*write_report(sweep_dir))
     info("report", f"{sweep_dir / REPORT_MD}, {sweep_dir / REPORT_PNG}")
     if failed:
         console.print(f"[red]trials that did not complete:[/] {escape(', '.join(sorted(failed)))} "
@@ -144,11 +143,11 @@ def cmd_report(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print report.json instead of the table")
     args = parser.parse_args(argv)
     sweep_dir = args.sweep_dir.resolve()
-    sweep, results = write_report(sweep_dir)
+    sweep, results, baseline = write_report(sweep_dir)
     if args.json:
         print((sweep_dir / "report.json").read_text())
     else:
-        _print_results(sweep, results, json.loads((sweep_dir / "report.json").read_text())["baseline"])
+        _print_results(sweep, results, baseline)
         info("written", f"{sweep_dir / REPORT_MD}, {sweep_dir / REPORT_PNG}")
     return 0
 

@@ -136,19 +136,20 @@ def all_trials_completed(sweep_dir: Path) -> bool:
     return all(outcome.completed(sweep_dir / "trials" / t["name"]) for t in sweep["trials"])
 
 
-def write_report(sweep_dir: Path) -> tuple[dict[str, Any], list[ConfigResult]]:
-    """report.json, report.md and sweep.png from the trials' metrics as they are now."""
+def write_report(sweep_dir: Path) -> tuple[dict[str, Any], list[ConfigResult], dict[str, Any] | None]:
+    """report.json, report.md and sweep.png from the trials' metrics as they are now; returns the sweep, the results
+    per configuration and the baseline bar (report.json's `baseline`)."""
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
     results = summarise(sweep, sweep_dir)
     top = best(results, sweep["mode"])
     baseline = _baseline(sweep_dir, sweep["metric"], sweep["mode"])
+    bar = None if baseline is None else {"name": baseline[0], "value": baseline[1]}
     write_json_atomic(sweep_dir / REPORT_JSON, {
         "metric": sweep["metric"], "mode": sweep["mode"], "best_config": None if top is None else top.config,
-        "baseline": None if baseline is None else {"name": baseline[0], "value": baseline[1]},
-        "configs": [asdict(r) for r in results]})
+        "baseline": bar, "configs": [asdict(r) for r in results]})
     write_text_atomic(sweep_dir / REPORT_MD, markdown(sweep, results, baseline))
     plot(sweep, results, sweep_dir / REPORT_PNG, None if baseline is None else baseline[1])
-    return sweep, results
+    return sweep, results, bar
 
 
 def _baseline(sweep_dir: Path, metric: str, mode: str) -> tuple[str, float] | None:

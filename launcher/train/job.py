@@ -136,7 +136,6 @@ def _dist_environment(env: "DistEnv") -> Iterator[None]:
 
 
 def _train_in(run_dir: Path, plan: "Plan", env: "DistEnv", tracker: "Trackers") -> int:
-
     import torch
     import torch.distributed as dist
 

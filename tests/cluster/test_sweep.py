@@ -127,7 +127,8 @@ def test_report_is_the_mean_and_sample_std_of_each_configuration(tmp_path: Path)
             rows += [{"kind": "eval", "step": 1, "eval_loss": 99.0}, {"kind": "eval", "step": 4, "eval_loss": value},
                      {"kind": "eval", "step": 5, "eval_loss": float("nan")}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "ev')
-    _, results = write_report(tmp_path)
+    _, results, baseline = write_report(tmp_path)
+    assert baseline is None  # no baseline.json
     c0, c1 = results
     assert (c0.n, c1.n) == (3, 2) and c1.trials["c1-s2"] is None
     assert c0.mean == pytest.approx((2.0 + 2.5 + 3.5) / 3)
