@@ -14,7 +14,6 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
-from launcher.common.metrics import answers_match
 from launcher.train.data import collate
 from launcher.config.schema import EvalConfig
 from launcher.strategies.base import Strategy
@@ -51,13 +50,6 @@ def eval_loss(model: torch.nn.Module, examples: Sequence[Any], pad_id: int, stra
             totals[1] += count_label_tokens(batch["labels"], task)
     loss_sum, tokens = strategy.all_reduce_sum(totals).tolist()
     return loss_sum / max(1.0, tokens)
-
-
-def exact_match(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[tuple[list[int], str]], cfg: EvalConfig,
-                strategy: Strategy, device: torch.device) -> float:
-    """Fraction of eval prompts whose greedy answer equals the reference (launcher.common.metrics.answers_match)."""
-    pairs = generate_answers(model, tokenizer, prompts, cfg, strategy, device, encoder_decoder=False)
-    return sum(answers_match(answer, reference) for answer, reference in pairs) / max(1, len(pairs))
 
 
 @torch.no_grad()
