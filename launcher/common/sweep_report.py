@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.common.jsonl import read_jsonl
-from launcher.common.rundir import BASELINE_FILE, write_json_atomic, write_text_atomic
+from launcher.common.rundir import read_baseline, write_json_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "sweep.png"
@@ -155,10 +155,10 @@ def write_report(sweep_dir: Path) -> tuple[dict[str, Any], list[ConfigResult], d
 def _baseline(sweep_dir: Path, metric: str, mode: str) -> tuple[str, float] | None:
     """The best baseline's value of the metric, when SWEEP_DIR/baseline.json (`launch baseline SWEEP`) has it: the bar
     every configuration must clear."""
-    path = sweep_dir / BASELINE_FILE
-    if not path.is_file():
+    baseline = read_baseline(sweep_dir)
+    if baseline is None:
         return None
-    scored = [(name, float(values[metric])) for name, values in json.loads(path.read_text()).get("baselines", {}).items()
+    scored = [(name, float(values[metric])) for name, values in baseline.get("baselines", {}).items()
               if isinstance(values.get(metric), (int, float))]
     if not scored:
         return None

@@ -8,9 +8,10 @@ across all its micro batches and all ranks:
 
 Each micro batch contributes `sum CE / N_step`, so accumulation and world size change nothing: 2 ranks x micro batch 2
 equals 1 rank x micro batch 4 (up to float summation order). Other tasks (`task.type`) count their own labelled items
-(tagged words, target tokens, or examples for sequence classification: launcher/train/loss.py) the same way. DDP averages gradients over ranks, so each rank scales
-its contribution by world_size to turn that average back into the sum. (HF Trainer's `num_items_in_batch` does the
-same; per-micro-batch means, the older default, weight short examples more than long ones.)
+(tagged words, target tokens, or examples for sequence classification: launcher/train/loss.py) the same way. DDP
+averages gradients over ranks, so each rank scales its contribution by world_size to turn that average back into the
+sum. (HF Trainer's `num_items_in_batch` does the same; per-micro-batch means, the older default, weight short
+examples more than long ones.)
 """
 
 from __future__ import annotations
