@@ -21,6 +21,18 @@ if TYPE_CHECKING:
     from launcher.strategies.registry import StrategySpec
 
 
+def init_one_rank_group(device: torch.device) -> None:
+    """A process group of one rank for a single-process sharded run (FSDP's mesh, DTensors, DCP and DeepSpeed's
+    collectives are built on one), unless the job already made one.
+
+    Its store lives in this process (`HashStore`), not on MASTER_PORT: two one-rank jobs on one machine (two xdist
+    workers in CI, two single-GPU runs on a workstation) would otherwise both listen on 29500 and the second fail
+    with EADDRINUSE."""
+    if dist.is_initialized():
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 class Strategy(ABC):
     """How the model is distributed across ranks, and how its state is saved and restored.
 

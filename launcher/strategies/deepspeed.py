@@ -27,7 +27,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 
 from launcher.plan.strategy_config import for_world_size
-from launcher.strategies.base import Strategy
+from launcher.strategies.base import Strategy, init_one_rank_group
 
 log = logging.getLogger("ftlaunch")
 
@@ -65,7 +65,8 @@ class DeepSpeedStrategy(Strategy):
         self.stage = int(self.config["zero_optimization"]["stage"])
         self.name = f"zero{self.stage}"
         self._ds = _import_deepspeed(device.type)
-        # Reuses the job's process group when there is one; creates a one-rank group otherwise.
+        # DeepSpeed reuses an existing process group; a one-rank run gets one on an in-process store, not a port.
+        init_one_rank_group(device)
         self._ds.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self._hf_config: Any = None
         self.engine: Any = None

@@ -34,7 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from launcher.strategies.base import Strategy
+from launcher.strategies.base import Strategy, init_one_rank_group
 from launcher.train.model import is_quantized
 
 DCP_DIR = "dcp"
@@ -58,9 +58,7 @@ class FSDPStrategy(Strategy):
 
     def __init__(self, world_size: int, rank: int, device: torch.device, config: dict[str, Any] | None = None) -> None:
         super().__init__(world_size, rank, device, config)
-        if not dist.is_initialized():
-            # One rank still needs a process group: the mesh, DTensors and DCP collectives are built on one.
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+        init_one_rank_group(device)
 
     @property
     def meta_init(self) -> bool:
