@@ -5,6 +5,8 @@ appended by cluster/slurm.py, cluster/slurm_task.py and job.sbatch); their state
 finished jobs) and, where accounting is missing, `squeue`. Local runs have no scheduler: their state is the outcome their
 rank 0 recorded (RUN_DIR/outcome.json: running, completed, stopped, diverged, failed, crashed), or, for runs from
 before that file, read from the run directory (outputs written = completed, metrics still growing = running).
+"elapsed" is the time the run's attempts ran (outcome.json's attempts: no queue, no gap between a stop and its resume);
+a failed run also shows its error (cluster/run_errors.py).
 
 Planning side: standard library + rich, no torch.
 """
@@ -14,12 +16,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from cluster.slurm import CLUSTER_FILE, JOBS_FILE, SlurmError
@@ -36,6 +38,8 @@ OUTPUT_DIRS = ("adapter", "model", "merged")
 LOCAL_ENDED = ("COMPLETED", "STOPPED", "DIVERGED", "FAILED", "CRASHED")
 #: A local run whose metrics.jsonl changed this recently is taken to be running.
 LOCAL_RUNNING_WINDOW_S = 120
+#: States (Slurm's, and a local run's outcome) of a run that ended in an error: `launch status` shows the error.
+FAILED_STATES = {"FAILED", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "CRASHED", "DIVERGED"}
 
 
 @dataclass
@@ -55,6 +59,10 @@ class RunStatus:
     total_steps: int | None = None
     last_loss: float | None = None
     elapsed: str | None = None
+    """How long the run ran, HH:MM:SS (elapsed_s)."""
+    elapsed_s: float | None = None
+    """Seconds its attempts ran, summed (queue time and gaps between attempts left out); for runs from before
+    attempts were recorded, the scheduler's elapsed time or the span of the run directory's writes."""
     node_list: str | None = None
     jobs: list[dict[str, Any]] = field(default_factory=list)
     """jobs.jsonl events, oldest first."""
@@ -68,6 +76,17 @@ class RunStatus:
     eval_step: int | None = None
     eval: dict[str, float] = field(default_factory=dict)
     """The last evaluation's metrics (eval_loss, eval_accuracy, ...), at `eval_step`."""
+    error: list[str] = field(default_factory=list)
+    """For a failed run: its error, in a few lines (cluster/run_errors.py)."""
+
+    @property
+    def failed(self) -> bool:
+        return self.state in FAILED_STATES or self.outcome in ("failed", "crashed", "diverged") or \
+            self.prepare_failed
+
+    @property
+    def prepare_failed(self) -> bool:
+        return self.prepare is not None and self.prepare.split()[-1] in FAILED_STATES | {"TIMEOUT"}
 
     @property
     def done(self) -> bool:
@@ -115,6 +134,22 @@ def slurm_state(job_id: str) -> tuple[str, str | None, str | None]:
     return "UNKNOWN", None, None
 
 
+def slurm_exit_code(job_id: str) -> int | None:
+    """The job's exit code from sacct (`CODE:SIGNAL`; killed by a signal: 128 + SIGNAL, as a shell says it); None
+    when sacct does not know the job."""
+    if shutil.which("sacct") is None:
+        return None
+    out = _quiet(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,ExitCode"])
+    rows = [r.split("|") for r in out.splitlines() if r.split("|")[0] == job_id]
+    if not rows:
+        return None
+    code, _, signal = rows[-1][1].partition(":")
+    try:
+        return 128 + int(signal) if signal and int(signal) else int(code)
+    except ValueError:
+        return None
+
+
 def _quiet(cmd: list[str]) -> str:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -131,14 +166,15 @@ def _last_rows(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | N
     return train, evaluated
 
 
-def _local_state(run_dir: Path) -> tuple[str, str | None]:
-    """State and elapsed time of a run started on this machine: the outcome its rank 0 recorded, else (runs from
-    before outcome.json) read from its files."""
+def _local_state(run_dir: Path) -> tuple[str, float | None]:
+    """State and elapsed seconds of a run started on this machine: the outcome its rank 0 recorded, else (runs from
+    before outcome.json) read from its files; the elapsed time is the span of its writes, idle time included (its
+    attempts were not recorded)."""
     logs, metrics = run_dir / "logs", run_dir / METRICS_FILE
     if not logs.is_dir():
         return "PLANNED", None
     last = max((p.stat().st_mtime for p in (metrics, *logs.glob("rank*.log")) if p.exists()), default=None)
-    elapsed = _clock(last - logs.stat().st_ctime) if last else None
+    elapsed = last - logs.stat().st_ctime if last else None
     recorded = outcome.read(run_dir)
     if recorded is not None:
         return recorded["outcome"].upper(), elapsed
@@ -147,6 +183,18 @@ def _local_state(run_dir: Path) -> tuple[str, str | None]:
     if last is not None and time.time() - last < LOCAL_RUNNING_WINDOW_S:
         return "RUNNING", elapsed
     return "STOPPED", elapsed
+
+
+def _seconds(clock: str | None) -> float | None:
+    """Slurm's elapsed time ([D-]HH:MM:SS or MM:SS) in seconds."""
+    if not clock:
+        return None
+    days, _, rest = clock.rpartition("-")
+    try:
+        parts = [int(x) for x in rest.split(":")]
+        return float(sum(v * 60 ** i for i, v in enumerate(reversed(parts))) + int(days or 0) * 86400)
+    except ValueError:
+        return None
 
 
 def _clock(seconds: float) -> str:
@@ -168,20 +216,31 @@ def run_status(run_dir: Path) -> RunStatus:
     if evaluated is not None:
         status.eval_step = evaluated.get("step")
         status.eval = {k: v for k, v in evaluated.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+    estimate: float | None = None  # for runs without recorded attempts
+    running: bool | None = None  # whether the scheduler says the job runs (None: the run's own record says)
     if slurm and ids:
         status.job_id = ids[-1]
-        status.state, status.elapsed, status.node_list = slurm_state(ids[-1])
+        status.state, sacct_elapsed, status.node_list = slurm_state(ids[-1])
+        estimate = _seconds(sacct_elapsed)
+        running = None if status.state == "UNKNOWN" else status.state not in TERMINAL
         prepare_id = _prepare_job(events)
         if prepare_id is not None:
             status.prepare = f"{prepare_id} {slurm_state(prepare_id)[0]}"
     elif slurm:
         status.state = "PLANNED"  # `launch plan --nodes N` wrote job.sbatch; nothing submitted yet
     else:
-        status.state, status.elapsed = _local_state(run_dir)
+        status.state, estimate = _local_state(run_dir)
+    ran = outcome.ran_seconds(run_dir, running=running)
+    status.elapsed_s = ran if ran is not None else estimate
+    status.elapsed = None if status.elapsed_s is None else _clock(status.elapsed_s)
     recorded = outcome.read(run_dir)
     if recorded is not None:
         status.outcome, status.exit_code, status.reason = recorded["outcome"], recorded.get("exit_code"), \
             recorded.get("reason")
+    if status.failed:
+        from cluster.run_errors import run_errors
+
+        status.error = run_errors(run_dir, status.job_id, prepare_failed=status.prepare_failed)
     return status
 
 
@@ -247,7 +306,9 @@ def status_table(status: RunStatus) -> Table:
         table.add_row("elapsed", status.elapsed)
     if status.outcome is not None and status.outcome != "running":
         ended = status.outcome + (f" (exit {status.exit_code})" if status.exit_code is not None else "")
-        table.add_row("job ended", ended + (f": {status.reason}" if status.reason else ""))
+        table.add_row("job ended", ended + (f": {escape(status.reason)}" if status.reason else ""))
+    if status.error:
+        table.add_row("[red]error[/]", escape("\n".join(status.error)))
     history = [f"{time.strftime('%H:%M:%S', time.localtime(e['time']))} {e['event']} {e.get('job_id', '')}"
                + (" (tokenize)" if e.get("kind") == "prepare" else "")
                + (f" (restart {e['restart']})" if e.get("restart") else "") for e in status.jobs if "time" in e]
@@ -272,39 +333,6 @@ def log_path(run_dir: Path, rank: int) -> Path | None:
         if sbatch_out.is_file():
             return sbatch_out
     return None
-
-
-def show_log(run_dir: Path, rank: int, follow: bool = False, lines: int | None = None,
-             poll_s: float = 1.0) -> int:
-    """Print a rank's log; with follow, keep printing until the run reaches a final state."""
-    world = json.loads((run_dir / PLAN_FILE).read_text()).get("world_size", 1)
-    if not 0 <= rank < world:
-        raise FileNotFoundError(f"--rank {rank}: the run has ranks 0..{world - 1}")
-    offset = 0
-    path = log_path(run_dir, rank)
-    if path is not None and lines is not None:
-        text = path.read_text(errors="replace").splitlines(keepends=True)
-        sys.stdout.write("".join(text[-lines:]))
-        offset = path.stat().st_size
-    while True:
-        path = log_path(run_dir, rank)  # may appear (or switch to rankR.log) while following
-        if path is not None:
-            size = path.stat().st_size
-            if size < offset:
-                offset = 0
-            with path.open("rb") as handle:
-                handle.seek(offset)
-                chunk = handle.read()
-            offset += len(chunk)
-            sys.stdout.write(chunk.decode(errors="replace"))
-            sys.stdout.flush()
-        if not follow:
-            if path is None:
-                raise FileNotFoundError(f"no log for rank {rank} in {run_dir} yet")
-            return 0
-        if run_status(run_dir).done:
-            return 0
-        time.sleep(poll_s)
 
 
 # --------------------------------------------------------------------------------------------------------- cancel

@@ -27,7 +27,8 @@ PLANNING_PACKAGES = ("launcher.config", "launcher.plan", "launcher.common", "lau
 
 PLANNING_EXTRA = {"launcher", "launcher.__main__", "launcher.strategies", "launcher.strategies.registry",
                   "cluster", "cluster.env", "cluster.events", "cluster.errors", "cluster.executor", "cluster.local",
-                  "cluster.slurm", "cluster.slurm_executor", "cluster.runs", "cluster.sweep"}
+                  "cluster.slurm", "cluster.slurm_executor", "cluster.runs", "cluster.sweep", "cluster.follow",
+                  "cluster.run_errors"}
 """Planning-side modules outside those packages: the strategy registry and the cluster side that submits."""
 
 RANK_PACKAGES = ("launcher.train",)

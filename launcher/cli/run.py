@@ -28,6 +28,12 @@ def parser() -> argparse.ArgumentParser:
                         help="continue the latest run of this recipe, or the given run directory, from its last "
                              "checkpoint; --procs/--nodes/--gpus-per-node resume it on another world size (the "
                              "global batch is kept: grad_accum absorbs the change)")
+    parser.add_argument("--follow", "-f", action="store_true",
+                        help="on Slurm: wait for the job, print rank 0's log as it grows and the job's state changes "
+                             "(a requeued job is followed on), and exit with its exit code (0 completed, the run's "
+                             "code when it failed, 6 cancelled, 7 timed out, 8 the job was lost); Ctrl-C stops "
+                             "following, not the job. A run on this machine is in the foreground already: the flag "
+                             "changes nothing there")
     parser.add_argument("--parallel", type=int, default=None, metavar="K",
                         help="a sweep on this machine: run K trials at once (they share its CPUs/GPUs; each writes "
                              "RUN_DIR/logs/console.log). Default 1; on Slurm, sweep.max_parallel throttles the array")
@@ -86,6 +92,10 @@ def cmd_run(argv: Sequence[str]) -> int:
         if loaded.recipe.sweep is not None:
             from launcher.cli.sweep import run_sweep
 
+            if args.follow:
+                raise UsageError("--follow follows one run; a sweep's trials: launch status SWEEP_DIR (and "
+                                 "launch logs TRIAL_DIR --follow for one of them)")
+
             return run_sweep(args, loaded)
         if args.parallel is not None:
             raise UsageError("--parallel runs the trials of a sweep side by side; this recipe has no `sweep:`")
@@ -93,17 +103,27 @@ def cmd_run(argv: Sequence[str]) -> int:
         run = executor.prepare(loaded)
     warnings(run.notes)
     info("resuming" if run.resumed and executor.kind == "local" else "run directory", str(run.run_dir))
-    return report(executor.start(run), run)
+    return report(executor.start(run), run, follow_job=args.follow)
 
 
-def report(submission: Submission, run: PreparedRun) -> int:
-    """What the user needs after a start: the exit code of a local run; the job id and how to follow a Slurm job."""
+def report(submission: Submission, run: PreparedRun, follow_job: bool = False) -> int:
+    """What the user needs after a start: the exit code of a local run; the job id and how to follow a Slurm job,
+    or (follow_job) its log and state until it ends, and its exit code."""
     if submission.job_id is None:
         return submission.returncode or 0
     for note in submission.notes:
         info("note:", note)
     console.print(f"[bold green]submitted[/] {escape(submission.description)}")
-    console.print(f"  follow: launch logs {run.run_dir} --follow    state: launch status {run.run_dir}    "
-                  f"stop: launch cancel {run.run_dir}")
-    print(submission.job_id)  # stdout: the job id alone, for scripts
-    return 0
+    if not follow_job:
+        console.print(f"  follow: launch logs {run.run_dir} --follow    state: launch status {run.run_dir}    "
+                      f"stop: launch cancel {run.run_dir}")
+    print(submission.job_id, flush=True)  # stdout: the job id alone (first), for scripts
+    if not follow_job:
+        return 0
+    from cluster.follow import follow
+    from launcher.cli.runs import say
+
+    console.print(f"  following rank 0's log (Ctrl-C stops following, not the job; stop it: launch cancel "
+                  f"{run.run_dir})")
+    # A resumed run's log holds its earlier attempts already: only what this one adds is new.
+    return follow(run.run_dir, from_end=run.resumed, say=say)

@@ -10,7 +10,9 @@ from typing import Sequence
 from rich.markup import escape
 
 from cluster.executor import Executor
-from cluster.runs import find_run, list_runs, runs_table, show_log, status_table
+from cluster.follow import follow, show_log
+from cluster.runs import find_run, list_runs, runs_table, status_table
+from launcher.cli.args import UsageError
 from launcher.cli.console import console, wide_console
 
 
@@ -52,10 +54,22 @@ def cmd_logs(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="launch logs", description="Print (or follow) one rank's log.")
     _run_arg(parser)
     parser.add_argument("--rank", type=int, default=0, help="rank whose log to show (default 0)")
-    parser.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends (Ctrl-C stops)")
+    parser.add_argument("--follow", "-f", action="store_true",
+                        help="keep printing, with the run's state changes, until it ends; exit with its exit code "
+                             "(Ctrl-C stops following, not the run)")
     parser.add_argument("--lines", "-n", type=int, default=None, help="only the last N lines")
     args = parser.parse_args(argv)
-    return show_log(find_run(args.run, args.root), args.rank, follow=args.follow, lines=args.lines)
+    if args.lines is not None and args.lines < 0:
+        raise UsageError(f"--lines must be >= 0 (got {args.lines})")
+    run_dir = find_run(args.run, args.root)
+    if args.follow:
+        return follow(run_dir, rank=args.rank, last_lines=args.lines, say=say)
+    return show_log(run_dir, args.rank, lines=args.lines)
+
+
+def say(line: str) -> None:
+    """A follow's state lines, on stderr (stdout holds the log)."""
+    console.print(escape(line))
 
 
 def cmd_cancel(argv: Sequence[str]) -> int:

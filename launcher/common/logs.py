@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
 import warnings
 from pathlib import Path
 
@@ -13,6 +15,14 @@ STEP_LOGGER = "ftlaunch.steps"
 the same figures (steps_on_console)."""
 _console_steps = [True]
 
+LOG_FORMAT = "%(asctime)s rank%(rank)s %(levelname)s %(name)s: %(message)s"
+"""A rank log's lines; `error_records` reads them back."""
+_RECORD_START = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ ([A-Z]+) [^:]+: (.*)$")
+"""The head of a record written with LOG_FORMAT: asctime, level, message (its first line)."""
+FILE_ONLY = "file_only"
+"""`extra={FILE_ONLY: True}`: a record for the log file, not the console (a crash's traceback, which Python prints on
+the console itself)."""
+
 
 def steps_on_console(shown: bool) -> None:
     """Whether the console handler prints STEP_LOGGER's lines (the trainer turns them off under its live bar)."""
@@ -20,6 +30,8 @@ def steps_on_console(shown: bool) -> None:
 
 
 def _console_filter(record: logging.LogRecord) -> bool:
+    if getattr(record, FILE_ONLY, False):
+        return False
     return _console_steps[0] or record.name != STEP_LOGGER
 
 
@@ -28,7 +40,7 @@ def setup_logging(run_dir: Path, rank: int, name: str | None = None) -> None:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.FileHandler(logs / f"{name or f'rank{rank}'}.log")]
-    handlers[0].setFormatter(logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(name)s: %(message)s"))
+    handlers[0].setFormatter(logging.Formatter(LOG_FORMAT))
     handlers[0].addFilter(_RankFilter(rank))
     if rank == 0:
         from rich.logging import RichHandler
@@ -62,3 +74,34 @@ class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = self.rank
         return True
+
+
+#: How much of a log's end `error_records` reads: errors end an attempt, and a long run's log is mostly step lines.
+ERROR_TAIL_BYTES = 1 << 20
+
+
+def error_records(path: Path, since: float | None = None) -> list[str]:
+    """The ERROR and CRITICAL records of a log written with LOG_FORMAT (in its last ERROR_TAIL_BYTES), oldest first,
+    each its message with any continuation lines (a traceback, a listed problem); `since` (epoch seconds): only
+    records written then or later (the log's clock is the writing host's local time, like asctime's)."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, 2)
+            handle.seek(max(0, size - ERROR_TAIL_BYTES))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return []
+    records: list[str] = []
+    keep = False
+    for line in text.splitlines():
+        head = _RECORD_START.match(line)
+        if head is None:
+            if keep:
+                records[-1] += "\n" + line
+            continue
+        stamp, millis, level, message = head.groups()
+        written = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+        keep = level in ("ERROR", "CRITICAL") and (since is None or written >= since - 1.0)  # 1 s: clock rounding
+        if keep:
+            records.append(message)
+    return records

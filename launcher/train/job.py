@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from launcher.common.exits import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK,  # noqa: F401
                                    EXIT_WRITE_FAILED)
-from launcher.common.logs import setup_logging
+from launcher.common.logs import FILE_ONLY, setup_logging
 
 if TYPE_CHECKING:
     from cluster.env import DistEnv
@@ -66,8 +66,12 @@ def run_job(run_dir: Path) -> int:
             tracker = start_tracking(run_dir, plan)
         code = _train(run_dir, plan, env, tracker)
     except BaseException as err:
+        reason = f"{type(err).__name__}: {err}"[:1000]
+        # Every rank's own log says where it crashed (a rank > 0 records no outcome), with the traceback, which
+        # otherwise reaches only the terminal or the scheduler's output; `launch status` shows the first line.
+        log.error("crashed: %s (%s)", reason, _where(err), exc_info=err, extra={FILE_ONLY: True})
         if env.rank == 0:
-            outcome.record(run_dir, outcome.Outcome.CRASHED, reason=f"{type(err).__name__}: {err}"[:1000])
+            outcome.record(run_dir, outcome.Outcome.CRASHED, reason=reason)
         tracker.finish(None)
         raise
     tracker.finish(code)
@@ -80,6 +84,17 @@ def run_job(run_dir: Path) -> int:
         if ended == outcome.Outcome.COMPLETED:
             _report_sweep_if_last(run_dir)
     return code
+
+
+def _where(err: BaseException) -> str:
+    """The innermost frame of an exception: `at FILE:LINE in FUNCTION`."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return "no traceback"
+    frame = frames[-1]
+    return f"at {frame.filename}:{frame.lineno} in {frame.name}"
 
 
 def _best_record(run_dir: Path, plan: "Plan") -> dict[str, Any] | None:

@@ -450,12 +450,20 @@ def test_a_crash_bad_input_and_a_killed_job_are_told_apart(tmp_path: Path, tiny_
             run(crashed)
     status = run_status(crashed)
     assert (status.state, status.reason) == ("CRASHED", "RuntimeError: boom at step 1")
+    # `launch status` says where, from the rank's log, which holds the traceback (before, only the terminal did)
+    assert len(status.error) == 1 and status.error[0].startswith("crashed: RuntimeError: boom at step 1 (at ")
+    assert status.error[0].endswith(f"{Path(__file__).name}:{boom.__code__.co_firstlineno + 1} in boom)")
+    assert "Traceback (most recent call last)" in (crashed / "logs" / "rank0.log").read_text()
 
     recipe = make_recipe(tmp_path / "f", tiny_model_dir, eval={"at_start": False})
     (tmp_path / "f" / "train-messages.jsonl").write_text('{"messages": "not a list"}\n')
     failed = start_run(recipe)
     assert run(failed) == EXIT_BAD_INPUT
     assert (run_status(failed).state, run_status(failed).exit_code) == ("FAILED", EXIT_BAD_INPUT)
+    assert run_status(failed).error[0].endswith("train-messages.jsonl: row 1: field 'messages': expected a non-empty "
+                                                "list of messages. Fix: messages rows need `messages`: [{role, "
+                                                "content}, ...] (OpenAI) or `conversations`: [{from, value}, ...] "
+                                                "(ShareGPT)")
 
     (tmp_path / "m").mkdir()  # valid rows, but fewer than one optimizer step takes
     too_few = start_run(make_recipe(tmp_path / "m", tiny_model_dir, eval={"at_start": False},
@@ -463,6 +471,7 @@ def test_a_crash_bad_input_and_a_killed_job_are_told_apart(tmp_path: Path, tiny_
     assert run(too_few) == EXIT_BAD_INPUT
     assert "fewer than one optimizer step takes: micro_batch(40) * grad_accum(2) * world_size(1) = 80" in \
         (too_few / "logs" / "rank0.log").read_text()
+    assert "fewer than one optimizer step takes" in run_status(too_few).error[0]
 
     killed = tmp_path / "k"  # a job killed outright (SIGKILL, OOM) records nothing after `running`
     killed.mkdir()
