@@ -34,6 +34,8 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
 #: Slurm states of a job that still holds or waits for resources: a run with one is not resubmitted.
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
+#: Slurm states of a job whose ranks may be running (an open attempt of a pending or ended job was killed outright).
+RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT"}
 OUTPUT_DIRS = ("adapter", "model", "merged")
 LOCAL_ENDED = ("COMPLETED", "STOPPED", "DIVERGED", "FAILED", "CRASHED")
 #: A local run whose metrics.jsonl changed this recently is taken to be running.
@@ -222,7 +224,7 @@ def run_status(run_dir: Path) -> RunStatus:
         status.job_id = ids[-1]
         status.state, sacct_elapsed, status.node_list = slurm_state(ids[-1])
         estimate = _seconds(sacct_elapsed)
-        running = None if status.state == "UNKNOWN" else status.state not in TERMINAL
+        running = None if status.state == "UNKNOWN" else status.state in RUNNING_STATES
         prepare_id = _prepare_job(events)
         if prepare_id is not None:
             status.prepare = f"{prepare_id} {slurm_state(prepare_id)[0]}"

@@ -6,7 +6,7 @@
     launch export RUN_DIR [--merge] [--out DIR]
     launch baseline RECIPE [key.path=value ...] [--out RUN_DIR] [--json]   baselines to beat: baseline.json
     launch import AXOLOTL.yaml [--out RECIPE.yaml] [--force]      an axolotl config as a recipe, with what did not map
-    launch RECIPE --nodes N | --cluster NAME [--partition P] [--time T] [--gpus-per-node G]   submit to Slurm
+    launch RECIPE --nodes N | --cluster NAME [--partition P] [--time T] [--gpus-per-node G] [--follow]   submit to Slurm
     launch runs [--root DIR] | status RUN | logs RUN [--rank R] [--follow] | cancel RUN        run management
     launch SWEEP | plan SWEEP | report SWEEP_DIR | status SWEEP_DIR      a recipe with `sweep:`: every trial, mean ± std
 
@@ -47,7 +47,7 @@ launch: fine-tune a model from a recipe, here or on Slurm.
 
 commands (one example each; `launch COMMAND --help` for its flags):
   launch RECIPE [key.path=value ...]     train on this machine       launch recipes/demo.yaml optim.lr=1e-4
-  launch RECIPE --nodes N | --cluster C  submit to Slurm             launch recipes/llama3-70b-qlora.yaml --nodes 4
+  launch RECIPE --nodes N | --cluster C  submit to Slurm (--follow)  launch recipes/llama3-70b-qlora.yaml --nodes 4
   launch --resume [RUN_DIR]              continue from a checkpoint  launch --resume runs/demo --procs 2
   launch plan RECIPE [--nodes N]         check and size, run nothing launch plan recipes/demo.yaml --nodes 4
   launch baseline RECIPE                 TF-IDF/majority/copy scores launch baseline recipes/demo-classify.yaml

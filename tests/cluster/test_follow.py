@@ -8,6 +8,7 @@ import io
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,8 +17,8 @@ from cluster.runs import RunStatus
 from launcher.common.exits import EXIT_CTRL_C, EXIT_JOB_CANCELLED, EXIT_JOB_LOST, EXIT_JOB_TIMEOUT
 
 
-def slurm(state: str, job_id: str = "12", **fields: object) -> RunStatus:
-    return RunStatus(run="r", run_dir="/runs/r", kind="slurm", state=state, job_id=job_id, **fields)  # type: ignore[arg-type]
+def slurm(state: str, job_id: str = "12", **fields: Any) -> RunStatus:
+    return RunStatus(run="r", run_dir="/runs/r", kind="slurm", state=state, job_id=job_id, **fields)
 
 
 def observe_all(follower: Follower, timeline: list[tuple[float, RunStatus]]) -> tuple[list[str], list[bool]]:

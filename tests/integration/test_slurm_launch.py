@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from cluster.runs import run_status
+from launcher.common.exits import EXIT_JOB_CANCELLED
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -106,6 +107,39 @@ def submit(env: dict[str, str], *args: str) -> tuple[str, Path]:
     return proc.stdout.strip().splitlines()[-1], run_dir
 
 
+@dataclass
+class Following:
+    """A `launch ... --follow` running in the background, its output in files (read while it runs)."""
+
+    proc: subprocess.Popen[str]
+    out: Path
+    err: Path
+
+    def stderr(self) -> str:
+        return self.err.read_text() if self.err.is_file() else ""
+
+    def submitted(self) -> tuple[str, Path]:
+        """(job id, run directory), once it has submitted."""
+        wait_for("the submission", lambda: self.out.is_file() and self.out.read_text().strip()
+                 or self.proc.poll() is not None, 120, poll=0.2)
+        assert self.out.read_text().strip(), f"launch --follow exited {self.proc.poll()}:\n{self.stderr()}"
+        run_dir = Path(self.stderr().split("run directory ", 1)[1].splitlines()[0])
+        return self.out.read_text().splitlines()[0].strip(), run_dir
+
+    def finished(self, timeout: float = 60) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) once it has exited."""
+        code = self.proc.wait(timeout=timeout)
+        return code, self.out.read_text(), self.stderr()
+
+
+def launch_following(env: dict[str, str], name: str, *args: str) -> Following:
+    out, err = (Path(env["FTLAUNCH_CACHE"]).parent / f"{name}.{kind}" for kind in ("out", "err"))
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "launcher", *args, "--follow"], env=env, stdout=stdout,
+                                stderr=stderr, text=True)
+    return Following(proc, out, err)
+
+
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 240, poll: float = 0.3) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -167,18 +201,25 @@ def assert_same_weights(a: Path, b: Path) -> float:
 def test_two_nodes_train_to_the_end_like_two_local_ranks(env: dict[str, str], work: Path,
                                                           reference: LocalReference,
                                                           integration_timings: dict[str, str]) -> None:
-    """`launch recipe --nodes 2` trains to the end; its losses equal a local `--procs 2` run's. Meanwhile: a second
-    submission (2 ranks per node: the CPUs the first job leaves cannot hold it) pends behind it and is cancelled with
-    `launch cancel`; `launch status/logs/runs` read real jobs."""
+    """`launch recipe --nodes 2 --follow` trains to the end, printing rank 0's log and the job's states, and exits 0;
+    its losses equal a local `--procs 2` run's. Meanwhile: a second submission (2 ranks per node: the CPUs the first
+    job leaves cannot hold it), also followed, pends behind it and is cancelled with `launch cancel`: its follow exits
+    6; `launch status/logs/runs` read real jobs."""
     recipe = str(work / "tiny.yaml")
     t0 = time.time()
-    job_id, run_dir = submit(env, recipe, "--nodes", "2")
-    queued_id, queued_dir = submit(env, recipe, "--nodes", "2", "--procs", "2", "output.name=queued")
+    following = launch_following(env, "first", recipe, "--nodes", "2")
+    job_id, run_dir = following.submitted()
+    queued = launch_following(env, "queued", recipe, "--nodes", "2", "--procs", "2", "output.name=queued")
+    queued_id, queued_dir = queued.submitted()
     # The second job needs both CPUs of each node while the first holds one: cancel it while it pends.
+    wait_for("the queued job's follow to see it pending", lambda: "PENDING" in queued.stderr(), 30, poll=0.5)
     out = launch(env, "cancel", str(queued_dir)).stderr
     assert f"cancelled Slurm job {queued_id}" in out
     wait_for("the cancelled job's state", lambda: run_status(queued_dir).state == "CANCELLED", 60, poll=1)
     assert "CANCELLED" in launch(env, "status", str(queued_dir)).stdout
+    code, _, said = queued.finished()
+    assert code == EXIT_JOB_CANCELLED and f"Slurm job {queued_id}: PENDING" in said, said
+    assert f"Slurm job {queued_id} ended: CANCELLED (exit code {EXIT_JOB_CANCELLED})" in said, said
 
     wait_for("the first training step", lambda: train_rows(run_dir), 240, poll=0.2)
     integration_timings["launch --nodes 2 -> first training step"] = f"{time.time() - t0:.1f} s"
@@ -189,9 +230,19 @@ def test_two_nodes_train_to_the_end_like_two_local_ranks(env: dict[str, str], wo
     launch(env, "logs", str(run_dir), "--rank", "1")  # rank 1 (on node2) logs only warnings: may be empty
     assert "ranks 0..1" in launch(env, "logs", str(run_dir), "--rank", "2", check=False).stderr
     wait_completed(run_dir)
-    integration_timings[f"launch --nodes 2 -> done ({STEPS} steps, 2 ranks)"] = f"{time.time() - t0:.1f} s"
-    follow = launch(env, "logs", str(run_dir), "--follow", timeout=30).stdout  # returns: the run has ended
-    assert "outputs:" in follow
+    t_done = time.time()
+    integration_timings[f"launch --nodes 2 -> done ({STEPS} steps, 2 ranks)"] = f"{t_done - t0:.1f} s"
+    code, streamed, said = following.finished()
+    integration_timings["job done -> launch --follow exits"] = f"{time.time() - t_done:.1f} s"
+    log0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert code == 0 and streamed.startswith(job_id + "\n") and log0 in streamed, said  # every line, in order
+    assert f"step {STEPS}/{STEPS}" in streamed and "outputs:" in streamed
+    assert f"Slurm job {job_id}: " in said and "RUNNING on node[1-2]" in said, said
+    assert f"Slurm job {job_id} ended: COMPLETED (exit code 0)" in said, said
+    follow = launch(env, "logs", str(run_dir), "--follow", timeout=30)  # returns at once: the run has ended
+    assert "outputs:" in follow.stdout and "ended: COMPLETED (exit code 0)" in follow.stderr
+    ran = json.loads(launch(env, "status", str(run_dir), "--json").stdout)["elapsed_s"]
+    assert 0 < ran < time.time() - t0  # the attempt rank 0 recorded: not the queue, not the time since
     local_dir = reference.run_dir()
     diff = max(abs(a - b) for a, b in zip(losses(run_dir), losses(local_dir)))
     integration_timings["loss |slurm 2x1 - local 2| max"] = f"{diff:.2e}"
