@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -142,8 +142,7 @@ class Follower:
     waiting_since: float | None = None
     """Since when the job has been unknown (or the run not started)."""
     ended_since: float | None = None
-    """Since when a state Slurm may requeue from (SETTLE_S) has been seen."""
-    said: list[str] = field(default_factory=list)
+    """Since when the run has been seen ended (a state Slurm may requeue from counts after SETTLE_S)."""
 
     def _name(self, status: RunStatus) -> str:
         return f"Slurm job {status.job_id}" if status.job_id else f"run {status.run}"
@@ -207,7 +206,8 @@ class Follower:
         """The last lines: how the run ended, its error, the exit code."""
         if status.state in ("UNKNOWN", "PLANNED"):
             return []
-        lines = [f"{self._name(status)} ended: {status.state} (exit code {code})"]
+        why = ": its tokenize job failed" if status.prepare_failed and status.state != "FAILED" else ""
+        lines = [f"{self._name(status)} ended: {status.state}{why} (exit code {code})"]
         if status.error:
             lines += ["error: " + status.error[0], *("  " + line for line in status.error[1:])]
         if status.state not in ("COMPLETED",):

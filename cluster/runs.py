@@ -127,7 +127,8 @@ def slurm_state(job_id: str) -> tuple[str, str | None, str | None]:
         rows = [r.split("|") for r in out.splitlines() if r.split("|")[0] == job_id]
         if rows:
             _, state, elapsed, nodes = rows[-1]
-            return state.split()[0], elapsed, nodes  # "CANCELLED by 0" -> CANCELLED
+            # "CANCELLED by 0" -> CANCELLED; a job that never started has the node list "None assigned"
+            return state.split()[0], elapsed, None if nodes in ("", "None assigned") else nodes
     if shutil.which("squeue"):
         out = _quiet(["squeue", "-h", "-j", job_id, "-o", "%T|%M|%N"])
         if out.strip():
@@ -296,7 +297,8 @@ def status_table(status: RunStatus) -> Table:
         table.add_row("Slurm job", status.job_id + (f" on {status.node_list}" if status.node_list else ""))
     table.add_row("layout", f"{status.nodes} node(s), world size {status.world_size}")
     if status.prepare:
-        table.add_row("tokenize job", f"{status.prepare} (CPU; training starts after it)")
+        waiting = status.prepare.split()[-1] not in TERMINAL
+        table.add_row("tokenize job", status.prepare + (" (CPU; training starts after it)" if waiting else ""))
     if status.step is not None:
         table.add_row("step", f"{status.step}" + (f" of {status.total_steps}" if status.total_steps else ""))
     if status.last_loss is not None:

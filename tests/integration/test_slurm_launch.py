@@ -296,8 +296,10 @@ def test_untokenized_data_is_prepared_by_a_cpu_job_first(env: dict[str, str], wo
 def test_preemption_checkpoints_requeues_and_resumes(env: dict[str, str], work: Path, reference: LocalReference,
                                                       integration_timings: dict[str, str]) -> None:
     """SIGUSR1 (what Slurm sends before a time limit or preemption; submitit's signal here) mid-run: the ranks
-    checkpoint, submitit requeues, the requeued job resumes and ends with the uninterrupted run's weights."""
-    job_id, run_dir = submit(env, str(work / "tiny.yaml"), "--nodes", "2", "output.name=preempted")
+    checkpoint, submitit requeues, the requeued job resumes and ends with the uninterrupted run's weights. Its
+    `launch --follow` says the requeue, follows the requeued job on and exits 0."""
+    following = launch_following(env, "preempted", str(work / "tiny.yaml"), "--nodes", "2", "output.name=preempted")
+    job_id, run_dir = following.submitted()
     wait_for("step 3", lambda: len(train_rows(run_dir)) >= 3, 240, poll=0.05)
     t_signal = time.time()
     subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=30)
@@ -322,6 +324,10 @@ def test_preemption_checkpoints_requeues_and_resumes(env: dict[str, str], work: 
     assert losses(run_dir) == pytest.approx(losses(reference.run_dir()), abs=1e-6)
     assert_same_weights(run_dir, reference.run_dir())
     assert json.loads(launch(env, "status", str(run_dir), "--json").stdout)["job_id"] == job_id
+    code, streamed, said = following.finished()
+    assert code == 0 and f"Slurm job {job_id} ended: COMPLETED (exit code 0)" in said, said
+    assert "(requeued: preemption or the time limit; the same run resumes from its last checkpoint)" in said, said
+    assert "stopped by SIGUSR1" in streamed and (run_dir / "logs" / "rank0.log").read_text() in streamed
 
 
 def test_plain_sbatch_of_the_written_script_and_requeue_without_warning(
