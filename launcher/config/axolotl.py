@@ -384,18 +384,23 @@ def _data(b: _Builder) -> None:
         b.fail("datasets", "required: a list of datasets, each with path and type",
                "add `datasets: [{path: data/train.jsonl, type: alpaca}]`")
     templates: list[tuple[str, str | None, str | None]] = []
-    _sources(b, "datasets", datasets, "train", templates)
+    alpaca: list[str] = []
+    _sources(b, "datasets", datasets, "train", templates, alpaca)
     tests = b.config.get("test_datasets")
     if tests:
         if b.get("val_set_size"):
             b.conflict("val_set_size", "test_datasets", "hold out data with val_set_size or give test_datasets")
-        _sources(b, "test_datasets", tests if isinstance(tests, list) else [tests], "eval", templates)
+        _sources(b, "test_datasets", tests if isinstance(tests, list) else [tests], "eval", templates, alpaca)
+    if alpaca:  # axolotl's `type: alpaca` renders the classic Alpaca prompt, not the chat template
+        b.put(alpaca[0], "data.prompt_style", "alpaca")
     _chat_templates(b, templates)
     _data_settings(b)
 
 
 def _sources(b: _Builder, key: str, datasets: list[Any], split: str,
-             templates: list[tuple[str, str | None, str | None]]) -> None:
+             templates: list[tuple[str, str | None, str | None]], alpaca: list[str]) -> None:
+    """Each dataset as data.{split}.N sources; the chat templates they name go to `templates`, the type keys of
+    plain `type: alpaca` datasets to `alpaca`."""
     index = 0
     for i, ds in enumerate(datasets):
         prefix = f"{key}.{i}"
@@ -403,9 +408,11 @@ def _sources(b: _Builder, key: str, datasets: list[Any], split: str,
             b.fail(prefix, f"expected a mapping with path and type, got {type(ds).__name__}",
                    "write `- path: data/train.jsonl` and `type: alpaca` under it")
         fmt = _format(b, prefix, ds)
+        if ds.get("type") == "alpaca":
+            alpaca.append(f"{prefix}.type")
         for path_key, path in _dataset_paths(b, prefix, ds):
             target = f"data.{split}.{index}"
-            _dataset_path(b, path_key, path, target, ds.get("split"), prefix)
+            _dataset_path(b, path_key, path, target, ds, prefix)
             b.put(f"{prefix}.type", f"{target}.format", fmt)
             index += 1
         if ds.get("ds_type") is not None:
@@ -437,15 +444,19 @@ def _dataset_paths(b: _Builder, prefix: str, ds: dict[str, Any]) -> list[tuple[s
     return [(f"{prefix}.path", path)]
 
 
-def _dataset_path(b: _Builder, key: str, text: str, target: str, split: Any, prefix: str) -> None:
+def _dataset_path(b: _Builder, key: str, text: str, target: str, ds: dict[str, Any], prefix: str) -> None:
+    split = ds.get("split")
     local = b.paths.locate(text)
-    placeholder = local is None and (is_hub_like(text) or text.startswith(REMOTE))
+    if local is None and is_hub_like(text):
+        _hub_dataset(b, key, text, target, ds, prefix)
+        return
+    placeholder = local is None and text.startswith(REMOTE)
     if local is not None:
         b.put(key, f"{target}.path", b.paths.for_recipe(local))
     elif placeholder:
         directory = b.paths.recipe_dir / "data" / re.sub(r"[^\w.-]+", "__", text.split("://")[-1]).strip("_")
         b.put(key, f"{target}.path", b.paths.for_recipe(directory))
-        b.note(f"{key}: {text} is not a local file, and ftlaunch reads local data only: save it to {directory} "
+        b.note(f"{key}: {text} is a URL, and ftlaunch reads local files and Hub datasets: save it to {directory} "
                f"(`python -c \"import datasets; datasets.load_dataset('{text}').save_to_disk('{directory}')\"`)")
     else:
         missing = b.paths.missing(text)
@@ -457,6 +468,17 @@ def _dataset_path(b: _Builder, key: str, text: str, target: str, split: Any, pre
         b.put(f"{prefix}.split", f"{target}.split", str(split))
     elif not any(k == f"{prefix}.split" for k, _ in b.out.untranslated):  # once for all of its data_files
         b.skip(f"{prefix}.split", "a file holds one split: ftlaunch reads it whole")
+
+
+def _hub_dataset(b: _Builder, key: str, repo: str, target: str, ds: dict[str, Any], prefix: str) -> None:
+    """A Hub dataset name: a `hub:` source, with axolotl's split, name (the subset) and revision; `launch` downloads
+    it into the Hub cache, the job reads it from there."""
+    b.put(key, f"{target}.hub", repo)
+    for name, field in (("split", "split"), ("name", "subset"), ("revision", "revision")):
+        if ds.get(name) is not None:
+            b.put(f"{prefix}.{name}", f"{target}.{field}", str(ds[name]))
+    b.note(f"{key}: {repo} is read from the Hugging Face Hub cache: `launch` downloads it there first where the Hub "
+           "is reachable, and the job reads it offline (put HF_HOME on storage the nodes share)")
 
 
 # axolotl's dataset `type` -> ftlaunch's DataSource.format
@@ -479,12 +501,9 @@ def _format(b: _Builder, prefix: str, ds: dict[str, Any]) -> str:
                "and completion data", "convert the rows to one of those formats (alpaca: instruction/input/output; "
                "chat: messages [{role, content}]; completion: text) and set type accordingly")
     if base != kind:
-        b.note(f"{key}: {kind}: the part after ':' (a prompt style) is not used; ftlaunch renders the rows with "
-               "the chat template")
-    if base == "alpaca":
-        b.note(f"{key}: alpaca rows are rendered by axolotl with its Alpaca prompt text; ftlaunch turns them into a "
-               "user/assistant conversation rendered with the chat template")
-    elif base == "completion":
+        b.note(f"{key}: {kind}: the part after ':' (a prompt style) is not used; ftlaunch renders the rows as its "
+               "data.prompt_style says (alpaca where a dataset has plain type alpaca, else the chat template)")
+    if base == "completion":
         _completion_field(b, prefix, ds)
     else:
         _message_fields(b, prefix, ds, sharegpt=base == "sharegpt")
@@ -580,9 +599,10 @@ def _roles_to_train(b: _Builder, prefix: str, ds: dict[str, Any], role_key: str)
 
 
 DATASET_REASONS = {
-    "name": "a Hub dataset configuration: download that configuration and point path at the copy",
-    "revision": "a Hub revision: ftlaunch reads local data only",
-    "trust_remote_code": "a Hub loading script: ftlaunch reads local data only",
+    "name": "a Hub dataset configuration: it applies to Hub datasets (hub:), not to a local path",
+    "revision": "a Hub revision: it applies to Hub datasets (hub:), not to a local path",
+    "trust_remote_code": "a Hub loading script: ftlaunch reads data files (.jsonl/.json/.parquet/.csv), never runs "
+                         "a dataset's code",
     "drop_system_message": "no ftlaunch equivalent: system messages are kept",
     "field_system": "no ftlaunch equivalent: the alpaca format reads `system`",
     "field_tools": "no ftlaunch equivalent: tool definitions are not passed to the template",

@@ -47,13 +47,14 @@ def card(directory: Path, recipe: Recipe, final: dict[str, Any], version: str, b
     head = "---\n" + (f"base_model: {base}\n" if base and recipe.model.name else "") + \
         f"library_name: {'peft' if kind == 'adapter' else 'transformers'}\ntags: [ftlaunch, {recipe.task.type}, " \
         f"{recipe.method.name}]\n---\n"
+    data = ", ".join(f"`{Path(s.path).name if s.path else s.hub}`" for s in recipe.data.train)  # a file, a Hub name
     lines = [head, f"# {recipe.name}: {directory.name}", "",
              recipe.description or f"Fine-tuned with ftlaunch {version}.", "",
              "| | |", "|---|---|",
              f"| base model | `{base or recipe.model.path}` |",
              f"| task | {recipe.task.type} |",
              f"| method | {recipe.method.name} |",
-             f"| training data | {', '.join(f'`{Path(s.path).name}`' for s in recipe.data.train)} |",
+             f"| training data | {data} |",
              f"| steps | {final.get('step', '?')} |",
              f"| ftlaunch | {version} |", ""]
     if metrics:
