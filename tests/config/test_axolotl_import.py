@@ -205,6 +205,7 @@ def test_qlora_config_imports_to_a_recipe_launch_plan_accepts(workdir: Path, cap
     data = recipe.data
     assert (data.max_length, data.packing, data.loss_on, data.eval_fraction) == (4096, True, "assistant", 0.05)
     assert [(s.path, s.format) for s in data.train] == [(str(workdir / "data" / "alpaca.jsonl"), "alpaca")]
+    assert data.prompt_style == "alpaca"  # axolotl's type: alpaca is the classic Alpaca prompt, not the chat template
     model = recipe.model
     assert model.path == str(workdir / "models" / "llama-8b")
     assert (model.dtype, model.attn_implementation, model.gradient_checkpointing) == ("bfloat16", "flash_attention_2", True)
@@ -269,6 +270,7 @@ def test_chat_template_dataset_with_sharegpt_field_mappings(workdir: Path, capsy
     assert recipe.method.dropout == 0.0  # axolotl's default, not ftlaunch's 0.05
     data = recipe.data
     assert [s.format for s in data.train] == ["messages"] and data.chat_template == "chatml"
+    assert data.prompt_style == "chat"
     assert (data.eval_fraction, data.eval_seed, data.max_length, data.loss_on) == (0.25, 7, 256, "assistant")
     assert (recipe.eval.every_steps, recipe.checkpoint.every_steps, recipe.optim.max_steps) == (20, 50, 100)
     assert recipe.model.dtype == "float32"  # bf16: false trains in fp32
@@ -276,7 +278,7 @@ def test_chat_template_dataset_with_sharegpt_field_mappings(workdir: Path, capsy
     # The mapped layout is one ftlaunch's data loader really reads: the same turns, roles mapped.
     from launcher.train.data import load_samples
 
-    samples = load_samples(data.train, data.loss_on)
+    samples = load_samples(data.train, data)
     expected = [(("user", turns[0]["value"]), ("assistant", turns[1]["value"]))
                 for turns in (row["conversations"] for row in sample_rows("sharegpt", 8))]
     assert [s.messages for s in samples] == expected
@@ -364,16 +366,20 @@ evals_per_epoch: 4
     assert "#   my_custom_option: not an axolotl key" in out.read_text()
 
 
-def test_hub_ids_get_local_placeholders_and_a_download_note(workdir: Path) -> None:
+def test_hub_ids_become_hub_datasets_and_a_local_model_placeholder(workdir: Path) -> None:
     text = QLORA.replace("base_model: models/llama-8b", "base_model: NousResearch/Meta-Llama-3-8B") \
-                .replace("path: data/alpaca.jsonl", "path: tatsu-lab/alpaca")
+                .replace("path: data/alpaca.jsonl", "path: tatsu-lab/alpaca\n    name: default\n    split: test"
+                         "\n    revision: v2")
     result = translated(workdir, text)
     notes = " ".join(result.notes)
     assert "huggingface-cli download NousResearch/Meta-Llama-3-8B" in notes and "offline" in notes
-    assert "tatsu-lab/alpaca" in notes and "save_to_disk" in notes
+    assert "tatsu-lab/alpaca is read from the Hugging Face Hub cache" in notes
     assert result.recipe["model"]["path"] == "models/Meta-Llama-3-8B"
+    assert result.recipe["data"]["train"] == [{"hub": "tatsu-lab/alpaca", "split": "test", "subset": "default",
+                                               "revision": "v2", "format": "alpaca"}]
     recipe = load_recipe(imported(write(workdir / "hub.yml", text))).recipe  # still a valid recipe
     assert recipe.model.path == str(workdir / "models" / "Meta-Llama-3-8B")
+    assert (recipe.data.train[0].hub, recipe.data.prompt_style) == ("tatsu-lab/alpaca", "alpaca")
 
 
 def test_paths_are_written_relative_to_the_recipe(workdir: Path) -> None:

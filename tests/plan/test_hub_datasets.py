@@ -113,10 +113,3 @@ def test_prompt_style_alpaca_needs_alpaca_rows(tmp_path: Path) -> None:
                                                                       "prompt_style": "alpaca"})))
     assert "data.prompt_style" in str(err.value) and "no data source has that format" in str(err.value)
 
-
-def test_a_hub_name_given_as_a_path_suggests_hub(tmp_path: Path) -> None:
-    from launcher.plan.checks import data_problems
-
-    loaded = load_recipe(recipe(tmp_path, {"train": {"path": "t.jsonl"}}), ["data.train.0.path=tatsu-lab/alpaca"])
-    hint = str(data_problems(loaded.recipe)[0])
-    assert "data.train.0: {hub: tatsu-lab/alpaca, split: train}" in hint
