@@ -24,7 +24,8 @@ DEFAULT_SPLIT = "train"
 
 
 def cache_dir() -> Path:
-    """The Hub cache huggingface_hub reads and writes (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    """The Hub cache huggingface_hub reads and writes: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub
+    (read by huggingface_hub when it is imported)."""
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)

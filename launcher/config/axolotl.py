@@ -474,9 +474,9 @@ def _hub_dataset(b: _Builder, key: str, repo: str, target: str, ds: dict[str, An
     """A Hub dataset name: a `hub:` source, with axolotl's split, name (the subset) and revision; `launch` downloads
     it into the Hub cache, the job reads it from there."""
     b.put(key, f"{target}.hub", repo)
-    for name, field in (("split", "split"), ("name", "subset"), ("revision", "revision")):
+    for name, recipe_key in (("split", "split"), ("name", "subset"), ("revision", "revision")):
         if ds.get(name) is not None:
-            b.put(f"{prefix}.{name}", f"{target}.{field}", str(ds[name]))
+            b.put(f"{prefix}.{name}", f"{target}.{recipe_key}", str(ds[name]))
     b.note(f"{key}: {repo} is read from the Hugging Face Hub cache: `launch` downloads it there first where the Hub "
            "is reachable, and the job reads it offline (put HF_HOME on storage the nodes share)")
 

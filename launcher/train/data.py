@@ -11,9 +11,10 @@ Labels. A label of -100 (IGNORE_INDEX) carries no loss. The first token of every
 causal LM never predicts its first token; masking it explicitly also keeps packed examples from being trained to
 predict the start of the next example from the end of the previous one).
 
-* chat formats (messages incl. ShareGPT; alpaca with `prompt_style: chat`): rendered with the chat template. `loss_on: assistant` labels what
-  the template wraps in `{% generation %}...{% endgeneration %}` (transformers' `return_assistant_tokens_mask`);
-  the shipped templates wrap the assistant content *and* its end-of-turn token, so the model learns to stop.
+* chat formats (messages incl. ShareGPT; alpaca with `prompt_style: chat`): rendered with the chat template.
+  `loss_on: assistant` labels what the template wraps in `{% generation %}...{% endgeneration %}` (transformers'
+  `return_assistant_tokens_mask`); the shipped templates wrap the assistant content *and* its end-of-turn token, so
+  the model learns to stop.
   `loss_on: all` labels every token. EOS is appended only when the template does not end a conversation with it.
 * prompt_completion: TRL's convention for non-conversational prompt/completion data: no chat template, plain string
   concatenation `prompt + completion + eos`; labels start where the tokenized prompt and the tokenized whole diverge
@@ -191,8 +192,8 @@ def iter_numbered(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def count_rows(source: DataSource) -> int:
     """Rows `iter_numbered` yields, without building them where the format allows (JSON Lines: non-blank lines)."""
-    path = Path(source.path or "")
-    if source.path is not None and path.is_file() and path.suffix.lower() == ".jsonl":
+    path = Path(source.path or "")  # a hub source (no path) is refused by iter_numbered below
+    if path.is_file() and path.suffix.lower() == ".jsonl":
         count = sum(1 for _ in jsonl_lines(path, source.max_rows))
         if count == 0:
             raise DataError(f"{path}: no rows. Fix: point data path at a non-empty dataset")
@@ -428,7 +429,8 @@ def _text_field(row: dict[str, Any], name: str, path: str, number: int, fix: str
 # output follows it directly). The input variant is used when the row's input is non-empty, as in both.
 ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                          "context. Write a response that appropriately completes the request.")
-ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.")
 
 
 def alpaca_prompt(instruction: str, extra: str | None, system: str | None = None) -> str:
@@ -1185,8 +1187,8 @@ def _raw_rows(split: str, sources: Sequence[DataSource]) -> Iterator[RawRow]:
     """Rows as the workers get them: JSON Lines unparsed (parsing is most of the reading cost, so it is done where
     the tokenizing is, in parallel), other formats as rows."""
     for i, source in enumerate(sources):
-        path = Path(source.path or "")
-        if source.path is not None and path.is_file() and path.suffix.lower() == ".jsonl":
+        path = Path(source.path or "")  # a hub source (no path) is refused by iter_numbered below
+        if path.is_file() and path.suffix.lower() == ".jsonl":
             empty = True
             for number, line in jsonl_lines(path, source.max_rows):
                 empty = False

@@ -113,3 +113,12 @@ def test_prompt_style_alpaca_needs_alpaca_rows(tmp_path: Path) -> None:
                                                                       "prompt_style": "alpaca"})))
     assert "data.prompt_style" in str(err.value) and "no data source has that format" in str(err.value)
 
+
+
+def test_one_override_switches_a_source_between_path_and_hub(tmp_path: Path) -> None:
+    local = recipe(tmp_path, {"train": [{"path": "t.jsonl", "format": "alpaca"}]})
+    switched = load_recipe(local, ["data.train.0.hub=org/alpaca"]).recipe.data.train[0]
+    assert (switched.path, switched.hub, switched.format) == (None, "org/alpaca", "alpaca")
+    hub = recipe(tmp_path, {"train": [{"hub": "org/alpaca", "subset": "x", "revision": "v1"}]}, "hub.yaml")
+    back = load_recipe(hub, ["data.train.0.path=t.jsonl"]).recipe.data.train[0]
+    assert (back.path, back.hub, back.subset, back.revision) == (str(Path.cwd() / "t.jsonl"), None, None, None)

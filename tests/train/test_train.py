@@ -240,8 +240,8 @@ def test_a_hub_dataset_in_the_alpaca_prompt_trains_from_the_hub_cache(tmp_path: 
     from tiny import use_hub_cache, write_hub_dataset
 
     cache = use_hub_cache(monkeypatch, tmp_path / "hub")
-    write_hub_dataset(cache, "org/reverse", {"train.jsonl": rows_for("alpaca", 24), "test.jsonl": rows_for("alpaca", 4)},
-                      "d" * 40)
+    files = {"train.jsonl": rows_for("alpaca", 24), "test.jsonl": rows_for("alpaca", 4)}
+    write_hub_dataset(cache, "org/reverse", files, "d" * 40)
     source = {"hub": "org/reverse", "format": "alpaca"}
     run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, "alpaca", optim={"max_steps": 2},
                                     eval={"at_start": False},
