@@ -94,11 +94,13 @@ def download(repo: str, revision: str | None) -> Path:
 
 def fix_hint(source: DataSource) -> str:
     """How to get a Hub dataset onto a machine that cannot download it."""
+    assert source.hub is not None
     revision = f" --revision {source.revision}" if source.revision else ""
-    return (f"download it where there is internet, into the cache this machine reads (HF_HUB_CACHE={cache_dir()}): "
-            f"`hf download --repo-type dataset {source.hub}{revision}` (older: `huggingface-cli download "
-            f"--repo-type dataset {source.hub}{revision}`); or save it with `datasets.load_dataset(...)."
-            "save_to_disk(DIR)` and set path: DIR instead of hub")
+    folder = repo_cache(source.hub).name
+    return (f"download it with internet access into the Hub cache this machine reads (HF_HUB_CACHE={cache_dir()}): "
+            f"`hf download --repo-type dataset {source.hub}{revision}` (`huggingface-cli download` in older "
+            f"huggingface_hub), or on another machine and copy its {folder} folder there; or save it with "
+            "`datasets.load_dataset(...).save_to_disk(DIR)` and set path: DIR instead of hub")
 
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -132,6 +134,8 @@ def data_files(snapshot: Path, source: DataSource) -> list[Path]:
         raise HubDataError(message, "subset" if "config" in message.lower() else "hub") from None
     except FileNotFoundError as err:  # no data files at all
         raise HubDataError(f"no data files found ({err})", "hub") from None
+    except Exception as err:  # noqa: BLE001 (a loading script, which datasets 4+ refuses; unreadable metadata)
+        raise HubDataError(f"its data files cannot be resolved ({type(err).__name__}: {err})", "hub") from None
     split = source.split or DEFAULT_SPLIT
     found = {str(name): files for name, files in (builder.config.data_files or {}).items()}  # NamedSplit keys
     if split not in found:

@@ -73,15 +73,14 @@ def data_problems(recipe: Recipe) -> list[Problem]:
         if source.hub is not None:
             found += _hub_data_problems(prefix, source)
             continue
-        if source.path is not None:
-            path = Path(source.path)
-            key = f"{prefix}.path"
-            if not path.exists():
-                found.append(Problem(key, f"{path} does not exist", hint=_missing_data_hint(path, key)))
-            elif not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
-                found.append(Problem(key, f"{path} is not readable by this user", hint="check its permissions"))
-            elif path.is_file() and path.stat().st_size == 0:
-                found.append(Problem(key, f"{path} is empty", hint="point at a file with rows"))
+        path = Path(source.path or "")  # the schema: a source without hub has a path
+        key = f"{prefix}.path"
+        if not path.exists():
+            found.append(Problem(key, f"{path} does not exist", hint=_missing_data_hint(path, key)))
+        elif not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+            found.append(Problem(key, f"{path} is not readable by this user", hint="check its permissions"))
+        elif path.is_file() and path.stat().st_size == 0:
+            found.append(Problem(key, f"{path} is empty", hint="point at a file with rows"))
     return found
 
 
