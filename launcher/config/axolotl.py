@@ -8,9 +8,11 @@ What maps:
   model     base_model (a local directory; a hub id gets a placeholder directory and a note saying to download it),
             tokenizer_config, trust_remote_code, gradient_checkpointing, bf16 / fp16 -> model.dtype,
             flash_attention / sdp_attention / eager_attention -> model.attn_implementation
-  data      datasets / test_datasets -> data.train / data.eval: alpaca -> alpaca; chat_template, sharegpt and messages
-            -> messages when the rows hold `messages` or `conversations` with role/content or from/value (the two
-            layouts ftlaunch reads; other field mappings are refused); completion (field `text`) -> text. Also
+  data      datasets / test_datasets -> data.train / data.eval (a local path, or a Hub id -> hub with split, name ->
+            subset, revision): alpaca -> alpaca with data.prompt_style: alpaca (axolotl's Alpaca prompt text);
+            chat_template, sharegpt and messages -> messages when the rows hold `messages` or `conversations` with
+            role/content or from/value (the two layouts ftlaunch reads; other field mappings are refused);
+            completion (field `text`) -> text. Also
             sequence_len, sample_packing, train_on_inputs, val_set_size, chat_template(_jinja),
             default_system_message, dataset_processes
   method    adapter, load_in_4bit / load_in_8bit, peft_use_dora, lora_r / lora_alpha / lora_dropout,
