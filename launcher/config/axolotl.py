@@ -12,9 +12,8 @@ What maps:
             subset, revision): alpaca -> alpaca with data.prompt_style: alpaca (axolotl's Alpaca prompt text);
             chat_template, sharegpt and messages -> messages when the rows hold `messages` or `conversations` with
             role/content or from/value (the two layouts ftlaunch reads; other field mappings are refused);
-            completion (field `text`) -> text. Also
-            sequence_len, sample_packing, train_on_inputs, val_set_size, chat_template(_jinja),
-            default_system_message, dataset_processes
+            completion (field `text`) -> text. Also sequence_len, sample_packing, train_on_inputs, val_set_size,
+            chat_template(_jinja), default_system_message, dataset_processes
   method    adapter, load_in_4bit / load_in_8bit, peft_use_dora, lora_r / lora_alpha / lora_dropout,
             lora_target_modules / lora_target_linear, lora_modules_to_save, bnb_config_kwargs, unfrozen_parameters
   optim     optimizer (AdamW and its bitsandbytes 8-bit / paged variants), learning_rate, lr_scheduler (linear,
