@@ -1042,10 +1042,10 @@ def _tracking(b: _Builder) -> None:
 
 
 def _tracker_keys(b: _Builder, keys: Mapping[str, str], section: str) -> None:
-    for key, field in keys.items():
+    for key, name in keys.items():
         value = b.config.get(key)
         if not is_empty(value):
-            b.put(key, f"{section}.{field}", b.text(key, value, "a name"))
+            b.put(key, f"{section}.{name}", b.text(key, value, "a name"))
 
 
 # ------------------------------------------------------------------------------------------------------ strategy
