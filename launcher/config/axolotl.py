@@ -25,8 +25,11 @@ What maps:
   strategy  deepspeed JSON (ZeRO stage, optimizer / parameter offload, buckets, overlap_comm, ...) -> zero1/2/3;
             fsdp / fsdp_config (reshard, sharding strategy, CPU offload, activation checkpointing) -> fsdp (FSDP2)
 
-What does not map is listed with its reason: experiment trackers (wandb_*, mlflow_*, comet_*: ftlaunch has no
-tracking in this version), the Hub, other projects' kernels and patches, per-epoch schedules (ftlaunch counts
+  tracking  wandb_project / wandb_entity / wandb_name / wandb_mode / wandb_log_model -> logging.wandb;
+            mlflow_tracking_uri / mlflow_experiment_name / mlflow_run_name / hf_mlflow_log_artifacts -> logging.mlflow
+
+What does not map is listed with its reason: other trackers (comet_*, swanlab_*) and W&B keys ftlaunch handles
+itself (wandb_run_id, wandb_watch), the Hub, other projects' kernels and patches, per-epoch schedules (ftlaunch counts
 optimizer steps; steps per epoch are known only after tokenizing), added or special tokens, per-role loss, and any key
 this module does not know.
 
@@ -261,6 +264,7 @@ def translate(config: Any, paths: Paths, locations: Mapping[KeyPath, Location] |
     _optim(b)
     _schedule(b)
     _output(b)
+    _tracking(b)
     _strategy(b)
     _leftovers(b)
     b.out.recipe = order_like_schema(b.out.recipe)
@@ -1018,6 +1022,53 @@ def _output(b: _Builder) -> None:
                f"runs go to {path.parent}/<recipe name>")
 
 
+# ------------------------------------------------------------------------------------------------------ tracking
+WANDB_KEYS = {"wandb_project": "project", "wandb_entity": "entity", "wandb_name": "name"}
+MLFLOW_KEYS = {"mlflow_tracking_uri": "tracking_uri", "mlflow_experiment_name": "experiment",
+               "mlflow_run_name": "run_name"}
+
+
+def _tracking(b: _Builder) -> None:
+    """W&B and MLflow as axolotl turns them on: W&B when `wandb_project` is set (or `use_wandb`), offline with
+    `wandb_mode: offline`; MLflow when `mlflow_tracking_uri` is set (or `use_mlflow`)."""
+    if b.config.get("wandb_mode") == "disabled" or b.config.get("use_wandb") is False:
+        for key in b.config:
+            if key.startswith(("wandb_", "use_wandb")):
+                b.skip(key, "W&B is turned off in this config (wandb_mode: disabled / use_wandb: false)")
+    elif not is_empty(b.config.get("wandb_project")) or b.config.get("use_wandb") is True:
+        _tracker_keys(b, WANDB_KEYS, "logging.wandb")
+        mode = b.config.get("wandb_mode")
+        if mode in ("online", "offline"):
+            b.put("wandb_mode", "logging.wandb.mode", mode)
+        elif "logging" not in b.out.recipe or "wandb" not in b.out.recipe["logging"]:
+            b.put("use_wandb", "logging.wandb.mode", "online")
+        log_model = b.config.get("wandb_log_model")
+        if log_model in ("end", "checkpoint"):
+            b.put("wandb_log_model", "logging.wandb.log_artifacts", True)
+            if log_model == "checkpoint":
+                b.note("wandb_log_model: checkpoint: ftlaunch logs the final adapter/model as an artifact, not each "
+                       "checkpoint")
+        b.handled.add("use_wandb")
+    for key, why in (("wandb_run_id", "ftlaunch keeps the W&B run id itself (RUN_DIR/tracking.json): a resumed run "
+                      "continues it"), ("wandb_watch", "ftlaunch does not log gradients or weights to W&B")):
+        if not is_empty(b.config.get(key)) and key not in b.handled:
+            b.skip(key, why)
+    if not is_empty(b.config.get("mlflow_tracking_uri")) or b.config.get("use_mlflow") is True:
+        _tracker_keys(b, MLFLOW_KEYS, "logging.mlflow")
+        if "mlflow" not in b.out.recipe.get("logging", {}):
+            b.put("use_mlflow", "logging.mlflow", {})  # every field defaulted: a store in the run directory
+        if b.config.get("hf_mlflow_log_artifacts") is True:
+            b.put("hf_mlflow_log_artifacts", "logging.mlflow.log_artifacts", True)
+        b.handled.add("use_mlflow")
+
+
+def _tracker_keys(b: _Builder, keys: Mapping[str, str], section: str) -> None:
+    for key, name in keys.items():
+        value = b.config.get(key)
+        if not is_empty(value):
+            b.put(key, f"{section}.{name}", b.text(key, value, "a name"))
+
+
 # ------------------------------------------------------------------------------------------------------ strategy
 def _strategy(b: _Builder) -> None:
     uses_fsdp = bool(b.get("fsdp")) or bool(b.get("fsdp_config"))
@@ -1197,7 +1248,8 @@ def _fsdp_setting(b: _Builder, key: str, name: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- leftovers
-TRACKING = "experiment tracking is not in ftlaunch yet: metrics go to RUN_DIR/metrics.jsonl and TensorBoard"
+TRACKING = ("experiment tracking in ftlaunch is W&B (wandb_project, ...) and MLflow (mlflow_tracking_uri, ...): "
+            "this tracker or key has no equivalent")
 HUB = "ftlaunch does not use the Hugging Face Hub: it works offline with local directories"
 TOKENS = ("ftlaunch does not change the tokenizer or the embeddings: give a tokenizer directory that already has "
           "the tokens (model.tokenizer)")

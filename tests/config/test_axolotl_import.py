@@ -177,6 +177,36 @@ def imported(config: Path, *flags: str) -> Path:
     return config.with_name(config.stem + ".ftlaunch.yaml")
 
 
+def test_wandb_and_mlflow_keys_become_the_recipe_trackers(workdir: Path) -> None:
+    extra = """\
+wandb_project: sft
+wandb_entity: my-team
+wandb_name: first-try
+wandb_mode: offline
+wandb_log_model: end
+wandb_watch: gradients
+wandb_run_id: abc123
+mlflow_tracking_uri: http://mlflow.internal:5000
+mlflow_experiment_name: sft
+hf_mlflow_log_artifacts: true
+"""
+    result = translated(workdir, FULL_BASE + extra)
+    logging = Recipe.model_validate({**result.recipe, "name": "t"}).logging
+    assert logging.wandb is not None and logging.mlflow is not None
+    assert (logging.wandb.project, logging.wandb.entity, logging.wandb.name, logging.wandb.mode,
+            logging.wandb.log_artifacts) == ("sft", "my-team", "first-try", "offline", True)
+    assert (logging.mlflow.tracking_uri, logging.mlflow.experiment, logging.mlflow.log_artifacts) == \
+        ("http://mlflow.internal:5000", "sft", True)
+    left = dict(result.untranslated)
+    assert "tracking.json" in left["wandb_run_id"] and "gradients" in left["wandb_watch"]
+
+    on = translated(workdir, FULL_BASE + "use_wandb: true\nuse_mlflow: true\n").recipe["logging"]
+    assert on["wandb"] == {"mode": "online"} and on["mlflow"] == {}  # defaults: the recipe's name, a local store
+    off = translated(workdir, FULL_BASE + "wandb_project: sft\nwandb_mode: disabled\n")
+    assert "wandb" not in off.recipe.get("logging", {})
+    assert all("turned off" in why for key, why in off.untranslated if key.startswith("wandb_"))
+
+
 def plan_json(recipe: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, Any]:
     capsys.readouterr()
     assert main(["plan", str(recipe), "--json", *flags]) == 0, capsys.readouterr().err
@@ -259,7 +289,7 @@ def test_recipe_keys_follow_the_schema_order(workdir: Path) -> None:
     order = list(Recipe.model_fields)
     assert list(recipe) == sorted(recipe, key=order.index)
     assert list(recipe["method"])[0] == "name"  # as in the shipped recipes, though pydantic lists it last
-    assert "#   wandb_project: experiment tracking" in text  # what was left out travels with the recipe
+    assert "#   wandb_entity: empty" in text  # what was left out travels with the recipe
 
 
 def test_chat_template_dataset_with_sharegpt_field_mappings(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -342,7 +372,7 @@ fsdp_config:
 
 def test_unsupported_keys_are_listed_with_their_reason(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra = """\
-wandb_project: my-project
+comet_workspace: my-team
 hub_model_id: me/my-model
 unsloth_lora_mlp: true
 my_custom_option: 3
@@ -352,7 +382,7 @@ evals_per_epoch: 4
 """
     config = write(workdir / "odd.yml", FULL_BASE + extra)
     left = dict(translated(workdir, config.read_text()).untranslated)
-    assert "tracking" in left["wandb_project"]
+    assert "tracking" in left["comet_workspace"]
     assert "Hub" in left["hub_model_id"]
     assert "not an axolotl key" in left["my_custom_option"]
     assert "AdamW" in left["optimizer"] and "cosine" in left["lr_scheduler"]
