@@ -18,7 +18,7 @@ from typing import Any
 
 from cluster.errors import SubmitError
 from launcher.common.rundir import claim_run_dir, is_fresh, next_run_dir, release_run_dir
-from launcher.config.recipe import LoadedRecipe
+from launcher.config.recipe import LoadedRecipe, Problem
 from launcher.plan.build import Plan
 from launcher.plan.files import write_plan
 
@@ -61,13 +61,35 @@ def require_runnable(plan: Plan) -> None:
 
 
 def require_data(loaded: LoadedRecipe) -> None:
-    """A run is not created while its data files are missing or unreadable (launcher/plan/checks.py)."""
+    """A run is not created while its data files are missing or unreadable (launcher/plan/checks.py). Hub datasets
+    not in the local Hub cache are downloaded into it first, here on the submitting machine, since the ranks read
+    them offline (launcher/common/hub_data.py); `launch plan` without --out never downloads."""
     from launcher.config.recipe import RecipeError
     from launcher.plan.checks import data_problems
 
-    found = data_problems(loaded.recipe)
+    found = fetch_hub_data(loaded)
+    found += data_problems(loaded.recipe)
     if found:
         raise RecipeError(loaded.with_locations(found), source=f"{loaded.source} (data)")
+
+
+def fetch_hub_data(loaded: LoadedRecipe) -> list[Problem]:
+    """Download each Hub dataset of the recipe that is not cached; a Problem (naming `data.train.N.hub`) for each
+    that fails."""
+    from launcher.common import hub_data
+    from launcher.plan.checks import sources
+
+    found: list[Problem] = []
+    for key, source in sources(loaded.recipe):
+        if source.hub is None or hub_data.local_snapshot(source.hub, source.revision) is not None:
+            continue
+        try:
+            hub_data.download(source.hub, source.revision)
+        except Exception as err:  # noqa: BLE001 (huggingface_hub's HTTP, connection and disk errors alike)
+            found.append(Problem(f"{key}.hub", f"downloading {source.hub} into the Hub cache "
+                                 f"({hub_data.repo_cache(source.hub)}) failed: {type(err).__name__}: {err}",
+                                 hint=hub_data.fix_hint(source)))
+    return found
 
 
 def resume_notes(plan: Plan) -> list[str]:

@@ -238,6 +238,34 @@ def write_dataset(path: Path, fmt: str, n: int = 8, seed: int = 0) -> Path:
     return write_jsonl(path, sample_rows(fmt, n, seed))
 
 
+def write_hub_dataset(cache: Path, repo: str, files: dict[str, list[dict[str, Any]]], commit: str,
+                      ref: str = "main") -> Path:
+    """A dataset snapshot laid out as huggingface_hub's cache keeps one: `datasets--org--name/refs/<ref>` holding the
+    commit hash, the files under `snapshots/<commit>/` (plain files: the real cache links them to blobs/, which
+    readers do not see). Returns the snapshot directory."""
+    repo_dir = Path(cache) / ("datasets--" + repo.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    for name, rows in files.items():
+        write_jsonl(snapshot / name, rows)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def use_hub_cache(monkeypatch: Any, cache: Path) -> Path:
+    """Point huggingface_hub (read at its import: patched) and child processes (the environment) at `cache`, offline."""
+    from huggingface_hub import constants
+
+    from launcher.common import hub_data
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_data.probe.cache_clear()
+    return cache
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         print("usage: python tests/tiny.py OUT_DIR", file=sys.stderr)

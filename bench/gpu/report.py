@@ -144,9 +144,10 @@ def resume_section(rows: list[dict[str, Any]]) -> str:
     if not runs:
         return ""
     table = [[r["name"], r["status"].splitlines()[0][:160], str(r.get("save_at", "")), str(r.get("steps", "")),
-              _f(r.get("max_rel_diff"), "{:.1e}"), _f(r.get("tolerance"), "{:.1e}")] for r in runs]
+              _f(r.get("max_rel_diff"), "{:.1e}"), _f(r.get("tolerance"), "{:.1e}"),
+              _f(r.get("trainer_mfu_last") and 100 * r["trainer_mfu_last"], "{:.1f}%")] for r in runs]
     return "## Save and resume\n\n" + _table(["run", "status", "saved at", "steps", "max rel. loss diff",
-                                             "tolerance"], table)
+                                             "tolerance", "MFU (progress line)"], table)
 
 
 def e2e_section(results: Path) -> str:

@@ -31,9 +31,13 @@ from common import ROOT, append, plan_run
 TOLERANCE = 2.0 ** -8
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
+def _train_rows(run_dir: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if r.get("kind") == "train"}
+    return [r for r in rows if r.get("kind") == "train"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _train_rows(run_dir)}
 
 
 def _job(run_dir: Path, log: Path) -> tuple[int, float]:
@@ -55,6 +59,8 @@ def check(run: dict[str, Any], device: str, workdir: Path) -> dict[str, Any]:
     if rc != 0:
         raise RuntimeError(f"uninterrupted run exited {rc}; log tail:\n{log.read_text()[-2500:]}")
     full = _losses(run_dir)
+    # The MFU the trainer's progress line printed (launcher/train/throughput.py): on a GPU with a known peak only.
+    reported_mfu = [r["mfu"] for r in _train_rows(run_dir) if "mfu" in r]
     save_at = int(run["save_at"])
     checkpoints = run_dir / "checkpoints"
     kept = f"step-{save_at:08d}"
@@ -74,7 +80,8 @@ def check(run: dict[str, Any], device: str, workdir: Path) -> dict[str, Any]:
     return {"strategy": plan.strategy, "method": plan.recipe["method"]["name"], "save_at": save_at,
             "steps": max(full), "losses_uninterrupted": [full[s] for s in sorted(full)],
             "losses_resumed": [resumed.get(s) for s in sorted(full)], "max_rel_diff": max(diffs) if diffs else None,
-            "tolerance": TOLERANCE, "first_run_s": round(first_s, 1), "resumed_run_s": round(resumed_s, 1),
+            "tolerance": TOLERANCE,
+            "trainer_mfu_last": reported_mfu[-1] if reported_mfu else None, "first_run_s": round(first_s, 1), "resumed_run_s": round(resumed_s, 1),
             "status": "ok" if ok else "failed: resumed losses differ beyond the tolerance"}
 
 

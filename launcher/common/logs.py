@@ -58,10 +58,15 @@ def setup_logging(run_dir: Path, rank: int, name: str | None = None) -> None:
     root.setLevel(logging.INFO)
     for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    silence_known_noise()
+
+
+def silence_known_noise() -> None:
+    """Library messages nothing a user can act on."""
+    # peft calls a transformers property that transformers has deprecated.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
     # bitsandbytes (CPUs with AVX512-BF16) tries to fetch an optional 4-bit GEMM from the HF hub through the `kernels`
     # package at import and warns when it cannot; it then uses its own CPU path, which is what runs here anyway.
-    # peft calls a transformers property that transformers has deprecated; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
 

@@ -8,11 +8,12 @@ What maps:
   model     base_model (a local directory; a hub id gets a placeholder directory and a note saying to download it),
             tokenizer_config, trust_remote_code, gradient_checkpointing, bf16 / fp16 -> model.dtype,
             flash_attention / sdp_attention / eager_attention -> model.attn_implementation
-  data      datasets / test_datasets -> data.train / data.eval: alpaca -> alpaca; chat_template, sharegpt and messages
-            -> messages when the rows hold `messages` or `conversations` with role/content or from/value (the two
-            layouts ftlaunch reads; other field mappings are refused); completion (field `text`) -> text. Also
-            sequence_len, sample_packing, train_on_inputs, val_set_size, chat_template(_jinja),
-            default_system_message, dataset_processes
+  data      datasets / test_datasets -> data.train / data.eval (a local path, or a Hub id -> hub with split, name ->
+            subset, revision): alpaca -> alpaca with data.prompt_style: alpaca (axolotl's Alpaca prompt text);
+            chat_template, sharegpt and messages -> messages when the rows hold `messages` or `conversations` with
+            role/content or from/value (the two layouts ftlaunch reads; other field mappings are refused);
+            completion (field `text`) -> text. Also sequence_len, sample_packing, train_on_inputs, val_set_size,
+            chat_template(_jinja), default_system_message, dataset_processes
   method    adapter, load_in_4bit / load_in_8bit, peft_use_dora, lora_r / lora_alpha / lora_dropout,
             lora_target_modules / lora_target_linear, lora_modules_to_save, bnb_config_kwargs, unfrozen_parameters
   optim     optimizer (AdamW and its bitsandbytes 8-bit / paged variants), learning_rate, lr_scheduler (linear,
@@ -24,8 +25,11 @@ What maps:
   strategy  deepspeed JSON (ZeRO stage, optimizer / parameter offload, buckets, overlap_comm, ...) -> zero1/2/3;
             fsdp / fsdp_config (reshard, sharding strategy, CPU offload, activation checkpointing) -> fsdp (FSDP2)
 
-What does not map is listed with its reason: experiment trackers (wandb_*, mlflow_*, comet_*: ftlaunch has no
-tracking in this version), the Hub, other projects' kernels and patches, per-epoch schedules (ftlaunch counts
+  tracking  wandb_project / wandb_entity / wandb_name / wandb_mode / wandb_log_model -> logging.wandb;
+            mlflow_tracking_uri / mlflow_experiment_name / mlflow_run_name / hf_mlflow_log_artifacts -> logging.mlflow
+
+What does not map is listed with its reason: other trackers (comet_*, swanlab_*) and W&B keys ftlaunch handles
+itself (wandb_run_id, wandb_watch), the Hub, other projects' kernels and patches, per-epoch schedules (ftlaunch counts
 optimizer steps; steps per epoch are known only after tokenizing), added or special tokens, per-role loss, and any key
 this module does not know.
 
@@ -260,6 +264,7 @@ def translate(config: Any, paths: Paths, locations: Mapping[KeyPath, Location] |
     _optim(b)
     _schedule(b)
     _output(b)
+    _tracking(b)
     _strategy(b)
     _leftovers(b)
     b.out.recipe = order_like_schema(b.out.recipe)
@@ -384,18 +389,23 @@ def _data(b: _Builder) -> None:
         b.fail("datasets", "required: a list of datasets, each with path and type",
                "add `datasets: [{path: data/train.jsonl, type: alpaca}]`")
     templates: list[tuple[str, str | None, str | None]] = []
-    _sources(b, "datasets", datasets, "train", templates)
+    alpaca: list[str] = []
+    _sources(b, "datasets", datasets, "train", templates, alpaca)
     tests = b.config.get("test_datasets")
     if tests:
         if b.get("val_set_size"):
             b.conflict("val_set_size", "test_datasets", "hold out data with val_set_size or give test_datasets")
-        _sources(b, "test_datasets", tests if isinstance(tests, list) else [tests], "eval", templates)
+        _sources(b, "test_datasets", tests if isinstance(tests, list) else [tests], "eval", templates, alpaca)
+    if alpaca:  # axolotl's `type: alpaca` renders the classic Alpaca prompt, not the chat template
+        b.put(alpaca[0], "data.prompt_style", "alpaca")
     _chat_templates(b, templates)
     _data_settings(b)
 
 
 def _sources(b: _Builder, key: str, datasets: list[Any], split: str,
-             templates: list[tuple[str, str | None, str | None]]) -> None:
+             templates: list[tuple[str, str | None, str | None]], alpaca: list[str]) -> None:
+    """Each dataset as data.{split}.N sources; the chat templates they name go to `templates`, the type keys of
+    plain `type: alpaca` datasets to `alpaca`."""
     index = 0
     for i, ds in enumerate(datasets):
         prefix = f"{key}.{i}"
@@ -403,9 +413,11 @@ def _sources(b: _Builder, key: str, datasets: list[Any], split: str,
             b.fail(prefix, f"expected a mapping with path and type, got {type(ds).__name__}",
                    "write `- path: data/train.jsonl` and `type: alpaca` under it")
         fmt = _format(b, prefix, ds)
+        if ds.get("type") == "alpaca":
+            alpaca.append(f"{prefix}.type")
         for path_key, path in _dataset_paths(b, prefix, ds):
             target = f"data.{split}.{index}"
-            _dataset_path(b, path_key, path, target, ds.get("split"), prefix)
+            _dataset_path(b, path_key, path, target, ds, prefix)
             b.put(f"{prefix}.type", f"{target}.format", fmt)
             index += 1
         if ds.get("ds_type") is not None:
@@ -437,15 +449,19 @@ def _dataset_paths(b: _Builder, prefix: str, ds: dict[str, Any]) -> list[tuple[s
     return [(f"{prefix}.path", path)]
 
 
-def _dataset_path(b: _Builder, key: str, text: str, target: str, split: Any, prefix: str) -> None:
+def _dataset_path(b: _Builder, key: str, text: str, target: str, ds: dict[str, Any], prefix: str) -> None:
+    split = ds.get("split")
     local = b.paths.locate(text)
-    placeholder = local is None and (is_hub_like(text) or text.startswith(REMOTE))
+    if local is None and is_hub_like(text):
+        _hub_dataset(b, key, text, target, ds, prefix)
+        return
+    placeholder = local is None and text.startswith(REMOTE)
     if local is not None:
         b.put(key, f"{target}.path", b.paths.for_recipe(local))
     elif placeholder:
         directory = b.paths.recipe_dir / "data" / re.sub(r"[^\w.-]+", "__", text.split("://")[-1]).strip("_")
         b.put(key, f"{target}.path", b.paths.for_recipe(directory))
-        b.note(f"{key}: {text} is not a local file, and ftlaunch reads local data only: save it to {directory} "
+        b.note(f"{key}: {text} is a URL, and ftlaunch reads local files and Hub datasets: save it to {directory} "
                f"(`python -c \"import datasets; datasets.load_dataset('{text}').save_to_disk('{directory}')\"`)")
     else:
         missing = b.paths.missing(text)
@@ -457,6 +473,17 @@ def _dataset_path(b: _Builder, key: str, text: str, target: str, split: Any, pre
         b.put(f"{prefix}.split", f"{target}.split", str(split))
     elif not any(k == f"{prefix}.split" for k, _ in b.out.untranslated):  # once for all of its data_files
         b.skip(f"{prefix}.split", "a file holds one split: ftlaunch reads it whole")
+
+
+def _hub_dataset(b: _Builder, key: str, repo: str, target: str, ds: dict[str, Any], prefix: str) -> None:
+    """A Hub dataset name: a `hub:` source, with axolotl's split, name (the subset) and revision; `launch` downloads
+    it into the Hub cache, the job reads it from there."""
+    b.put(key, f"{target}.hub", repo)
+    for name, recipe_key in (("split", "split"), ("name", "subset"), ("revision", "revision")):
+        if ds.get(name) is not None:
+            b.put(f"{prefix}.{name}", f"{target}.{recipe_key}", str(ds[name]))
+    b.note(f"{key}: {repo} is read from the Hugging Face Hub cache: `launch` downloads it there first where the Hub "
+           "is reachable, and the job reads it offline (put HF_HOME on storage the nodes share)")
 
 
 # axolotl's dataset `type` -> ftlaunch's DataSource.format
@@ -479,12 +506,9 @@ def _format(b: _Builder, prefix: str, ds: dict[str, Any]) -> str:
                "and completion data", "convert the rows to one of those formats (alpaca: instruction/input/output; "
                "chat: messages [{role, content}]; completion: text) and set type accordingly")
     if base != kind:
-        b.note(f"{key}: {kind}: the part after ':' (a prompt style) is not used; ftlaunch renders the rows with "
-               "the chat template")
-    if base == "alpaca":
-        b.note(f"{key}: alpaca rows are rendered by axolotl with its Alpaca prompt text; ftlaunch turns them into a "
-               "user/assistant conversation rendered with the chat template")
-    elif base == "completion":
+        b.note(f"{key}: {kind}: the part after ':' (a prompt style) is not used; ftlaunch renders the rows as its "
+               "data.prompt_style says (alpaca where a dataset has plain type alpaca, else the chat template)")
+    if base == "completion":
         _completion_field(b, prefix, ds)
     else:
         _message_fields(b, prefix, ds, sharegpt=base == "sharegpt")
@@ -580,9 +604,10 @@ def _roles_to_train(b: _Builder, prefix: str, ds: dict[str, Any], role_key: str)
 
 
 DATASET_REASONS = {
-    "name": "a Hub dataset configuration: download that configuration and point path at the copy",
-    "revision": "a Hub revision: ftlaunch reads local data only",
-    "trust_remote_code": "a Hub loading script: ftlaunch reads local data only",
+    "name": "a Hub dataset configuration: it applies to Hub datasets (hub:), not to a local path",
+    "revision": "a Hub revision: it applies to Hub datasets (hub:), not to a local path",
+    "trust_remote_code": "a Hub loading script: ftlaunch reads data files (.jsonl/.json/.parquet/.csv), never runs "
+                         "a dataset's code",
     "drop_system_message": "no ftlaunch equivalent: system messages are kept",
     "field_system": "no ftlaunch equivalent: the alpaca format reads `system`",
     "field_tools": "no ftlaunch equivalent: tool definitions are not passed to the template",
@@ -997,6 +1022,53 @@ def _output(b: _Builder) -> None:
                f"runs go to {path.parent}/<recipe name>")
 
 
+# ------------------------------------------------------------------------------------------------------ tracking
+WANDB_KEYS = {"wandb_project": "project", "wandb_entity": "entity", "wandb_name": "name"}
+MLFLOW_KEYS = {"mlflow_tracking_uri": "tracking_uri", "mlflow_experiment_name": "experiment",
+               "mlflow_run_name": "run_name"}
+
+
+def _tracking(b: _Builder) -> None:
+    """W&B and MLflow as axolotl turns them on: W&B when `wandb_project` is set (or `use_wandb`), offline with
+    `wandb_mode: offline`; MLflow when `mlflow_tracking_uri` is set (or `use_mlflow`)."""
+    if b.config.get("wandb_mode") == "disabled" or b.config.get("use_wandb") is False:
+        for key in b.config:
+            if key.startswith(("wandb_", "use_wandb")):
+                b.skip(key, "W&B is turned off in this config (wandb_mode: disabled / use_wandb: false)")
+    elif not is_empty(b.config.get("wandb_project")) or b.config.get("use_wandb") is True:
+        _tracker_keys(b, WANDB_KEYS, "logging.wandb")
+        mode = b.config.get("wandb_mode")
+        if mode in ("online", "offline"):
+            b.put("wandb_mode", "logging.wandb.mode", mode)
+        elif "logging" not in b.out.recipe or "wandb" not in b.out.recipe["logging"]:
+            b.put("use_wandb", "logging.wandb.mode", "online")
+        log_model = b.config.get("wandb_log_model")
+        if log_model in ("end", "checkpoint"):
+            b.put("wandb_log_model", "logging.wandb.log_artifacts", True)
+            if log_model == "checkpoint":
+                b.note("wandb_log_model: checkpoint: ftlaunch logs the final adapter/model as an artifact, not each "
+                       "checkpoint")
+        b.handled.add("use_wandb")
+    for key, why in (("wandb_run_id", "ftlaunch keeps the W&B run id itself (RUN_DIR/tracking.json): a resumed run "
+                      "continues it"), ("wandb_watch", "ftlaunch does not log gradients or weights to W&B")):
+        if not is_empty(b.config.get(key)) and key not in b.handled:
+            b.skip(key, why)
+    if not is_empty(b.config.get("mlflow_tracking_uri")) or b.config.get("use_mlflow") is True:
+        _tracker_keys(b, MLFLOW_KEYS, "logging.mlflow")
+        if "mlflow" not in b.out.recipe.get("logging", {}):
+            b.put("use_mlflow", "logging.mlflow", {})  # every field defaulted: a store in the run directory
+        if b.config.get("hf_mlflow_log_artifacts") is True:
+            b.put("hf_mlflow_log_artifacts", "logging.mlflow.log_artifacts", True)
+        b.handled.add("use_mlflow")
+
+
+def _tracker_keys(b: _Builder, keys: Mapping[str, str], section: str) -> None:
+    for key, name in keys.items():
+        value = b.config.get(key)
+        if not is_empty(value):
+            b.put(key, f"{section}.{name}", b.text(key, value, "a name"))
+
+
 # ------------------------------------------------------------------------------------------------------ strategy
 def _strategy(b: _Builder) -> None:
     uses_fsdp = bool(b.get("fsdp")) or bool(b.get("fsdp_config"))
@@ -1176,7 +1248,8 @@ def _fsdp_setting(b: _Builder, key: str, name: str, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- leftovers
-TRACKING = "experiment tracking is not in ftlaunch yet: metrics go to RUN_DIR/metrics.jsonl and TensorBoard"
+TRACKING = ("experiment tracking in ftlaunch is W&B (wandb_project, ...) and MLflow (mlflow_tracking_uri, ...): "
+            "this tracker or key has no equivalent")
 HUB = "ftlaunch does not use the Hugging Face Hub: it works offline with local directories"
 TOKENS = ("ftlaunch does not change the tokenizer or the embeddings: give a tokenizer directory that already has "
           "the tokens (model.tokenizer)")

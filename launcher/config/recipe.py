@@ -349,16 +349,32 @@ MODEL_SOURCES = ("path", "gguf")
 """The model's mutually exclusive sources: an override that sets one drops the other the recipe set, so switching
 from a GGUF file to a directory is one override, not two (`model.path=DIR` alone used to fail "set exactly one")."""
 
+DATA_SOURCES = ("path", "hub")
+"""A data source's, likewise (`data.train.0.hub=tatsu-lab/alpaca` on a recipe with a path); switching to a path also
+drops the hub-only `subset` and `revision` the recipe set."""
 
-def _switch_model_source(data: dict[str, Any], overridden: set[tuple[str, ...]]) -> None:
-    model = data.get("model")
-    if not isinstance(model, dict):
+
+def _switch_sources(data: dict[str, Any], overridden: set[tuple[str, ...]]) -> None:
+    _switch_source(data.get("model"), ("model",), MODEL_SOURCES, (), overridden)
+    sections = data.get("data")
+    for split in ("train", "eval"):
+        items = sections.get(split) if isinstance(sections, dict) else None
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            _switch_source(item, ("data", split, str(i)), DATA_SOURCES, ("subset", "revision"), overridden)
+
+
+def _switch_source(node: Any, prefix: tuple[str, ...], sources: tuple[str, ...], hub_only: tuple[str, ...],
+                   overridden: set[tuple[str, ...]]) -> None:
+    """When overrides set exactly one of `sources` in `node`, drop the others (and, for a path, `hub_only` keys)
+    that the recipe itself set."""
+    if not isinstance(node, dict):
         return
-    chosen = [key for key in MODEL_SOURCES if ("model", key) in overridden and model.get(key) is not None]
+    chosen = [key for key in sources if (*prefix, key) in overridden and node.get(key) is not None]
     if len(chosen) == 1:
-        for other in MODEL_SOURCES:
-            if other != chosen[0] and ("model", other) not in overridden:
-                model.pop(other, None)
+        dropped = [key for key in sources if key != chosen[0]] + list(hub_only if chosen[0] == "path" else ())
+        for other in dropped:
+            if (*prefix, other) not in overridden:
+                node.pop(other, None)
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -475,7 +491,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe
             if end == len(keys) or prefix not in locs:
                 locs[prefix] = Location(f"override `{shown[-1]}`")
         _rebase_paths(data, Path.cwd())  # a relative path given on the command line is relative to the shell
-    _switch_model_source(data, overridden)
+    _switch_sources(data, overridden)
     data.setdefault("name", source.stem)
     return LoadedRecipe(recipe=validate(data, locs, source), source=source, files=files, overrides=shown,
                         locations=locs)

@@ -10,6 +10,7 @@ side and must load without torch.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_serializer, model_validator
@@ -122,20 +123,63 @@ class ModelConfig(Section):
 DataFormat = Literal["alpaca", "messages", "prompt_completion", "text"]
 
 
+HUB_DATASET_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?$"
+"""A Hub repository id (`org/name`, or a legacy bare `name`): the characters the Hub allows, no `..` path tricks."""
+
+def _hub_revision(text: str) -> str:
+    # It names a file under the Hub cache's `refs/` (huggingface_hub reads refs/<revision>): no `..`, no leading `/`.
+    if not re.fullmatch(r"[A-Za-z0-9._-][A-Za-z0-9._/-]{0,199}", text) or ".." in text.split("/"):
+        raise ValueError(f"{text!r} is not a branch, tag or commit hash (letters, digits, . _ - /; no '..')")
+    return text
+
+
+HubRevision = Annotated[str, AfterValidator(_hub_revision)]
+"""A branch, tag or commit hash of a Hub repository."""
+
+
 class DataSource(Section):
-    path: PathText = Field(min_length=1)
+    path: PathText | None = Field(default=None, min_length=1)
     """A local .jsonl/.json/.parquet/.csv file, or a directory written by `datasets.save_to_disk`. Relative paths
-    are resolved against the recipe file."""
+    are resolved against the recipe file. Set exactly one of `path` and `hub`."""
+
+    hub: str | None = Field(default=None, max_length=96, pattern=HUB_DATASET_ID)
+    """A dataset on the Hugging Face Hub by name (`tatsu-lab/alpaca`), read from the local Hub cache
+    (`HF_HUB_CACHE`, default `~/.cache/huggingface/hub`). `launch` downloads it there first when it is missing and
+    the Hub is reachable, so the ranks (often without internet) read it offline; the cache must be on storage the
+    nodes share. Its data files (.jsonl/.json/.parquet/.csv) are found as `datasets` finds them."""
+
+    subset: str | None = Field(default=None, min_length=1, max_length=200)
+    """hub: the dataset's configuration (subset) name, for datasets that have several (`load_dataset(name, SUBSET)`)."""
+
+    revision: HubRevision | None = None
+    """hub: the branch, tag or commit hash to read (default `main`). A new commit re-tokenizes: the tokenization
+    cache key holds the snapshot's commit hash."""
 
     format: DataFormat = "messages"
     """Row format. alpaca: instruction/input/output; messages: a list of {role, content} (OpenAI style; ShareGPT's
     from/value is accepted too); prompt_completion: prompt/completion strings; text: a single text field."""
 
-    split: str | None = None
-    """Split to take from a `save_to_disk` DatasetDict (default: `train`)."""
+    split: str | None = Field(default=None, min_length=1, max_length=200)
+    """Split to take from a `save_to_disk` DatasetDict or a `hub` dataset (default: `train`)."""
 
     max_rows: int | None = Field(default=None, ge=1)
     """Take only the first N rows (smoke tests)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSource":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("set exactly one of path (a local file or directory) or hub (a Hugging Face Hub "
+                             "dataset name such as tatsu-lab/alpaca)")
+        if self.hub is None:
+            for name in ("subset", "revision"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to hub sources only; remove it, or name the dataset with hub")
+        return self
+
+    @property
+    def name(self) -> str:
+        """What the source is called in messages and model cards: its path, or `hub:` and the dataset's name."""
+        return self.path if self.path is not None else f"hub:{self.hub}"
 
 
 class DataConfig(Section):
@@ -171,6 +215,13 @@ class DataConfig(Section):
 
     loss_on: Literal["assistant", "all"] = "assistant"
     """Which tokens carry labels: only assistant/completion tokens, or every token."""
+
+    prompt_style: Literal["chat", "alpaca"] = "chat"
+    """How `format: alpaca` rows become text. chat: a user/assistant conversation rendered with the chat template
+    (what an instruction-tuned model was trained on). alpaca: the classic Stanford Alpaca prompt, as axolotl's
+    `type: alpaca` and LLaMA-Factory write it ("Below is an instruction that describes a task... ### Instruction:
+    ... ### Input: ... ### Response:" then the output and EOS), without the chat template; `loss_on: assistant`
+    labels the output only. Other formats are unaffected; set alpaca only where a source has format alpaca."""
 
     num_proc: int | None = Field(default=None, ge=1, le=1024)
     """Processes that tokenize (the prepare job, or rank 0 when nothing prepared the data); null: the CPUs this

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
+from launcher.common import hub_data
 from launcher.config.recipe import Problem
-from launcher.config.schema import (OTHER_ADAPTER_METHODS, PEFT_PROMPT_METHODS, TASK_FIELDS, FreezeMethod, LoraFields,
-                                    QLoraMethod, QuantFields, Recipe)
+from launcher.config.schema import (OTHER_ADAPTER_METHODS, PEFT_PROMPT_METHODS, TASK_FIELDS, DataSource, FreezeMethod,
+                                    LoraFields, QLoraMethod, QuantFields, Recipe)
 from launcher.plan.eval_metrics import metric_problems, task_type
 from launcher.plan.resources import Resources
 from launcher.strategies import STRATEGIES
@@ -24,42 +26,96 @@ IMPLEMENTED_STRATEGIES = tuple(STRATEGIES)
 """Strategies whose rank-side implementation exists (the registry). Others accepted by the schema can be planned, and
 are refused with a clear message rather than failing after a job has queued for hours."""
 
-def _missing_data_hint(path: Path) -> str:
-    """Where relative paths come from, and what to do when the path was meant as a Hub dataset name: ftlaunch reads
-    local files only (the ranks of a cluster job usually have no internet), so `tatsu-lab/alpaca` must be fetched
-    first."""
+def _missing_data_hint(path: Path, key: str) -> str:
+    """Where relative paths come from, and what to do when the path was meant as a Hub dataset name: name it with
+    `hub:` instead of `path:` (launcher/common/hub_data.py)."""
     hint = ("check the path (it was resolved to this: a relative path in a recipe is relative to the recipe file that "
             "names it, one in a command-line override to the current directory)")
     owner, name = path.parent.name, path.name
     if not path.parent.exists() and not path.suffix and owner and name and "." not in owner:
-        hint += (f"; if `{owner}/{name}` is a Hugging Face Hub dataset: ftlaunch reads local files, so save it first "
-                 f"(`datasets.load_dataset(\"{owner}/{name}\").save_to_disk(DIR)` where there is internet) and set "
-                 "the path to DIR")
+        hint += (f"; if `{owner}/{name}` is a Hugging Face Hub dataset, name it with hub instead of path: "
+                 f"`{key.removesuffix('.path')}: {{hub: {owner}/{name}, split: train}}` (`launch` downloads it into "
+                 "the Hub cache, the job reads it from there)")
     return hint
+
+
+def sources(recipe: Recipe) -> Iterator[tuple[str, DataSource]]:
+    """(`data.train.0`, source) for every data source, train then eval."""
+    for split in ("train", "eval"):
+        for i, source in enumerate(getattr(recipe.data, split)):
+            yield f"data.{split}.{i}", source
+
+
+def hub_problems(recipe: Recipe) -> list[Problem]:
+    """Hub datasets (`data.train.N.hub`) that are neither in the local Hub cache nor downloadable from here: the Hub
+    is asked (once, briefly) only for those not cached, and not at all with HF_HUB_OFFLINE set. `launch plan` fails
+    on them, since the job could not start; one that is downloadable is fetched by `launch` (Executor.prepare)."""
+    found: list[Problem] = []
+    for key, source in sources(recipe):
+        if source.hub is None or hub_data.local_snapshot(source.hub, source.revision) is not None:
+            continue
+        why = hub_data.probe(source.hub, source.revision)
+        if why is not None:
+            revision = f" at revision {source.revision}" if source.revision else ""
+            found.append(Problem(f"{key}.hub", f"{source.hub}{revision} is not in the Hub cache "
+                                 f"({hub_data.repo_cache(source.hub)}) and cannot be downloaded: {why}",
+                                 hint=hub_data.fix_hint(source)))
+    return found
 
 
 def data_problems(recipe: Recipe) -> list[Problem]:
     """Data files that are not there or cannot be read, from this machine (the login node sees the storage the
-    ranks read). `launch plan` prints them as warnings (sizing a recipe needs no data); a run is not created with
-    them (Executor.prepare), so a typo fails in a second instead of in a queued job."""
+    ranks read), and cached Hub datasets without the subset or split asked for. `launch plan` prints them as
+    warnings (sizing a recipe needs no data); a run is not created with them (Executor.prepare), so a typo fails in
+    a second instead of in a queued job."""
     found: list[Problem] = []
-    for split in ("train", "eval"):
-        for i, source in enumerate(getattr(recipe.data, split)):
-            path = Path(source.path)
-            key = f"data.{split}.{i}.path"
-            if not path.exists():
-                found.append(Problem(key, f"{path} does not exist", hint=_missing_data_hint(path)))
-            elif not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
-                found.append(Problem(key, f"{path} is not readable by this user", hint="check its permissions"))
-            elif path.is_file() and path.stat().st_size == 0:
-                found.append(Problem(key, f"{path} is empty", hint="point at a file with rows"))
+    for prefix, source in sources(recipe):
+        if source.hub is not None:
+            found += _hub_data_problems(prefix, source)
+            continue
+        path = Path(source.path or "")  # the schema: a source without hub has a path
+        key = f"{prefix}.path"
+        if not path.exists():
+            found.append(Problem(key, f"{path} does not exist", hint=_missing_data_hint(path, key)))
+        elif not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+            found.append(Problem(key, f"{path} is not readable by this user", hint="check its permissions"))
+        elif path.is_file() and path.stat().st_size == 0:
+            found.append(Problem(key, f"{path} is empty", hint="point at a file with rows"))
     return found
+
+
+def _hub_data_problems(prefix: str, source: DataSource) -> list[Problem]:
+    """A cached Hub dataset without the subset or split asked for, or stored in files ftlaunch does not read. One
+    not cached is hub_problems' (plan) or the download's (`launch`) to report."""
+    assert source.hub is not None
+    snapshot = hub_data.local_snapshot(source.hub, source.revision)
+    if snapshot is None:
+        return []
+    try:
+        hub_data.data_files(snapshot, source)
+    except hub_data.HubDataError as err:
+        hint = {"subset": "set subset to one of its configurations", "split": "set split to one it has"}.get(
+            err.field, "save the rows as .jsonl or .parquet and set path to the file instead of hub")
+        return [Problem(f"{prefix}.{err.field}", f"{source.hub} ({snapshot}): {err}", hint=hint)]
+    return []
+
+
+def data_source_problems(recipe: Recipe) -> list[Problem]:
+    """What the data section asks that cannot work: prompt_style alpaca without alpaca rows (it would change
+    nothing, silently), Hub datasets that cannot be had (hub_problems)."""
+    found: list[Problem] = []
+    if recipe.data.prompt_style == "alpaca" and not any(s.format == "alpaca" for _, s in sources(recipe)):
+        found.append(Problem("data.prompt_style", "alpaca renders the rows of format: alpaca sources with the "
+                             "Alpaca prompt, and no data source has that format",
+                             hint="set format: alpaca on the sources holding instruction/input/output rows, or "
+                                  "remove data.prompt_style (chat)"))
+    return found + hub_problems(recipe)
 
 
 def problems(recipe: Recipe, resources: Resources, strategy: str) -> list[Problem]:
     """All of them, in the order a reader meets the keys: recipe-wide, then strategy, then quantization."""
-    return recipe_problems(recipe, resources) + task_problems(recipe) + strategy_problems(recipe, resources, strategy) \
-        + quant_problems(recipe, strategy)
+    return recipe_problems(recipe, resources) + data_source_problems(recipe) + task_problems(recipe) \
+        + strategy_problems(recipe, resources, strategy) + quant_problems(recipe, strategy)
 
 
 def uses_fused_ce(recipe: Recipe) -> bool:

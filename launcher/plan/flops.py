@@ -20,6 +20,10 @@ Derivation, per token of a sequence of length T (multiply-accumulate = 2 FLOPs):
   applies with or without trainable weights: 12*L*a*d*T per token (PaLM's 12*L*H*Q*T). Like PaLM and nanochat we
   count the full T x T product, not the causal half that flash attention actually computes.
 * the LM head is a linear of h x V (counted once even when tied to the embedding); the embedding lookup is free.
+* prompt tuning, prefix tuning, IA3 and bottleneck adapters also freeze every base weight, and their trainable parts
+  lie in (or below) every layer, so the base costs 4N as under LoRA. Their own FLOPs are left out: IA3 scales
+  activations (no matmul); a bottleneck adapter of width b adds 2*h*b per position against the layer's ~12*h^2;
+  virtual tokens add positions the count of input tokens does not include (n_virtual / T of the work).
 * MoE: a token visits `experts_per_token` routed experts; their SwiGLU linears count as three h x I_e matrices each.
 * norms, activations, softmax, RoPE and the loss are O(h) or O(V) per token and left out (under 1% at these sizes).
 """
@@ -58,22 +62,43 @@ def matmul_weights(dims: mem.ModelDims) -> int:
     return dense + experts + dims.hidden_size * dims.vocab_size
 
 
+LORA_METHODS = ("lora", "dora", "qlora", "int8")
+"""Methods that train LoRA adapters on a frozen base."""
+FROZEN_BASE_METHODS = (*LORA_METHODS, "prompt_tuning", "prefix_tuning", "ia3", "adapter")
+"""Methods that train no base weight (4 FLOPs per base weight element)."""
+
+
 def training_flops_per_token(config: Mapping[str, Any], *, seq_len: int, method: str = "full",
                              lora_rank: int = 16, lora_targets: str | Sequence[str] = mem.ALL_LINEAR) -> TokenFlops:
-    """Model FLOPs of one training token (forward + backward) for `method` in full, lora, dora, qlora or int8.
+    """Model FLOPs of one training token (forward + backward) for `method` (a recipe's `method.name`).
 
-    Adapter methods: frozen base (4 FLOPs per weight element), trainable adapters (6 per adapter element); DoRA's
-    magnitude vector is O(out) and ignored. Other methods (`full`, `freeze`) count 6 per weight element: for
-    `freeze` that is an upper bound (frozen bottom layers need neither gradient).
+    Frozen-base methods (FROZEN_BASE_METHODS): 4 FLOPs per base weight element; LoRA's adapters 6 per adapter element
+    (DoRA's magnitude vector is O(out) and ignored). `full` and `freeze` count 6 per weight element: for `freeze`
+    that is an upper bound (frozen bottom layers need neither gradient).
     """
     dims = mem.count_parameters(config).dims
     weights = matmul_weights(dims)
     attention = 12.0 * dims.num_layers * dims.num_attention_heads * dims.head_dim * seq_len
-    if method in ("lora", "dora", "qlora", "int8"):
+    if method in LORA_METHODS:
         adapter_elements = sum(lora_rank * (s.in_features + s.out_features) * s.count
                                for s in mem._targeted(dims, lora_targets))
         return TokenFlops(linear=4.0 * weights, adapters=6.0 * adapter_elements, attention=attention)
+    if method in FROZEN_BASE_METHODS:
+        return TokenFlops(linear=4.0 * weights, adapters=0.0, attention=attention)
     return TokenFlops(linear=6.0 * weights, adapters=0.0, attention=attention)
+
+
+def method_flops_per_token(config: Mapping[str, Any], *, seq_len: int, method: Any, task: str) -> float | None:
+    """`training_flops_per_token` of a recipe's method (`recipe.method`) on a causal LM, for the MFU of a run; None
+    for the other tasks (their heads are not the h x V LM head this model counts) or a config it cannot read.
+    `seq_len` is `data.max_length`: exact for packed rows, an upper bound on the attention term for shorter ones."""
+    if task != "causal_lm":
+        return None
+    try:
+        return training_flops_per_token(config, seq_len=seq_len, method=method.name, lora_rank=getattr(method, "r", 16),
+                                        lora_targets=getattr(method, "target_modules", mem.ALL_LINEAR)).total
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 PEAK_BF16_FLOPS: dict[str, float] = {

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from launcher.common import metrics
 from launcher.common.rundir import BASELINE_FILE, write_json_atomic
 from launcher.config.schema import DataConfig, DataSource, Recipe
-from launcher.train.data import DataError, data_fingerprint, held_out, load_rows, normalise_row
+from launcher.train.data import DataError, data_fingerprint, held_out, load_rows, local_sources, normalise_row
 
 DEFAULT_TASK = "causal_lm"
 
@@ -82,6 +82,7 @@ def _rows(sources: Sequence[DataSource]) -> list[Row]:
 def split_rows(cfg: DataConfig) -> tuple[list[Row], list[Row]]:
     """(train rows, eval rows) as the run splits them: `data.eval`, or the rows `held_out` picks from the train
     sources taken together (the same indices launcher/train/data.py holds out, since both count the same rows)."""
+    cfg = local_sources(cfg)  # Hub datasets: their files in the Hub cache
     train = _rows(cfg.train)
     if cfg.eval:
         return train, _rows(cfg.eval)

@@ -2,7 +2,8 @@
 
 Pipeline (one call: :func:`tokenize_cached`)::
 
-    DataSource files --load_rows--> rows --normalise--> Sample (conversation | prompt/completion | text)
+    DataSource files (a `hub` source: its files in the Hub cache, local_sources) --load_rows--> rows
+        --normalise--> Sample (conversation | prompt/completion | text)
         --eval split--> train / eval samples --tokenize--> Example(input_ids, labels) --length policy-->
         --packing (train only)--> DataBundle
 
@@ -10,14 +11,18 @@ Labels. A label of -100 (IGNORE_INDEX) carries no loss. The first token of every
 causal LM never predicts its first token; masking it explicitly also keeps packed examples from being trained to
 predict the start of the next example from the end of the previous one).
 
-* chat formats (alpaca, messages incl. ShareGPT): rendered with the chat template. `loss_on: assistant` labels what
-  the template wraps in `{% generation %}...{% endgeneration %}` (transformers' `return_assistant_tokens_mask`);
-  the shipped templates wrap the assistant content *and* its end-of-turn token, so the model learns to stop.
+* chat formats (messages incl. ShareGPT; alpaca with `prompt_style: chat`): rendered with the chat template.
+  `loss_on: assistant` labels what the template wraps in `{% generation %}...{% endgeneration %}` (transformers'
+  `return_assistant_tokens_mask`); the shipped templates wrap the assistant content *and* its end-of-turn token, so
+  the model learns to stop.
   `loss_on: all` labels every token. EOS is appended only when the template does not end a conversation with it.
 * prompt_completion: TRL's convention for non-conversational prompt/completion data: no chat template, plain string
   concatenation `prompt + completion + eos`; labels start where the tokenized prompt and the tokenized whole diverge
   (`trl.data_utils.common_prefix_length`), so BPE merges across the boundary cannot shift the mask.
   `loss_on: all` labels the prompt too.
+* alpaca with `prompt_style: alpaca`: the classic Alpaca prompt ("Below is an instruction... ### Response:\n",
+  :func:`alpaca_prompt`) and the output, as a prompt/completion pair: tokenized and labelled like prompt_completion
+  (output + eos labelled), no chat template; exact match generates from the same prompt.
 * text: `text + eos`, every token labelled (`loss_on` does not apply: there is no assistant part).
 
 Packing (`packing: true`, training examples only; eval stays unpacked). Examples are binned with TRL's best-fit-
@@ -153,7 +158,9 @@ def _load_numbered(source: DataSource) -> list[tuple[int, dict[str, Any]]]:
 def iter_numbered(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
     """(row number, row) pairs of one source, read as they are needed: JSON Lines, CSV, Parquet (record batches)
     and saved datasets (batches) stream, so preparing a dataset does not hold all of it; a .json array is parsed
-    whole (JSON has no rows to stream)."""
+    whole (JSON has no rows to stream). A `hub` source is read as its files (:func:`local_sources`)."""
+    if source.path is None:
+        raise DataError(f"{source.name}: a Hub dataset is read through local_sources (its files in the Hub cache)")
     path = Path(source.path)
     if not path.exists():
         raise DataError(f"{path}: file not found. Fix: check data path (relative paths are resolved against the "
@@ -185,7 +192,7 @@ def iter_numbered(source: DataSource) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def count_rows(source: DataSource) -> int:
     """Rows `iter_numbered` yields, without building them where the format allows (JSON Lines: non-blank lines)."""
-    path = Path(source.path)
+    path = Path(source.path or "")  # a hub source (no path) is refused by iter_numbered below
     if path.is_file() and path.suffix.lower() == ".jsonl":
         count = sum(1 for _ in jsonl_lines(path, source.max_rows))
         if count == 0:
@@ -416,8 +423,31 @@ def _text_field(row: dict[str, Any], name: str, path: str, number: int, fix: str
     return value
 
 
-def normalise_row(row: dict[str, Any], fmt: str, path: str, number: int, need_assistant: bool = False) -> Sample:
+# The classic Alpaca prompt, word for word as axolotl's `AlpacaPrompter` (src/axolotl/prompters.py, prompt style
+# "instruct": what its `type: alpaca` trains on) writes it, which is Stanford Alpaca's PROMPT_DICT
+# (tatsu-lab/stanford_alpaca, train.py) with a newline after "### Response:" (Stanford's ends at the colon and the
+# output follows it directly). The input variant is used when the row's input is non-empty, as in both.
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                         "context. Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.")
+
+
+def alpaca_prompt(instruction: str, extra: str | None, system: str | None = None) -> str:
+    """The Alpaca prompt of one row, ending with "### Response:\n" (the output follows). `system` (the row's, else
+    data.system_prompt) replaces the "Below is an instruction..." preamble, as LLaMA-Factory's `system` column does."""
+    preamble = system if system else ALPACA_PREAMBLE_INPUT if extra else ALPACA_PREAMBLE
+    body = f"### Instruction:\n{instruction}\n\n"
+    if extra:
+        body += f"### Input:\n{extra}\n\n"
+    return f"{preamble}\n\n{body}### Response:\n"
+
+
+def normalise_row(row: dict[str, Any], fmt: str, path: str, number: int, need_assistant: bool = False,
+                  prompt_style: str = "chat", system_prompt: str | None = None) -> Sample:
     """Turn one row of `fmt` into a Sample; `need_assistant` requires an assistant turn (assistant-only loss).
+    Alpaca rows become a conversation (`prompt_style: chat`) or the Alpaca prompt and the output as a
+    prompt/completion pair (`alpaca`: no chat template; `system_prompt` replaces the preamble of rows with no system).
 
     Raises:
         DataError: naming file, row and field.
@@ -429,6 +459,9 @@ def normalise_row(row: dict[str, Any], fmt: str, path: str, number: int, need_as
         output = _text_field(row, "output", path, number, fix)
         extra = _text_field(row, "input", path, number, fix, required=False)
         system = _text_field(row, "system", path, number, fix, required=False)
+        if prompt_style == "alpaca":
+            assert instruction is not None and output is not None
+            return Sample(where, prompt=alpaca_prompt(instruction, extra, system or system_prompt), completion=output)
         user = f"{instruction}\n\n{extra}" if extra else instruction
         turns = ([("system", system)] if system else []) + [("user", user), ("assistant", output)]
         return Sample(where, messages=tuple(turns))  # type: ignore[arg-type]
@@ -478,14 +511,61 @@ def _messages(row: dict[str, Any], path: str, number: int, need_assistant: bool)
     return tuple(out)
 
 
-def load_samples(sources: Iterable[DataSource], loss_on: str) -> list[Sample]:
-    """Load and normalise every row of `sources`, in order."""
+def load_samples(sources: Iterable[DataSource], cfg: DataConfig) -> list[Sample]:
+    """Load and normalise every row of `sources` (local files: see :func:`local_sources`), in order."""
     samples: list[Sample] = []
     for source in sources:
         for number, row in _load_numbered(source):
-            samples.append(normalise_row(row, source.format, source.path, number,
-                                         need_assistant=loss_on == "assistant"))
+            samples.append(normalise_source_row(cfg, source, number, row))
     return samples
+
+
+def normalise_source_row(cfg: DataConfig, source: DataSource, number: int, row: dict[str, Any]) -> Sample:
+    """:func:`normalise_row` with the settings of `cfg` that shape a sample."""
+    assert source.path is not None, "hub sources are read as their files (local_sources)"
+    return normalise_row(row, source.format, source.path, number, need_assistant=cfg.loss_on == "assistant",
+                         prompt_style=cfg.prompt_style, system_prompt=cfg.system_prompt)
+
+
+def local_sources(cfg: DataConfig) -> DataConfig:
+    """`cfg` with each `hub` source replaced by the data files of its split in the local Hub cache (in order, the
+    source's max_rows spread over them), so the rest of the pipeline reads local files only and reports a bad row by
+    its file and line. Never touches the network: the ranks read what `launch` downloaded (launcher/common/
+    hub_data.py). The cache key is computed from `cfg` itself (:func:`data_fingerprint`: the snapshot's commit)."""
+    if not any(source.hub for source in [*cfg.train, *cfg.eval]):
+        return cfg
+    update: dict[str, list[DataSource]] = {}
+    for split in ("train", "eval"):
+        update[split] = [file for i, source in enumerate(getattr(cfg, split))
+                         for file in (_hub_files(source, f"data.{split}.{i}.hub") if source.hub else [source])]
+    return cfg.model_copy(update=update)
+
+
+def _hub_files(source: DataSource, key: str) -> list[DataSource]:
+    from launcher.common import hub_data
+
+    assert source.hub is not None
+    snapshot = hub_data.local_snapshot(source.hub, source.revision)
+    if snapshot is None:
+        raise DataError(f"{key}: {source.hub} is not in the Hub cache here ({hub_data.repo_cache(source.hub)}); the "
+                        "job reads Hub datasets offline, from the cache `launch` downloaded them into. Fix: put the "
+                        "Hub cache (HF_HOME or HF_HUB_CACHE) on storage every node shares, or "
+                        f"{hub_data.fix_hint(source)}")
+    try:
+        files = hub_data.data_files(snapshot, source)
+    except hub_data.HubDataError as err:
+        raise DataError(f"{key}: {source.hub} ({snapshot}): {err}. Fix: set subset/split to ones it has, or save "
+                        "the data as .jsonl/.parquet and use path") from None
+    out: list[DataSource] = []
+    remaining = source.max_rows
+    for file in files:
+        part = DataSource(path=str(file), format=source.format, max_rows=remaining)
+        out.append(part)
+        if remaining is not None:
+            remaining -= count_rows(part)
+            if remaining <= 0:
+                break
+    return out
 
 
 def split_eval(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -586,6 +666,11 @@ def _name(tokenizer: Any) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- tokenizing
+def uses_chat_template(cfg: DataConfig, source: DataSource) -> bool:
+    """Whether the rows of `source` are rendered with the chat template (messages; alpaca with prompt_style chat)."""
+    return source.format == "messages" or (source.format == "alpaca" and cfg.prompt_style == "chat")
+
+
 class _Tokenize:
     """Sample -> (input_ids, labels) for one tokenizer and config; labels not yet length-limited."""
 
@@ -817,6 +902,7 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 def build_bundle(cfg: DataConfig, tokenizer: Any) -> DataBundle:
     """Load, normalise, split, tokenize (row by row), length-limit and pack, all in memory: the reference that
     the cached, batched, parallel path (:func:`write_entry`) is tested against, token for token."""
+    cfg = local_sources(cfg)
     train_samples, eval_samples = _split_samples(cfg)
     chat = any(s.messages is not None for s in train_samples + eval_samples)
     tokenize = _Tokenize(tokenizer, cfg, chat)
@@ -898,11 +984,24 @@ def data_fingerprint(cfg: DataConfig) -> str:
     parts = [f"format_version={FORMAT_VERSION}", f"template={template}"]
     for name in ("system_prompt", "max_length", "truncation", "packing", "loss_on", "eval_fraction", "eval_seed"):
         parts.append(f"{name}={getattr(cfg, name)!r}")
+    if cfg.prompt_style != "chat":  # only then: the keys of recipes written before prompt_style stay as they were
+        parts.append(f"prompt_style={cfg.prompt_style!r}")
     for split, sources in (("train", cfg.train), ("eval", cfg.eval)):
         for source in sources:
             parts.append(f"{split}:{source.format}:{source.split}:{source.max_rows}")
-            parts.extend(_file_identity(Path(source.path)))
+            parts.extend(_hub_identity(source) if source.hub else _file_identity(Path(source.path or "")))
     return _sha(parts)
+
+
+def _hub_identity(source: DataSource) -> list[str]:
+    """A Hub dataset by the commit its cached snapshot holds: a new revision of the dataset is a new key (a snapshot
+    of one commit never changes). huggingface_hub only, no network."""
+    from launcher.common import hub_data
+
+    assert source.hub is not None
+    snapshot = hub_data.local_snapshot(source.hub, source.revision)
+    commit = hub_data.commit_of(snapshot) if snapshot is not None else "not cached"
+    return [f"hub={source.hub}|subset={source.subset}|revision={source.revision}|commit={commit}"]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -976,7 +1075,7 @@ def tokenize_into(entry: Path, cfg: DataConfig, tokenizer: Any, write: EntryWrit
             arrow_cache.discard(entry)
     tmp = arrow_cache.new_entry_dir(entry.parent, entry.name)
     try:
-        meta = (write or write_entry)(cfg, tokenizer, tmp)
+        meta = (write or write_entry)(local_sources(cfg), tokenizer, tmp)
         arrow_cache.publish(tmp, entry, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1029,7 +1128,7 @@ def tokenize_shards(cfg: DataConfig, tokenizer: Any, out: Path, part: Part = (0,
     """Write the shards of `part` (all of them by default) under `out`; return the counts per kind (train, eval).
     Several tasks writing their parts into one directory give the bytes one task writes (shard i holds the same
     rows whoever writes it)."""
-    chat = any(s.format in ("alpaca", "messages") for s in [*cfg.train, *cfg.eval])  # the formats with messages
+    chat = any(uses_chat_template(cfg, s) for s in [*cfg.train, *cfg.eval])
     tokenize = _Tokenize(tokenizer, cfg, chat)  # template checks fail here, before any worker starts
     num_proc = cfg.num_proc or default_num_proc()
     counts: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
@@ -1079,15 +1178,16 @@ def _sample_of(cfg: DataConfig, item: RawRow) -> Sample:
     source = (cfg.train if split == "train" else cfg.eval)[source_index]
     row = payload
     if isinstance(payload, bytes):
+        assert source.path is not None
         row = require_object(source.path, number, parse_jsonl_line(source.path, number, payload))
-    return normalise_row(row, source.format, source.path, number, need_assistant=cfg.loss_on == "assistant")
+    return normalise_source_row(cfg, source, number, row)
 
 
 def _raw_rows(split: str, sources: Sequence[DataSource]) -> Iterator[RawRow]:
     """Rows as the workers get them: JSON Lines unparsed (parsing is most of the reading cost, so it is done where
     the tokenizing is, in parallel), other formats as rows."""
     for i, source in enumerate(sources):
-        path = Path(source.path)
+        path = Path(source.path or "")  # a hub source (no path) is refused by iter_numbered below
         if path.is_file() and path.suffix.lower() == ".jsonl":
             empty = True
             for number, line in jsonl_lines(path, source.max_rows):
@@ -1223,9 +1323,9 @@ class _Progress:
 
 
 def _split_samples(cfg: DataConfig) -> tuple[list[Sample], list[Sample]]:
-    train_samples = load_samples(cfg.train, cfg.loss_on)
+    train_samples = load_samples(cfg.train, cfg)
     if cfg.eval:
-        return train_samples, load_samples(cfg.eval, cfg.loss_on)
+        return train_samples, load_samples(cfg.eval, cfg)
     if cfg.eval_fraction > 0:
         return split_eval(train_samples, cfg.eval_fraction, cfg.eval_seed)
     return train_samples, []

@@ -12,32 +12,71 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
 
-from launcher.train.checkpoint import COMPLETE, STATE_FILE, resumable_checkpoints
+from launcher.train.checkpoint import COMPLETE, STATE_FILE, TrainerState, resumable_checkpoints
 from launcher.config.schema import Recipe
 from launcher.plan.files import load_plan
 
 log = logging.getLogger("ftlaunch")
 
 
-def export_run(run_dir: Path, merge: bool, out: Path | None) -> Path:
-    """Write the latest checkpoint of a run as a Hugging Face directory (adapter, or a merged/full model)."""
+def export_run(run_dir: Path, merge: bool, out: Path | None, quiet: bool = False) -> Path:
+    """Write the latest checkpoint of a run as one Hugging Face directory (adapter, or a merged/full model)."""
+    if quiet:
+        _quiet_libraries()
     return export_checkpoint(run_dir, merge=merge, out=out or run_dir / "export")
 
 
+def _quiet_libraries() -> None:
+    """`launch export` prints its result, not the libraries' progress bars, deprecation notes and DeepSpeed's
+    accelerator guess (PEFT's merge imports DeepSpeed where it is installed; export runs on the CPU, so saying so
+    before that import also keeps it from probing CUDA)."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from transformers.utils import logging as hf_logging
+
+    from launcher.common.logs import silence_known_noise
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    silence_known_noise()
+
+
 def export_checkpoint(run_dir: Path, merge: bool, out: Path) -> Path:
-    if out.exists() and any(out.iterdir()):
+    """`out` itself becomes what `from_pretrained` loads: the merged model with `merge`, else the adapter (or the full
+    model), with its model card. Written beside `out` first and renamed into place, so a failed export leaves no
+    half-written `out`; with `merge` the adapter it was folded from is not kept (the run directory has it)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
-    write_outputs_from_checkpoint(run_dir, merge, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as staging:
+        written, state = _write_outputs(run_dir, merge, Path(staging))
+        chosen = written[-1].rename(Path(staging) / out.name)  # the merged model comes after its adapter
+        from launcher.common.version import version
+        from launcher.train.model_card import finish_outputs
+
+        recipe = load_plan(run_dir).typed_recipe()
+        finish_outputs([chosen], recipe, {"step": state.step, **(state.history[-1] if state.history else {})},
+                       version())  # the card names the directory: written under its final name
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        chosen.rename(out)
     return out
 
 
 def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path, checkpoint: Path | None = None) -> list[Path]:
     """Rebuild the trained model from a complete checkpoint (default: the newest) and write its outputs under
     `out`."""
+    return _write_outputs(run_dir, merge, out, checkpoint)[0]
+
+
+def _write_outputs(run_dir: Path, merge: bool, out: Path,
+                   checkpoint: Path | None = None) -> tuple[list[Path], TrainerState]:
     from launcher.train.model import build_model
     from launcher.common.model_files import load_tokenizer
     from launcher.train.outputs import save_outputs
@@ -79,7 +118,7 @@ def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path, checkpo
     out.mkdir(parents=True, exist_ok=True)
     written = save_outputs(model, tokenizer, out, merge)
     log.info("exported %s from %s (%s checkpoint)", ", ".join(map(str, written)), checkpoint.name, written_by)
-    return written
+    return written, TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
 
 
 def _trainable_as_saved(model: torch.nn.Module, recipe: Recipe, checkpoint: Path) -> None:

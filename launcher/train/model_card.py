@@ -40,20 +40,26 @@ def finish_outputs(written: list[Path], recipe: Recipe, final: dict[str, Any], v
         (directory / CARD).write_text(card(directory, recipe, final, version, base))
 
 
+def output_kind(directory: Path) -> str:
+    """`adapter` (PEFT's or our bottleneck format) or `model` (a full or merged model)."""
+    return "adapter" if (directory / ADAPTER_CONFIG).is_file() or (directory / BOTTLENECK_CONFIG).is_file() else "model"
+
+
 def card(directory: Path, recipe: Recipe, final: dict[str, Any], version: str, base: str | None) -> str:
     metrics = {k: v for k, v in final.items() if k.startswith("eval_") and isinstance(v, (int, float))}
     peft = (directory / ADAPTER_CONFIG).is_file()
-    kind = "adapter" if peft or (directory / BOTTLENECK_CONFIG).is_file() else "model"
+    kind = output_kind(directory)
     head = "---\n" + (f"base_model: {base}\n" if base and recipe.model.name else "") + \
         f"library_name: {'peft' if kind == 'adapter' else 'transformers'}\ntags: [ftlaunch, {recipe.task.type}, " \
         f"{recipe.method.name}]\n---\n"
+    data = ", ".join(f"`{Path(s.path).name if s.path else s.hub}`" for s in recipe.data.train)  # a file, a Hub name
     lines = [head, f"# {recipe.name}: {directory.name}", "",
              recipe.description or f"Fine-tuned with ftlaunch {version}.", "",
              "| | |", "|---|---|",
              f"| base model | `{base or recipe.model.path}` |",
              f"| task | {recipe.task.type} |",
              f"| method | {recipe.method.name} |",
-             f"| training data | {', '.join(f'`{Path(s.path).name}`' for s in recipe.data.train)} |",
+             f"| training data | {data} |",
              f"| steps | {final.get('step', '?')} |",
              f"| ftlaunch | {version} |", ""]
     if metrics:

@@ -103,7 +103,7 @@ def _prepare_part(cfg: Any, tokenizer: Any, cache_dir: Path, part: tuple[int, in
     cleared as a stale temporary later (launcher/train/arrow_cache.py)."""
     from launcher.common.rundir import write_json_atomic
     from launcher.train import arrow_cache
-    from launcher.train.data import cache_entry, finish_entry, tokenize_shards
+    from launcher.train.data import cache_entry, finish_entry, local_sources, tokenize_shards
 
     task, tasks = part
     entry = cache_entry(cfg, tokenizer, cache_dir)
@@ -111,7 +111,7 @@ def _prepare_part(cfg: Any, tokenizer: Any, cache_dir: Path, part: tuple[int, in
         log.info("already in the tokenization cache: %s", entry.name)
         return dict(arrow_cache.read_meta(entry)["stats"]) if task == 0 else None
     work = arrow_cache.task_work_dir(cache_dir, entry.name, attempt)
-    counts = tokenize_shards(cfg, tokenizer, work, part)
+    counts = tokenize_shards(local_sources(cfg), tokenizer, work, part)
     write_json_atomic(work / f"part-{task}.json", counts)
     if task != 0:
         return None

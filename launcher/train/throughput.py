@@ -9,7 +9,9 @@ Definitions (all on rank 0's clock):
   * window tokens/s = sum(tokens) / sum(step seconds) over the last `window` steps;
   * run tokens/s = the same over every step of this process (a resumed run starts counting again);
   * ETA = steps left x the mean wall time between consecutive step ends over the window: that wall time includes the
-    evaluations and checkpoints that happened in the window, so the estimate accounts for them at their rate.
+    evaluations and checkpoints that happened in the window, so the estimate accounts for them at their rate;
+  * MFU (GPUs whose data-sheet peak is known) = window tokens/s x model FLOPs per token / (peak FLOP/s x ranks):
+    launcher/plan/flops.py derives the FLOPs per token (what the method trains, no recomputation counted).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class Throughput:
     """(tokens, step seconds, wall time at the step's end) of the last `window` steps."""
     _tokens: float = 0.0
     _seconds: float = 0.0
+    flops_per_token: float | None = None
+    """Model FLOPs of one training token (launcher/plan/flops.py); None: no MFU."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of all the ranks together (data-sheet peak per GPU x world size); None: no MFU."""
 
     def __post_init__(self) -> None:
         self._steps = deque(maxlen=self.window)
@@ -63,6 +69,14 @@ class Throughput:
         per_step = (ends[-1] - ends[0]) / (len(ends) - 1)
         return max(0, self.total_steps - step) * per_step
 
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOPs utilisation over the window, or None before a step or when the FLOPs or the peak are unknown."""
+        if not self.flops_per_token or not self.peak_flops or not self._steps:
+            return None
+        return self.window_tokens_per_s * self.flops_per_token / self.peak_flops
+
     def summary(self, step: int) -> str:
+        mfu = self.mfu
         return (f"{self.window_tokens_per_s:,.0f} tok/s (run {self.run_tokens_per_s:,.0f})  "
-                f"eta {clock(self.eta_seconds(step))}")
+                + (f"mfu {100 * mfu:.1f}%  " if mfu is not None else "") + f"eta {clock(self.eta_seconds(step))}")

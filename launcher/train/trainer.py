@@ -223,6 +223,25 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
+    def _mfu_terms(self) -> dict[str, float]:
+        """Throughput's MFU terms on a GPU whose bf16 peak is known (launcher/plan/flops.py); none elsewhere."""
+        if self.device.type != "cuda":
+            return {}
+        from launcher.plan.flops import method_flops_per_token, peak_bf16_flops
+
+        name = torch.cuda.get_device_name(self.device)
+        peak = peak_bf16_flops(name)
+        model = unwrap(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        per_token = method_flops_per_token(base.config.to_dict(), seq_len=self.recipe.data.max_length,
+                                           method=self.recipe.method, task=self.recipe.task.type)
+        if peak is None or per_token is None:
+            return {}
+        if self.strategy.is_main:
+            log.info("mfu: %.3g model FLOPs per token against %s's bf16 peak of %.1f TFLOP/s x %d ranks", per_token,
+                     name, peak / 1e12, self.strategy.world_size)
+        return {"flops_per_token": per_token, "peak_flops": peak * self.strategy.world_size}
+
     # --------------------------------------------------------------------------------------------------- step
     def train_step(self, stream: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
         optim = self.recipe.optim
@@ -417,7 +436,7 @@ class Trainer:
         stopped_by = StopReason.MAX_STEPS if recipe.optim.max_steps else StopReason.EPOCHS
         every_ckpt, every_eval = recipe.checkpoint.every_steps, recipe.eval.every_steps
         last_saved = self.state.step
-        speed = Throughput(self.total_steps)
+        speed = Throughput(self.total_steps, **self._mfu_terms())
         with StopFlag() as stop, Progress(self.strategy.is_main and recipe.logging.progress, self.total_steps,
                                           self.state.step) as progress:
             while self.state.step < self.total_steps:
@@ -426,6 +445,8 @@ class Trainer:
                 seconds = time.perf_counter() - started
                 row["tokens_per_s"] = row["tokens"] / max(1e-9, seconds)  # this step's, in metrics.jsonl
                 speed.record(row["tokens"], seconds)
+                if speed.mfu is not None:
+                    row["mfu"] = speed.mfu  # over the window, as printed
                 progress.update(self.state.step, row, speed)
                 if self.unfreezing is not None:
                     row["trainable_groups"] = self.state.unfrozen_groups  # the groups this step trained

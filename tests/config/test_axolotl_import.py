@@ -177,6 +177,36 @@ def imported(config: Path, *flags: str) -> Path:
     return config.with_name(config.stem + ".ftlaunch.yaml")
 
 
+def test_wandb_and_mlflow_keys_become_the_recipe_trackers(workdir: Path) -> None:
+    extra = """\
+wandb_project: sft
+wandb_entity: my-team
+wandb_name: first-try
+wandb_mode: offline
+wandb_log_model: end
+wandb_watch: gradients
+wandb_run_id: abc123
+mlflow_tracking_uri: http://mlflow.internal:5000
+mlflow_experiment_name: sft
+hf_mlflow_log_artifacts: true
+"""
+    result = translated(workdir, FULL_BASE + extra)
+    logging = Recipe.model_validate({**result.recipe, "name": "t"}).logging
+    assert logging.wandb is not None and logging.mlflow is not None
+    assert (logging.wandb.project, logging.wandb.entity, logging.wandb.name, logging.wandb.mode,
+            logging.wandb.log_artifacts) == ("sft", "my-team", "first-try", "offline", True)
+    assert (logging.mlflow.tracking_uri, logging.mlflow.experiment, logging.mlflow.log_artifacts) == \
+        ("http://mlflow.internal:5000", "sft", True)
+    left = dict(result.untranslated)
+    assert "tracking.json" in left["wandb_run_id"] and "gradients" in left["wandb_watch"]
+
+    on = translated(workdir, FULL_BASE + "use_wandb: true\nuse_mlflow: true\n").recipe["logging"]
+    assert on["wandb"] == {"mode": "online"} and on["mlflow"] == {}  # defaults: the recipe's name, a local store
+    off = translated(workdir, FULL_BASE + "wandb_project: sft\nwandb_mode: disabled\n")
+    assert "wandb" not in off.recipe.get("logging", {})
+    assert all("turned off" in why for key, why in off.untranslated if key.startswith("wandb_"))
+
+
 def plan_json(recipe: Path, capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, Any]:
     capsys.readouterr()
     assert main(["plan", str(recipe), "--json", *flags]) == 0, capsys.readouterr().err
@@ -205,6 +235,7 @@ def test_qlora_config_imports_to_a_recipe_launch_plan_accepts(workdir: Path, cap
     data = recipe.data
     assert (data.max_length, data.packing, data.loss_on, data.eval_fraction) == (4096, True, "assistant", 0.05)
     assert [(s.path, s.format) for s in data.train] == [(str(workdir / "data" / "alpaca.jsonl"), "alpaca")]
+    assert data.prompt_style == "alpaca"  # axolotl's type: alpaca is the classic Alpaca prompt, not the chat template
     model = recipe.model
     assert model.path == str(workdir / "models" / "llama-8b")
     assert (model.dtype, model.attn_implementation, model.gradient_checkpointing) == ("bfloat16", "flash_attention_2", True)
@@ -258,7 +289,7 @@ def test_recipe_keys_follow_the_schema_order(workdir: Path) -> None:
     order = list(Recipe.model_fields)
     assert list(recipe) == sorted(recipe, key=order.index)
     assert list(recipe["method"])[0] == "name"  # as in the shipped recipes, though pydantic lists it last
-    assert "#   wandb_project: experiment tracking" in text  # what was left out travels with the recipe
+    assert "#   wandb_entity: empty" in text  # what was left out travels with the recipe
 
 
 def test_chat_template_dataset_with_sharegpt_field_mappings(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -269,6 +300,7 @@ def test_chat_template_dataset_with_sharegpt_field_mappings(workdir: Path, capsy
     assert recipe.method.dropout == 0.0  # axolotl's default, not ftlaunch's 0.05
     data = recipe.data
     assert [s.format for s in data.train] == ["messages"] and data.chat_template == "chatml"
+    assert data.prompt_style == "chat"
     assert (data.eval_fraction, data.eval_seed, data.max_length, data.loss_on) == (0.25, 7, 256, "assistant")
     assert (recipe.eval.every_steps, recipe.checkpoint.every_steps, recipe.optim.max_steps) == (20, 50, 100)
     assert recipe.model.dtype == "float32"  # bf16: false trains in fp32
@@ -276,7 +308,7 @@ def test_chat_template_dataset_with_sharegpt_field_mappings(workdir: Path, capsy
     # The mapped layout is one ftlaunch's data loader really reads: the same turns, roles mapped.
     from launcher.train.data import load_samples
 
-    samples = load_samples(data.train, data.loss_on)
+    samples = load_samples(data.train, data)
     expected = [(("user", turns[0]["value"]), ("assistant", turns[1]["value"]))
                 for turns in (row["conversations"] for row in sample_rows("sharegpt", 8))]
     assert [s.messages for s in samples] == expected
@@ -340,7 +372,7 @@ fsdp_config:
 
 def test_unsupported_keys_are_listed_with_their_reason(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     extra = """\
-wandb_project: my-project
+comet_workspace: my-team
 hub_model_id: me/my-model
 unsloth_lora_mlp: true
 my_custom_option: 3
@@ -350,7 +382,7 @@ evals_per_epoch: 4
 """
     config = write(workdir / "odd.yml", FULL_BASE + extra)
     left = dict(translated(workdir, config.read_text()).untranslated)
-    assert "tracking" in left["wandb_project"]
+    assert "tracking" in left["comet_workspace"]
     assert "Hub" in left["hub_model_id"]
     assert "not an axolotl key" in left["my_custom_option"]
     assert "AdamW" in left["optimizer"] and "cosine" in left["lr_scheduler"]
@@ -364,16 +396,20 @@ evals_per_epoch: 4
     assert "#   my_custom_option: not an axolotl key" in out.read_text()
 
 
-def test_hub_ids_get_local_placeholders_and_a_download_note(workdir: Path) -> None:
+def test_hub_ids_become_hub_datasets_and_a_local_model_placeholder(workdir: Path) -> None:
     text = QLORA.replace("base_model: models/llama-8b", "base_model: NousResearch/Meta-Llama-3-8B") \
-                .replace("path: data/alpaca.jsonl", "path: tatsu-lab/alpaca")
+                .replace("path: data/alpaca.jsonl", "path: tatsu-lab/alpaca\n    name: default\n    split: test"
+                         "\n    revision: v2")
     result = translated(workdir, text)
     notes = " ".join(result.notes)
     assert "huggingface-cli download NousResearch/Meta-Llama-3-8B" in notes and "offline" in notes
-    assert "tatsu-lab/alpaca" in notes and "save_to_disk" in notes
+    assert "tatsu-lab/alpaca is read from the Hugging Face Hub cache" in notes
     assert result.recipe["model"]["path"] == "models/Meta-Llama-3-8B"
+    assert result.recipe["data"]["train"] == [{"hub": "tatsu-lab/alpaca", "split": "test", "subset": "default",
+                                               "revision": "v2", "format": "alpaca"}]
     recipe = load_recipe(imported(write(workdir / "hub.yml", text))).recipe  # still a valid recipe
     assert recipe.model.path == str(workdir / "models" / "Meta-Llama-3-8B")
+    assert (recipe.data.train[0].hub, recipe.data.prompt_style) == ("tatsu-lab/alpaca", "alpaca")
 
 
 def test_paths_are_written_relative_to_the_recipe(workdir: Path) -> None:

@@ -274,4 +274,5 @@ def test_a_relative_path_from_an_override_is_relative_to_the_current_directory(
     assert str(tmp_path / "here.jsonl") in str(problem) and "command-line override to the current directory" in \
         str(problem)
     hub = load_recipe(path, ["data.train.0.path=tatsu-lab/alpaca"]).recipe
-    assert 'load_dataset("tatsu-lab/alpaca")' in str(data_problems(hub)[0])
+    assert "name it with hub instead of path: `data.train.0: {hub: tatsu-lab/alpaca, split: train}`" in \
+        str(data_problems(hub)[0])

@@ -291,7 +291,7 @@ def test_export_of_sharded_checkpoint_has_the_trained_logits(work: Work, strateg
     TIMINGS[f"{strategy} export (in-process)"] = time.perf_counter() - started
     ids = torch.tensor([[1, 5, 9, 20, 33, 7, 2]])
     with torch.no_grad():
-        exported = AutoModelForCausalLM.from_pretrained(out / "model").eval()(input_ids=ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
         trained = AutoModelForCausalLM.from_pretrained(reference(work, "full") / "model").eval()(input_ids=ids).logits
         at_end = AutoModelForCausalLM.from_pretrained(runs.killed / "model").eval()(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(work.model_dir).eval()(input_ids=ids).logits

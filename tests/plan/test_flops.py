@@ -25,10 +25,12 @@ def measured_flops(method: str, seq: int, batch: int = 2) -> float:
     torch.manual_seed(0)
     config = LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"}, attn_implementation="eager")  # CPU SDPA is not in the counter
     model = LlamaForCausalLM(config)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
+    if method in ("lora", "ia3"):
+        from peft import IA3Config, LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+        config = (LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0) if method == "lora"
+                  else IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+        model = get_peft_model(model, config)
         # Without it the embedding output needs no gradient, and autograd skips layer 0's q/k/v input gradients
         # (2 * 8192 FLOPs of 583680 here; launcher/plan/flops.py counts them, as gradient checkpointing does).
         model.enable_input_require_grads()
@@ -39,7 +41,7 @@ def measured_flops(method: str, seq: int, batch: int = 2) -> float:
     return float(counter.get_total_flops()) / (batch * seq)
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "ia3"])
 def test_matches_torch_flop_counter(method: str) -> None:
     """Exact up to what the formula leaves out on purpose (nothing else on a Llama: norms and RoPE are not matmuls)."""
     seq = 32
@@ -63,3 +65,20 @@ def test_peaks() -> None:
     assert peak_bf16_flops("NVIDIA H100 PCIe") == pytest.approx(756e12)
     assert peak_bf16_flops("NVIDIA H200") == pytest.approx(989.4e12)
     assert peak_bf16_flops("Tesla T4") is None
+
+
+def test_a_recipe_method_on_a_loaded_config() -> None:
+    """What the trainer's MFU uses: the method section of a recipe and the loaded model's `config.to_dict()`."""
+    from transformers import LlamaConfig
+
+    from launcher.config.schema import IA3Method, LoraMethod
+    from launcher.plan.flops import method_flops_per_token
+
+    loaded = LlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"}).to_dict()
+    lora = LoraMethod(name="lora", r=8)
+    assert method_flops_per_token(loaded, seq_len=32, method=lora, task="causal_lm") == pytest.approx(
+        training_flops_per_token(TINY, seq_len=32, method="lora", lora_rank=8).total)
+    ia3 = method_flops_per_token(loaded, seq_len=32, method=IA3Method(name="ia3"), task="causal_lm")
+    assert ia3 == pytest.approx(training_flops_per_token(TINY, seq_len=32, method="full").total
+                                - 2 * training_flops_per_token(TINY, seq_len=0, method="full").linear / 6)
+    assert method_flops_per_token(loaded, seq_len=32, method=lora, task="sequence_classification") is None

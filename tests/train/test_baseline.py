@@ -158,7 +158,7 @@ def test_eval_fraction_holds_out_the_runs_rows(tmp_path: Path) -> None:
     rows = [{"prompt": f"p{i}", "completion": f"p{i}" if i % 3 else "other"} for i in range(30)]
     recipe = recipe_of(tmp_path, rows, None, eval_fraction=0.2, eval_seed=7)
     report = run_baseline(recipe)
-    _, held = split_eval(load_samples(recipe.data.train, "all"), 0.2, 7)  # what the run holds out
+    _, held = split_eval(load_samples(recipe.data.train, recipe.data), 0.2, 7)  # what the run holds out
     expected = sum(s.prompt == s.completion for s in held) / len(held)
     assert report.n_train == 24 and report.n_eval == 6
     assert report.baselines["copy_input"]["eval_exact_match"] == pytest.approx(expected)

@@ -19,7 +19,7 @@ from launcher.train import data as data_mod
 from launcher.train.data import (IGNORE_INDEX, DataBundle, DataError, Example, build_bundle, cache_key, collate,
                            data_fingerprint, load_rows, resolve_chat_template, tokenize_cached)
 from launcher.config.schema import DataConfig, DataSource
-from tiny import EOS, sample_rows, write_dataset, write_jsonl
+from tiny import EOS, sample_rows, use_hub_cache, write_dataset, write_hub_dataset, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,6 +94,59 @@ def test_exact_match_prompts_end_with_the_generation_prompt(tmp_path: Path, tiny
     for (ids, _), row in zip(bundle.eval_generation, rows):
         text = tiny_tokenizer.decode(ids)
         assert text.endswith("<|im_start|>assistant\n") and row["input"] in text and row["output"] not in text
+
+
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                "### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+"""axolotl's AlpacaPrompter (src/axolotl/prompters.py, instruct style), typed out here rather than imported."""
+
+
+def test_prompt_style_alpaca_renders_the_classic_prompt_without_the_chat_template(tmp_path: Path,
+                                                                                  tiny_tokenizer: Any) -> None:
+    rows = [{"instruction": "reverse the word", "input": "cat", "output": "tac"},
+            {"instruction": "say yes", "input": "", "output": "yes"},
+            {"instruction": "say no", "output": "no", "system": "Answer briefly."}]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    source = DataSource(path=str(path), format="alpaca")
+    # A chat template that cannot render anything: alpaca rows with prompt_style alpaca never reach it.
+    cfg = DataConfig(train=[source], eval=[source], prompt_style="alpaca", chat_template="{{ raise_exception('x') }}")
+    bundle = build_bundle(cfg, tiny_tokenizer)
+    prompts = [ALPACA_INPUT.format(**rows[0]), ALPACA_NO_INPUT.format(**rows[1]),
+               "Answer briefly.\n\n### Instruction:\nsay no\n\n### Response:\n"]  # a row's system: the preamble
+    for example, prompt, row in zip(bundle.train, prompts, rows):
+        assert tiny_tokenizer.decode(example.input_ids, skip_special_tokens=False) == prompt + row["output"] + EOS
+        assert labelled_text(tiny_tokenizer, example) == row["output"] + EOS  # loss_on assistant: the output only
+    # exact match generates from the same prompt
+    assert [(tiny_tokenizer.decode(ids), ref) for ids, ref in bundle.eval_generation] == \
+        [(prompt, row["output"]) for prompt, row in zip(prompts, rows)]
+    every = build_bundle(cfg.model_copy(update={"loss_on": "all", "eval": []}), tiny_tokenizer).train[0]
+    assert every.labels[1:] == every.input_ids[1:]
+
+
+def test_a_hub_dataset_reads_the_files_of_its_split_from_the_hub_cache(tmp_path: Path, tiny_tokenizer: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub")
+    rows, tests = sample_rows("alpaca", 7, seed=2), sample_rows("alpaca", 3, seed=5)
+    snapshot = write_hub_dataset(cache, "org/alpaca", {"data/train-00000-of-00002.jsonl": rows[:4],
+                                                       "data/train-00001-of-00002.jsonl": rows[4:],
+                                                       "data/test-00000-of-00001.jsonl": tests}, "c" * 40)
+    hub = DataConfig(train=[DataSource(hub="org/alpaca", format="alpaca", max_rows=6)],  # 4 rows + 2 of the next file
+                     eval=[DataSource(hub="org/alpaca", split="test", format="alpaca")])
+    local = DataConfig(train=[DataSource(path=str(write_jsonl(tmp_path / "train.jsonl", rows[:6])), format="alpaca")],
+                       eval=[DataSource(path=str(write_jsonl(tmp_path / "test.jsonl", tests)), format="alpaca")])
+    reference = build_bundle(local, tiny_tokenizer)
+    assert build_bundle(hub, tiny_tokenizer) == reference and len(reference.train) == 6
+    cached = tokenize_cached(hub, tiny_tokenizer, tmp_path / "cache")
+    assert list(cached.train) == reference.train and list(cached.eval_generation) == reference.eval_generation
+
+    (snapshot / "data" / "test-00000-of-00001.jsonl").write_text('{"instruction": "x"}\n')
+    with pytest.raises(DataError, match=r"snapshots/c+/data/test-00000-of-00001.jsonl: row 1: field 'output'"):
+        build_bundle(hub, tiny_tokenizer)  # a bad row: its file in the snapshot and its line
+    with pytest.raises(DataError, match=r"data\.train\.0\.hub: org/other is not in the Hub cache here .*HF_HOME"):
+        build_bundle(DataConfig(train=[DataSource(hub="org/other")]), tiny_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -355,6 +408,7 @@ _VARIANTS = [{}, {"loss_on": "all"}, {"packing": True, "max_length": 48}, {"syst
              {"truncation": "drop", "max_length": 18}, {"max_length": 15}]  # alpaca rows: dropped; truncated, some empty
 _CASES = [(fmt, v) for fmt in ("alpaca", "messages", "sharegpt", "prompt_completion", "text") for v in _VARIANTS]
 _CASES += [(fmt, {"chat_template": "smollm2"}) for fmt in ("alpaca", "messages", "sharegpt")]  # both shipped templates
+_CASES += [("alpaca", {"prompt_style": "alpaca"})]  # the Alpaca prompt: no chat template
 
 
 @pytest.mark.parametrize(("fmt", "variant"), _CASES)

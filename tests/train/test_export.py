@@ -62,16 +62,21 @@ def test_export_writes_the_checkpointed_adapter_and_the_exact_merge(tmp_path: Pa
     trained = checkpoint_known_weights(run_dir)
     assert len(trained) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
 
-    out = export_run(run_dir, merge=True, out=None)
-    assert out == run_dir / "export"
-    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    out = export_run(run_dir, merge=False, out=None)
+    assert out == run_dir / "export"  # the adapter is the export directory itself
+    adapter = load_file(str(out / "adapter_model.safetensors"))
     assert sorted(adapter) == sorted(n.replace(".default", "") for n in trained)  # PEFT drops the adapter name
     for name, value in trained.items():
         assert torch.equal(adapter[name.replace(".default", "")], value), name
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == R
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == R
+    assert "| steps | 1 |" in (out / "README.md").read_text()  # the model card, of the checkpoint's step
 
+    merged_dir = export_run(run_dir, merge=True, out=tmp_path / "merged", quiet=True)
+    assert (merged_dir / "config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
+    assert "library_name: transformers" in (merged_dir / "README.md").read_text()
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []  # the staging directory is gone
     base = load_file(str(tiny_model_dir / "model.safetensors"))
-    merged = load_file(str(out / "merged" / "model.safetensors"))
+    merged = load_file(str(merged_dir / "model.safetensors"))
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     delta = trained[f"{prefix}.lora_B.default.weight"] @ trained[f"{prefix}.lora_A.default.weight"] * (ALPHA / R)
     key = "model.layers.0.self_attn.q_proj.weight"
@@ -97,6 +102,7 @@ def test_export_refusals_name_the_problem(tmp_path: Path, tiny_model_dir: Path) 
     save_file({**tensors, "base_model.model.extra.weight": torch.zeros(2)}, str(weights))
     with pytest.raises(ValueError, match="'base_model.model.extra.weight' is not a parameter"):
         export_run(run_dir, merge=False, out=tmp_path / "a")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.partial-*"))  # nothing half-written left
     save_file({k: v for k, v in list(tensors.items())[1:]}, str(weights))
     with pytest.raises(ValueError, match="lacks 1 trainable tensors"):
         export_run(run_dir, merge=False, out=tmp_path / "b")

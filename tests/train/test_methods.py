@@ -148,7 +148,7 @@ def test_each_method_learns_and_its_adapter_reloads(tmp_path: Path, tiny_model_d
     export_checkpoint(run_dir, merge=True, out=tmp_path / "export")
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged", attn_implementation="eager")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager")
     with torch.no_grad():
         assert torch.allclose(merged(**inputs).logits[real], expected[real], atol=1e-4)
 

@@ -225,7 +225,7 @@ def test_sequence_classification_lora_on_llama_and_the_adapter_reloads(tmp_path:
     # `launch export` rebuilds the head from RUN_DIR/labels.json and writes the same adapter from the checkpoint.
     from launcher.train.export import export_run
 
-    exported = export_run(run_dir, merge=False, out=tmp_path / "export") / "adapter"
+    exported = export_run(run_dir, merge=False, out=tmp_path / "export")
     again = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
         tiny_model_dir, num_labels=3, pad_token_id=tokenizer.pad_token_id), exported).eval()
     with torch.no_grad():

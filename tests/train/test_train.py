@@ -232,6 +232,28 @@ def test_exact_match_metric(tmp_path: Path, tiny_model_dir: Path) -> None:
         assert 0.0 <= row["eval_exact_match"] <= 1.0
 
 
+def test_a_hub_dataset_in_the_alpaca_prompt_trains_from_the_hub_cache(tmp_path: Path, tiny_model_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`launch` on `hub:` sources read from a (fake) Hub cache, offline: the job reads its splits' files, renders
+    them with the Alpaca prompt (tests/train/test_data.py checks the text and the exact-match prompts) and names the
+    dataset in the model card."""
+    from tiny import use_hub_cache, write_hub_dataset
+
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub")
+    files = {"train.jsonl": rows_for("alpaca", 24), "test.jsonl": rows_for("alpaca", 4)}
+    write_hub_dataset(cache, "org/reverse", files, "d" * 40)
+    source = {"hub": "org/reverse", "format": "alpaca"}
+    run_dir = start_run(make_recipe(tmp_path, tiny_model_dir, "alpaca", optim={"max_steps": 2},
+                                    eval={"at_start": False},
+                                    data={"train": [source], "eval": [{**source, "split": "test"}],
+                                          "prompt_style": "alpaca", "max_length": 256}))  # the preamble is long
+    assert run(run_dir) == 0
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "rows=24 " in log and "eval_rows=4 " in log, log
+    assert metrics(run_dir, "eval")[-1]["eval_loss"] > 0
+    assert "`org/reverse`" in (run_dir / "adapter" / "README.md").read_text()
+
+
 def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path, tiny_model_dir: Path) -> None:
     recipe = make_recipe(tmp_path, tiny_model_dir, optim={"max_steps": 300, "micro_batch": 2},
                          eval={"at_start": False}, logging={"progress": False, "tensorboard": False, "every_steps": 1})
