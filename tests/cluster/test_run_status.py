@@ -16,7 +16,7 @@ from cluster.runs import run_status, status_table
 from launcher.config.recipe import load_recipe
 from launcher.plan.resources import Resources
 
-IDLE_S = 2.0
+IDLE_S = 1.0
 """Between a failed attempt and the next: longer than the rounding of the times compared."""
 
 
