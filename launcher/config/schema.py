@@ -138,7 +138,7 @@ HubRevision = Annotated[str, AfterValidator(_hub_revision)]
 
 
 class DataSource(Section):
-    path: PathText | None = Field(default=None, min_length=1)
+    path: Annotated[str, Field(min_length=1), AfterValidator(_path_text)] | None = None
     """A local .jsonl/.json/.parquet/.csv file, or a directory written by `datasets.save_to_disk`. Relative paths
     are resolved against the recipe file. Set exactly one of `path` and `hub`."""
 
