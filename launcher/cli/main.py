@@ -83,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return EXIT_CTRL_C
+    except BrokenPipeError:
+        # `launch logs RUN | head`: the reader left, which is not an error. stdout is pointed at /dev/null so that
+        # the interpreter's final flush does not raise (and print) the same error again (Python docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

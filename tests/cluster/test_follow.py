@@ -186,3 +186,27 @@ def test_last_lines_and_a_rewritten_log(tmp_path: Path) -> None:
     log.write_text("new\n")  # shorter than where the tail was: rewritten, read from its start
     tail.pump(out)
     assert out.getvalue() == "new\n"
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path: Path) -> None:
+    """`launch logs RUN | head -1`: the pipe closes while the log is written; exit 0, no traceback."""
+    import subprocess
+    import sys
+
+    from launcher.cli.main import main
+
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "r.yaml").write_text(json.dumps({
+        "name": "r", "model": {"path": str(repo / "recipes" / "models" / "llama-3.1-8b")},
+        "data": {"train": {"path": str(tmp_path / "t.jsonl"), "format": "text"}}}))
+    assert main(["plan", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "r"), "--gpus-per-node", "0"]) == 0
+    logs = tmp_path / "r" / "logs"
+    logs.mkdir(exist_ok=True)
+    (logs / "rank0.log").write_text("".join(f"line {i} of a log longer than a pipe's buffer\n" for i in range(50_000)))
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "logs", str(tmp_path / "r"), "-n", "50000"], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"line 0 of a log longer than a pipe's buffer\n"
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
