@@ -1,6 +1,6 @@
 """`launch import CONFIG.yaml [--out RECIPE.yaml] [--force]`: an axolotl config as an ftlaunch recipe.
 
-The translation is launcher/config/axolotl.py; this module reads the config, validates the recipe with the loader
+The translation is launcher/config/axolotl/; this module reads the config, validates the recipe with the loader
 `launch plan` uses (so what is written always loads), writes it without overwriting anything unless `--force`, and
 prints the path (stdout: `launch plan $(launch import x.yml)` works), what was translated and what was not (stderr).
 """
