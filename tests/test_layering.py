@@ -223,3 +223,12 @@ def test_no_new_import_cycles() -> None:
 
 def test_the_cycle_finder_finds_cycles() -> None:
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_the_light_runner_reports_what_was_loaded() -> None:
+    """tests/light.py, which five tests use to check the planning side end to end, fails when it should."""
+    from light import EXIT_HEAVY, run_light
+
+    assert run_light("import json", heavy=("json",)).returncode == EXIT_HEAVY
+    assert run_light("import json", heavy=("torch",)).returncode == 0
+    assert run_light("rc = 7").returncode == 7  # the code's own exit code wins

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from light import run_light
 from tiny import sample_rows, write_dataset
 
 from launcher.cli.main import main
@@ -425,13 +424,8 @@ def test_paths_are_written_relative_to_the_recipe(workdir: Path) -> None:
 
 def test_import_loads_no_torch(workdir: Path) -> None:
     config = write(workdir / "qlora.yml", QLORA)
-    heavy = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "datasets", "trl")
-    code = ("import sys; from launcher.cli.main import main;"
-            f"rc = main(['import', {str(config)!r}]);"
-            f"loaded = [m for m in {heavy!r} if m in sys.modules]; print(loaded, file=sys.stderr);"
-            "sys.exit(rc or (3 if loaded else 0))")
-    env = {"PYTHONPATH": f"{REPO}:{REPO / 'kernels'}", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workdir, env=env)
+    code = f"from launcher.cli.main import main\nrc = main(['import', {str(config)!r}])"
+    result = run_light(code, cwd=workdir, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
 
 

@@ -14,9 +14,9 @@ from launcher.cli.main import main
 from launcher.plan.build import Plan, Resources, make_plan
 from launcher.config.recipe import RecipeError, load_recipe
 from launcher.common.rundir import claim_run_dir, is_fresh, next_run_dir, runs_of
+from light import run_light
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "datasets", "trl")
 
 
 def recipe_file(tmp_path: Path, **sections: object) -> Path:
@@ -29,12 +29,10 @@ def recipe_file(tmp_path: Path, **sections: object) -> Path:
 
 
 def test_plan_loads_no_heavy_modules() -> None:
-    code = ("import sys, launcher.cli.main, launcher.plan.build, launcher.config.recipe, launcher.plan.report, launcher.common.rundir;"
-            "from launcher.cli.main import main;"
-            f"rc = main(['plan', '{REPO / 'recipes' / 'demo.yaml'}', 'output.root=/tmp/ftl-import-check', '--json']);"
-            f"heavy = [m for m in {HEAVY!r} if m in sys.modules];"
-            "print('HEAVY', heavy, file=sys.stderr); sys.exit(rc or (3 if heavy else 0))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    code = ("import launcher.cli.main, launcher.plan.build, launcher.config.recipe, launcher.plan.report, "
+            "launcher.common.rundir\nfrom launcher.cli.main import main\n"
+            f"rc = main(['plan', '{REPO / 'recipes' / 'demo.yaml'}', 'output.root=/tmp/ftl-import-check', '--json'])")
+    result = run_light(code)
     assert result.returncode == 0, result.stderr
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,9 +22,9 @@ from launcher.config.recipe import load_recipe
 from launcher.config.schema import Recipe
 from launcher.train.baseline import beside_baseline, label_order, run_baseline
 from launcher.train.data import data_fingerprint
+from light import run_light
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = ("torch", "transformers", "peft", "deepspeed", "bitsandbytes", "accelerate", "datasets", "trl")
 
 
 def classify_task(**extra: Any) -> SimpleNamespace:
@@ -195,12 +193,10 @@ def test_launch_baseline_loads_no_torch(tmp_path: Path) -> None:
     # Rows both tasks can read: prompt/completion for the CLI's causal_lm, text/label for a classification.
     rows = [{"prompt": f"{w} {v}", "completion": w, "text": f"{w} {v}", "label": w} for w in "ab" for v in "xyz"]
     recipe_file = write_recipe(tmp_path, rows, rows)
-    code = ("import sys; from types import SimpleNamespace; from launcher.cli.main import main;"
+    code = ("from types import SimpleNamespace; from launcher.cli.main import main;"
             "from launcher.config.recipe import load_recipe; from launcher.train.baseline import run_baseline;"
             f"rc = main(['baseline', {str(recipe_file)!r}]);"
             "task = SimpleNamespace(type='sequence_classification', text_column='text', label_column='label');"
-            f"run_baseline(load_recipe({str(recipe_file)!r}).recipe, task);"
-            f"heavy = [m for m in {HEAVY!r} if m in sys.modules];"
-            "print('HEAVY', heavy, file=sys.stderr); sys.exit(rc or (3 if heavy else 0))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+            f"run_baseline(load_recipe({str(recipe_file)!r}).recipe, task)")
+    result = run_light(code)
     assert result.returncode == 0, result.stderr

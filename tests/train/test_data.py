@@ -19,6 +19,7 @@ from launcher.train import data as data_mod
 from launcher.train.data import (IGNORE_INDEX, DataBundle, DataError, Example, build_bundle, cache_key, collate,
                            data_fingerprint, load_rows, resolve_chat_template, tokenize_cached)
 from launcher.config.schema import DataConfig, DataSource
+from light import run_light
 from tiny import EOS, sample_rows, use_hub_cache, write_dataset, write_hub_dataset, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -579,13 +580,11 @@ def test_submission_computes_the_cache_key_without_transformers(tmp_path: Path, 
     (tmp_path / "r.yaml").write_text(json.dumps({
         "name": "k", "model": {"path": str(tiny_model_dir)}, "data": {"train": {"path": str(data)}},
         "method": {"name": "lora"}, "output": {"root": str(tmp_path / "runs")}}))
-    code = ("import sys; from launcher.config.recipe import load_recipe; "
+    code = ("from launcher.config.recipe import load_recipe; "
             "from launcher.train.prepare import missing_preparation; "
-            f"print(missing_preparation(load_recipe({str(tmp_path / 'r.yaml')!r}).recipe)); "
-            "heavy = [m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules]; "
-            "assert not heavy, heavy")
-    env = {**os.environ, "FTLAUNCH_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+            f"print(missing_preparation(load_recipe({str(tmp_path / 'r.yaml')!r}).recipe))")
+    out = run_light(code, heavy=("torch", "transformers", "tokenizers"),
+                    env={**os.environ, "FTLAUNCH_CACHE": str(tmp_path / "cache")})
     assert out.returncode == 0, out.stderr
     cfg = DataConfig(train=[DataSource(path=str(data))])
     key = cache_key(cfg, tiny_tokenizer)
@@ -607,11 +606,10 @@ def test_submission_computes_the_cache_key_without_transformers(tmp_path: Path, 
 
 def test_data_fingerprint_needs_no_torch(tmp_path: Path) -> None:
     path = write_dataset(tmp_path / "d.jsonl", "text", 2)
-    code = ("import sys; from launcher.train.data import data_fingerprint; from launcher.config.schema import DataConfig; "
-            f"print(data_fingerprint(DataConfig(train=[{{'path': {str(path)!r}}}], chat_template='chatml'))); "
-            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl') if m in sys.modules]; "
-            "assert not heavy, heavy")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    code = ("from launcher.train.data import data_fingerprint; from launcher.config.schema import DataConfig; "
+            f"print(data_fingerprint(DataConfig(train=[{{'path': {str(path)!r}}}], chat_template='chatml')))")
+    out = run_light(code, heavy=("torch", "transformers", "datasets", "trl"))
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == data_fingerprint(DataConfig(train=[DataSource(path=str(path))],
                                                              chat_template="chatml"))
 
