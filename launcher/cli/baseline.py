@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from cluster.executor import require_data
 from launcher.cli.args import UsageError
 from launcher.cli.console import info, wide_console
 from launcher.common.rundir import next_run_dir
@@ -41,6 +42,7 @@ def cmd_baseline(argv: Sequence[str]) -> int:
     args = parser().parse_intermixed_args(argv)
     loaded = load_recipe(args.recipe, args.overrides)
     recipe = loaded.recipe
+    require_data(loaded)  # as `launch` does: missing files named by key, a Hub dataset downloaded into the cache
     from launcher.train.baseline import run_baseline, write_baseline  # reads the data (no torch, but not light)
     from launcher.train.data import DataError
 

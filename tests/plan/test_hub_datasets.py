@@ -122,3 +122,23 @@ def test_one_override_switches_a_source_between_path_and_hub(tmp_path: Path) -> 
     hub = recipe(tmp_path, {"train": [{"hub": "org/alpaca", "subset": "x", "revision": "v1"}]}, "hub.yaml")
     back = load_recipe(hub, ["data.train.0.path=t.jsonl"]).recipe.data.train[0]
     assert (back.path, back.hub, back.subset, back.revision) == (str(Path.cwd() / "t.jsonl"), None, None, None)
+
+
+def test_launch_baseline_downloads_a_missing_hub_dataset_as_launch_does(tmp_path: Path, hub_cache: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    data = {**HUB, "eval_fraction": 0.25}
+    assert main(["baseline", str(recipe(tmp_path, data)), "--json"]) == 2  # not cached, HF_HUB_OFFLINE: named
+    err = " ".join(capsys.readouterr().err.split())
+    assert "data.train.0.hub" in err and "hf download --repo-type dataset org/alpaca" in err
+
+    downloads: list[str] = []
+
+    def download(repo: str, revision: str | None) -> Path:
+        downloads.append(repo)
+        return write_hub_dataset(hub_cache, repo, {"data/train.jsonl": sample_rows("alpaca", 8)}, COMMIT_A)
+
+    monkeypatch.setattr(hub_data, "download", download)  # the Hub, which this machine cannot reach
+    assert main(["baseline", str(recipe(tmp_path, data)), "--json"]) == 0 and downloads == ["org/alpaca"]
+    report = json.loads(capsys.readouterr().out)
+    assert report["baselines"], report  # the copy-the-input baseline, scored on 2 held-out rows of the download
