@@ -87,6 +87,10 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     """Evaluation results so far."""
 
+    def final_results(self) -> dict[str, Any]:
+        """The step and the latest evaluation's results: what model cards report."""
+        return {"step": self.step, **(self.history[-1] if self.history else {})}
+
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / CHECKPOINTS

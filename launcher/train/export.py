@@ -55,14 +55,13 @@ def export_checkpoint(run_dir: Path, merge: bool, out: Path) -> Path:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-", dir=out.parent) as staging:
-        written, state = _write_outputs(run_dir, merge, Path(staging))
+        written, state, recipe = _write_outputs(run_dir, merge, Path(staging))
         chosen = written[-1].rename(Path(staging) / out.name)  # the merged model comes after its adapter
         from launcher.common.version import version
         from launcher.train.model_card import finish_outputs
 
-        recipe = load_plan(run_dir).typed_recipe()
-        finish_outputs([chosen], recipe, {"step": state.step, **(state.history[-1] if state.history else {})},
-                       version())  # the card names the directory: written under its final name
+        # The card names the directory: written under its final name.
+        finish_outputs([chosen], recipe, state.final_results(), version())
         if out.exists():
             out.rmdir()  # empty (checked above)
         chosen.rename(out)
@@ -76,7 +75,7 @@ def write_outputs_from_checkpoint(run_dir: Path, merge: bool, out: Path, checkpo
 
 
 def _write_outputs(run_dir: Path, merge: bool, out: Path,
-                   checkpoint: Path | None = None) -> tuple[list[Path], TrainerState]:
+                   checkpoint: Path | None = None) -> tuple[list[Path], TrainerState, Recipe]:
     from launcher.train.model import build_model
     from launcher.common.model_files import load_tokenizer
     from launcher.train.outputs import save_outputs
@@ -118,7 +117,7 @@ def _write_outputs(run_dir: Path, merge: bool, out: Path,
     out.mkdir(parents=True, exist_ok=True)
     written = save_outputs(model, tokenizer, out, merge)
     log.info("exported %s from %s (%s checkpoint)", ", ".join(map(str, written)), checkpoint.name, written_by)
-    return written, TrainerState(**json.loads((checkpoint / STATE_FILE).read_text()))
+    return written, TrainerState(**json.loads((checkpoint / STATE_FILE).read_text())), recipe
 
 
 def _trainable_as_saved(model: torch.nn.Module, recipe: Recipe, checkpoint: Path) -> None:

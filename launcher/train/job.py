@@ -267,8 +267,7 @@ def _finish(trainer: "Trainer", run_dir: Path, recipe: "Recipe", from_checkpoint
     from launcher.common.version import version
     from launcher.train.model_card import finish_outputs
 
-    final = {"step": trainer.state.step, **(trainer.state.history[-1] if trainer.state.history else {})}
-    finish_outputs(written, recipe, final, version())  # portable base name, model cards
+    finish_outputs(written, recipe, trainer.state.final_results(), version())  # portable base name, model cards
     for path in written:
         tracker.log_artifact(path)  # a no-op unless the recipe's tracker asks for artifacts
     plot = plot_losses(run_dir)
